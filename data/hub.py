@@ -1,0 +1,80 @@
+"""Publishing labels and pairs Parquet files as a Hugging Face Hub dataset (``data/{split}-00000-of-00001.parquet``
+plus a ``README.md`` card), through ``huggingface_hub``. The token is resolved by ``huggingface_hub`` itself
+(``HF_TOKEN`` or the saved login); this module never reads it, and :func:`scrub` keeps it out of recorded text."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from data.io import InputError, read_parquet_metadata
+
+_TOKEN_OPTION = re.compile(r"(--(?:[\w-]*[-_])?token(?:=|\s+))(?:'[^']*'|\"[^\"]*\"|\S+)", re.IGNORECASE)
+_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9_]{4,}")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def scrub(text: str) -> str:
+    """``text`` with the values of ``--token``-like options and any ``hf_...`` token replaced by ``***``."""
+    return _TOKEN_VALUE.sub("hf_***", _TOKEN_OPTION.sub(r"\1***", text))
+
+
+def scrub_all(obj: Any) -> Any:
+    """:func:`scrub` applied to every string inside nested dicts and lists."""
+    if isinstance(obj, str):
+        return scrub(obj)
+    if isinstance(obj, dict):
+        return {k: scrub_all(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_all(v) for v in obj]
+    return obj
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not _REPO_ID.match(repo_id):
+        raise ValueError(f"repository id must look like OWNER/NAME, got '{repo_id}'")
+    return repo_id
+
+
+def hub_path(split: str) -> str:
+    """Where a split's single Parquet shard lives in the repository (the layout ``datasets`` resolves by itself)."""
+    return f"data/{split}-00000-of-00001.parquet"
+
+
+def split_files(path: str | Path) -> dict[str, Path]:
+    """Split name -> file for an existing labels or pairs Parquet file: a pairs file written with a test split
+    brings its sibling (named in its ``icm`` metadata); anything else is the train split."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        metadata = read_parquet_metadata(path)
+    except (pa.ArrowInvalid, OSError, ValueError) as error:
+        raise InputError(path, f"not a readable Parquet file ({error})") from None
+    names = metadata.get("splits") or {"train": path.name}
+    files = {split: path if split == metadata.get("split") else path.parent / name for split, name in names.items()}
+    for split, file in files.items():
+        if not file.is_file():
+            raise InputError(path, f"the {split} split '{file}' named in its metadata is missing", field="splits")
+    return files
+
+
+def push_to_hub(files: dict[str, Path], repo_id: str, *, card: str, private: bool = False,
+                revision: str | None = None, api: HfApi | None = None) -> str:
+    """Upload split name -> local Parquet file, and ``card`` as README.md, to the dataset repo ``repo_id`` in one
+    commit (creating the repo, and the ``revision`` branch, if needed). Returns the commit URL."""
+    check_repo_id(repo_id)
+    api = api or HfApi()
+    repo_url = api.create_repo(repo_id=repo_id, repo_type="dataset", private=private, exist_ok=True)
+    if revision:
+        api.create_branch(repo_id=repo_id, branch=revision, repo_type="dataset", exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=hub_path(split), path_or_fileobj=str(file))
+                  for split, file in files.items()]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    info = api.create_commit(repo_id=repo_id, operations=operations, repo_type="dataset", revision=revision,
+                             commit_message=f"Upload {', '.join(files)} with icm")
+    return str(getattr(info, "commit_url", None) or repo_url)
