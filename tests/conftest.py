@@ -17,6 +17,7 @@ CORPUS = [
     "Solve step by step and end with 'The answer is N'. The answer is 42. #### 7",
     "Response 1 is better than Response 2. A B C D. 0 1 2 3 4 5 6 7 8 9 $ , . ?",
     "The review is positive. The review is negative. Paris is the capital of France.",
+    "True\nFalse\nTrue\nFalse",
 ]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

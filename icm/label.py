@@ -1,0 +1,98 @@
+"""``icm label``: read claims, run the ICM search, write labels (Parquet) and a run directory.
+
+The output has every input column, in input order, plus ``icm_label``, ``icm_score`` (the final log-odds
+of True vs False given the other labelled claims) and ``icm_searched``. ``run_dir/run.json`` records the
+model, template, hyperparameters, seed, U trajectory, acceptance rate and, when the input has a gold
+column, accuracy against it (computed after the search, and shown in the progress bar for display only).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from data.claims import Claim, ClaimFields, claims_from_records, gold_labels
+from data.io import InputError, read_records, write_json, write_parquet
+from icm.scoring import PromptTemplate
+from icm.search import ICMConfig, label_claims
+
+
+def accuracy(labels: dict[int, bool] | list[bool], gold: list[bool | None]) -> float | None:
+    items = labels.items() if isinstance(labels, dict) else enumerate(labels)
+    hits = [y == gold[i] for i, y in items if gold[i] is not None]
+    return float(np.mean(hits)) if hits else None
+
+
+def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMConfig | None = None, *,
+                  template: PromptTemplate | None = None, fields: ClaimFields | None = None,
+                  run_dir: Path | None = None, resume: bool = False, model_name: str = "",
+                  source: str | Path = "<input>", show_progress: bool = True) -> tuple[list[dict[str, Any]], dict]:
+    """Label claim rows; returns the rows with ``icm_label``, ``icm_score``, ``icm_searched`` added, and a
+    summary. The gold column (``fields.label``) is read only to report accuracy after the fact."""
+    fields = fields or ClaimFields()
+    config = config or ICMConfig()
+    claims: list[Claim] = claims_from_records(records, source, fields)
+    gold = gold_labels(records, source, fields.label)
+    progress = Progress(TextColumn("[bold]ICM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                        TimeElapsedColumn(), disable=not show_progress, console=Console(stderr=True))
+    task = progress.add_task("", total=None)
+
+    def on_progress(info: dict[str, Any]) -> None:
+        text = f"batch {info['batch'] + 1}/{info['batches']}  U {info['utility']:.2f}  accept {info['acceptance']:.0%}"
+        if gold is not None:
+            acc = accuracy(info["labels"], gold)
+            text += f"  gold acc {acc:.0%}" if acc is not None else ""
+        progress.update(task, completed=info["iteration"], total=info["iterations"], description=text)
+
+    with progress:
+        results, summary = label_claims(claims, model, tokenizer, config, template=template, run_dir=run_dir,
+                                        resume=resume, model_name=model_name, progress=on_progress)
+    if gold is not None:
+        labels = [r["icm_label"] for r in results]
+        searched = {i: r["icm_label"] for i, r in enumerate(results) if r["icm_searched"]}
+        summary["gold_accuracy"] = accuracy(labels, gold)
+        summary["gold_accuracy_searched"] = accuracy(searched, gold)
+        summary["gold_true_share"] = float(np.mean([g for g in gold if g is not None]))
+    return [{**record, **result} for record, result in zip(records, results)], summary
+
+
+def label_file(input_path: str | Path, output: str | Path, model_spec: str, config: ICMConfig | None = None, *,
+               template: PromptTemplate | None = None, fields: ClaimFields | None = None,
+               run_dir: str | Path | None = None, resume: bool = False, dtype: str = "auto",
+               command: str = "") -> dict[str, Any]:
+    """Label a claims file end to end. Input is validated before the model loads; the output Parquet
+    and run.json are written atomically at the end, so a failure never leaves a half-written file."""
+    from icm.models import load_model
+
+    config = config or ICMConfig()
+    template = template or PromptTemplate()
+    fields = fields or ClaimFields()
+    records = read_records(input_path)
+    claims_from_records(records, input_path, fields)  # fail fast, before loading a model
+    gold_labels(records, input_path, fields.label)
+    output = Path(output)
+    run_dir = Path(run_dir) if run_dir else output.with_suffix(".run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    model, tokenizer = load_model(model_spec, dtype=dtype)
+    rows, summary = label_records(records, model, tokenizer, config, template=template, fields=fields,
+                                  run_dir=run_dir, resume=resume, model_name=model_spec, source=input_path)
+    run = {"model": model_spec, "input": str(input_path), "output": str(output), "command": command,
+           "template": asdict(template), "config": asdict(config), "seed": config.seed,
+           "gold_accuracy": summary.get("gold_accuracy"), "seconds": time.time() - started, **summary}
+    metadata = {k: run[k] for k in ("model", "template", "config", "seed", "command", "gold_accuracy")}
+    metadata["true_share"] = summary["true_share"]
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise InputError(input_path, f"columns with mixed types cannot be written to Parquet ({error})") from None
+    write_parquet(output, table, metadata)
+    write_json(run_dir / "run.json", run)
+    return run

@@ -1,0 +1,250 @@
+"""Scoring claims: the log-odds of " True" vs " False" after a context of labelled demonstrations.
+
+The expensive part of ICM is computing, for every labelled claim, P(label | claim, the other labelled
+claims). Three things make it cheap on a CPU:
+
+- only the two label logits are computed, from the last hidden state of each target (no vocab-wide head);
+- the demonstration prefix is run once and its KV cache is shared by a batch of targets;
+- a prefix cache is kept per "slot" and, when the demonstrations change, only the tokens from the first
+  changed chunk onwards are recomputed. Chunks sit at fixed absolute positions, so the cache of a given
+  token sequence is computed the same way whatever the history, and results are reproducible on resume.
+
+:class:`MutualPredictor` splits the claims into folds: a claim is scored with the labelled claims of the
+other folds as context. ``folds=0`` is exact leave-one-out (one fold per claim).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from data.claims import Claim
+
+
+@dataclass
+class PromptTemplate:
+    """How a claim is written for the model. ``{question}``, ``{choice}``, ``{choice_2}`` are filled in."""
+
+    claim: str = "Question: {question}\nClaim: {choice}\nI think this claim is "
+    """Template for a plain claim (the paper's wording, trailing space included)."""
+    comparison: str = (
+        "Question: {question}\nResponse 1: {choice}\nResponse 2: {choice_2}\n"
+        "Claim: Response 1 is better than Response 2.\nI think this claim is "
+    )
+    """Template for a comparison claim (rows with ``choice_2``)."""
+    true_word: str = "True"
+    false_word: str = "False"
+    separator: str = "\n\n"
+    """Text after each demonstration's label."""
+    space: str = "auto"
+    """Where the space before the label goes: ``label`` scores the tokens " True"/" False" after a prompt
+    ending in "is" (natural for BPE vocabularies), ``prompt`` keeps the paper's "is " + "True" split, and
+    ``auto`` picks ``label`` when " True" and " False" are single tokens."""
+
+    def render(self, claim: Claim) -> str:
+        template = self.comparison if claim.choice_2 is not None else self.claim
+        return template.format(question=claim.question, choice=claim.choice, choice_2=claim.choice_2 or "")
+
+
+def _single_token(tokenizer, text: str) -> int | None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def resolve_label_tokens(tokenizer, template: PromptTemplate) -> tuple[int, int, bool]:
+    """Token ids of the True/False words and whether the space belongs to the label token."""
+    spaced = (_single_token(tokenizer, " " + template.true_word), _single_token(tokenizer, " " + template.false_word))
+    bare = (_single_token(tokenizer, template.true_word), _single_token(tokenizer, template.false_word))
+    use_label_space = template.space == "label" or (template.space == "auto" and None not in spaced)
+    ids = spaced if use_label_space else bare
+    if None in ids:
+        words = [(" " if use_label_space else "") + w for w in (template.true_word, template.false_word)]
+        raise ValueError(f"label words {words} are not single tokens for this tokenizer; choose other words")
+    return ids[0], ids[1], use_label_space
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+@dataclass
+class _Prefix:
+    tokens: list[int] = field(default_factory=list)
+    cache: DynamicCache = field(default_factory=DynamicCache)
+
+
+class ClaimScorer:
+    """Log-odds of True vs False for target claims after demonstrations, with prefix-cache reuse."""
+
+    def __init__(self, model, tokenizer, claims: list[Claim], template: PromptTemplate | None = None,
+                 max_context_tokens: int | None = None, batch_size: int = 16, chunk_size: int = 128):
+        self.model, self.claims = model, claims
+        self.template = template or PromptTemplate()
+        self.true_id, self.false_id, label_space = resolve_label_tokens(tokenizer, self.template)
+        strip = 1 if label_space else 0
+
+        def encode(text: str) -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        prompts = [self.template.render(c) for c in claims]
+        self.prompt_ids = [encode(p[:-1] if strip and p.endswith(" ") else p) for p in prompts]
+        self.label_ids = {True: [self.true_id], False: [self.false_id]}
+        self.sep_ids = encode(self.template.separator)
+        self.bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
+        self.max_context_tokens = min(max_context_tokens or limit, limit)
+        self.batch_size, self.chunk_size = batch_size, chunk_size
+        self.decoder = model.get_decoder()
+        head = model.get_output_embeddings()
+        self.label_head = head.weight[[self.true_id, self.false_id]].detach().float()
+        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        self.device = next(model.parameters()).device
+        self._slots: dict[Hashable, _Prefix] = {}
+        self.prefix_tokens = 0  # tokens run through the model for demonstration prefixes
+        self.target_tokens = 0  # tokens run for the claims being scored
+        self.target_count = 0
+
+    @property
+    def forward_tokens(self) -> int:
+        return self.prefix_tokens + self.target_tokens
+
+    def demo_ids(self, idx: int, label: bool) -> list[int]:
+        return self.prompt_ids[idx] + self.label_ids[label] + self.sep_ids
+
+    def context(self, demos: Iterable[tuple[int, bool]], budget: int) -> list[int]:
+        """BOS plus demonstrations, in order, skipping any that would push the total over ``budget``."""
+        tokens = list(self.bos)
+        for idx, label in demos:
+            demo = self.demo_ids(idx, label)
+            if len(tokens) + len(demo) <= budget:
+                tokens += demo
+        return tokens
+
+    def score(self, targets: list[int], demos: Iterable[tuple[int, bool]] = (),
+              slot: Hashable | None = None) -> np.ndarray:
+        """Log-odds (True minus False) of each target, after ``demos`` as (claim index, label) pairs.
+
+        Demonstrations are packed in order into the token budget left by the longest target, so a target
+        is never cut. ``slot`` names a prefix cache to reuse between calls; None uses a throwaway one.
+        """
+        if not targets:
+            return np.zeros(0)
+        longest = max(len(self.prompt_ids[t]) for t in targets)
+        if longest + len(self.bos) > self.max_context_tokens:
+            raise ValueError(f"a claim is {longest} tokens, longer than the context budget {self.max_context_tokens}")
+        prefix = self._sync(slot, self.context(demos, self.max_context_tokens - longest))
+        order = sorted(targets, key=lambda t: (len(self.prompt_ids[t]), t))
+        out: dict[int, float] = {}
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            out.update(zip(batch, self._score_batch(prefix, batch)))
+        return np.array([out[t] for t in targets])
+
+    @torch.inference_mode()
+    def _sync(self, slot: Hashable | None, tokens: list[int]) -> _Prefix:
+        prefix = self._slots.get(slot) if slot is not None else None
+        if prefix is None:
+            prefix = _Prefix()
+            if slot is not None:
+                self._slots[slot] = prefix
+        if prefix.tokens == tokens:
+            return prefix
+        common = 0
+        for a, b in zip(prefix.tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        keep = common // self.chunk_size * self.chunk_size
+        if keep < len(prefix.tokens):
+            prefix.cache.crop(keep - len(prefix.tokens))
+        for start in range(keep, len(tokens), self.chunk_size):
+            piece = tokens[start:start + self.chunk_size]
+            self.decoder(input_ids=torch.tensor([piece], device=self.device), past_key_values=prefix.cache,
+                         position_ids=torch.arange(start, start + len(piece), device=self.device)[None],
+                         use_cache=True)
+            self.prefix_tokens += len(piece)
+        prefix.tokens = list(tokens)
+        return prefix
+
+    @torch.inference_mode()
+    def _score_batch(self, prefix: _Prefix, batch: list[int]) -> list[float]:
+        lengths = [len(self.prompt_ids[t]) for t in batch]
+        size, width, past = len(batch), max(lengths), len(prefix.tokens)
+        ids = torch.full((size, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((size, past + width), dtype=torch.long)
+        mask[:, :past] = 1
+        for row, t in enumerate(batch):  # right padding: every real token keeps its true position
+            ids[row, :lengths[row]] = torch.tensor(self.prompt_ids[t])
+            mask[row, past:past + lengths[row]] = 1
+        cache = None
+        if past:
+            layers = [(layer.keys.expand(size, -1, -1, -1), layer.values.expand(size, -1, -1, -1))
+                      for layer in prefix.cache.layers]
+            cache = DynamicCache(ddp_cache_data=layers)
+        positions = torch.arange(past, past + width)[None].expand(size, -1)
+        hidden = self.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                              position_ids=positions.to(self.device), past_key_values=cache,
+                              use_cache=cache is not None).last_hidden_state
+        last = hidden[torch.arange(size), torch.tensor(lengths) - 1].float()
+        logits = last @ self.label_head.T
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        self.target_tokens += sum(lengths)
+        self.target_count += size
+        return (logits[:, 0] - logits[:, 1]).tolist()
+
+
+class MutualPredictor:
+    """Each claim's log-odds given the *other* labelled claims, with claims split into folds.
+
+    A claim in fold f is scored with the labelled claims of every other fold as demonstrations, so one
+    prefix cache serves the whole fold. Claims of one consistency group are spread over different folds
+    (each sees its group-mates, as in the paper's prompts). ``folds=0`` gives exact leave-one-out.
+    Demonstrations appear grouped by consistency group, in a fixed seeded order.
+    """
+
+    def __init__(self, scorer: ClaimScorer, members: list[int], folds: int, seed: int = 0):
+        self.scorer, self.members = scorer, members
+        rng = np.random.default_rng(seed)
+        groups: dict[str, list[int]] = {}
+        for idx in members:
+            group = scorer.claims[idx].group
+            groups.setdefault(group if group is not None else f"\0{idx}", []).append(idx)
+        group_list = [groups[k] for k in rng.permutation(sorted(groups))]
+        self.n_folds = len(members) if folds <= 0 else min(folds, len(members))
+        self.fold: dict[int, int] = {}
+        if folds <= 0:
+            self.fold = {idx: k for k, idx in enumerate(members)}
+        else:
+            for g, claims in enumerate(group_list):
+                offset = int(rng.integers(self.n_folds))
+                for k, idx in enumerate(claims):
+                    self.fold[idx] = (offset + k + g) % self.n_folds
+        self.order = [idx for claims in group_list for idx in claims]
+        self.fold_members = [[i for i in members if self.fold[i] == f] for f in range(self.n_folds)]
+        self._memo: dict[int, tuple[list[tuple[int, bool]], np.ndarray]] = {}
+
+    def demos(self, fold: int, labels: Mapping[int, bool]) -> list[tuple[int, bool]]:
+        # Each fold starts the shared order at a different place, so a short budget still spreads the
+        # demonstrations over all claims.
+        start = len(self.order) * fold // self.n_folds
+        rotated = self.order[start:] + self.order[:start]
+        return [(i, labels[i]) for i in rotated if i in labels and self.fold[i] != fold]
+
+    def log_odds(self, labels: Mapping[int, bool]) -> dict[int, float]:
+        """Log-odds for every member claim (labelled or not); only folds whose context changed are rescored."""
+        result: dict[int, float] = {}
+        for f, targets in enumerate(self.fold_members):
+            demos = self.demos(f, labels)
+            memo = self._memo.get(f)
+            if memo is None or memo[0] != demos:
+                memo = (demos, self.scorer.score(targets, demos, slot=f))
+                self._memo[f] = memo
+            result.update(zip(targets, memo[1].tolist()))
+        return result

@@ -1,0 +1,290 @@
+"""Internal Coherence Maximization (Wen et al. 2025, Algorithm 1): simulated annealing over labels.
+
+U(D) = alpha * P(D) - I(D), where P(D) is the mutual predictability of the labelled set D (each label's
+log-probability given the other labelled claims, averaged over D as the paper's code does, so that alpha,
+the temperature and the inconsistency count I(D) share one scale) and I(D) counts violated consistency
+rules. Gold labels are never passed to the search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.claims import Claim
+from data.io import write_json
+from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
+from icm.scoring import ClaimScorer, MutualPredictor
+
+
+@dataclass
+class ICMConfig:
+    """Hyperparameters of the ICM search (defaults from the paper where it gives one)."""
+
+    alpha: float = 50.0
+    """Weight of mutual predictability against the number of inconsistencies."""
+    initial_labels: int = 8
+    """K: claims labelled at random (half True, half False) before the search starts."""
+    iterations: int | None = None
+    """Search steps per batch; None means 4 x the number of claims in the batch."""
+    initial_temperature: float = 10.0
+    """T0 of the schedule T = max(Tmin, T0 / (1 + beta * log n))."""
+    final_temperature: float = 0.01
+    """Tmin."""
+    cooling: float = 0.99
+    """beta."""
+    consistency_fix_iterations: int = 10
+    """M: pairs repaired per ConsistencyFix call."""
+    group_weight: float = 100.0
+    """Sampling weight of an unlabelled claim whose consistency group already has a labelled member."""
+    batch_size: int = 256
+    """Claims searched together (whole consistency groups); larger inputs are split into batches."""
+    folds: int = 2
+    """Mutual predictability approximation: a claim is scored with the labelled claims of the other folds
+    as context (one shared prefix per fold). 0 means exact leave-one-out (one fold per claim)."""
+    max_context_tokens: int | None = 2048
+    """Token budget of demonstrations plus target (capped by the model's context length)."""
+    balance: str = "center"
+    """Guard against collapse to one label: ``center`` subtracts the mean log-odds over the batch before
+    scoring labels (an all-True labelling no longer predicts itself); ``none`` is the paper's raw objective."""
+    scoring_batch_size: int = 16
+    """Targets scored together on one shared prefix."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.balance not in ("center", "none"):
+            raise ValueError(f"balance must be 'center' or 'none', not {self.balance!r}")
+        if self.initial_labels < 0 or self.batch_size < 1 or self.alpha < 0:
+            raise ValueError("initial_labels >= 0, batch_size >= 1 and alpha >= 0 are required")
+
+
+def temperature(n: int, config: ICMConfig) -> float:
+    return max(config.final_temperature, config.initial_temperature / (1 + config.cooling * math.log(n)))
+
+
+def metropolis_accept(delta: float, temp: float, u: float) -> bool:
+    """Accept an improvement always, a worsening with probability exp(delta / T)."""
+    return delta > 0 or u < math.exp(delta / temp)
+
+
+def make_batches(claims: list[Claim], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffle whole consistency groups (seeded) and pack them into batches of at most ``batch_size``."""
+    groups: dict[str, list[int]] = {}
+    for idx, claim in enumerate(claims):
+        groups.setdefault(claim.group if claim.group is not None else f"\0{idx}", []).append(idx)
+    keys = sorted(groups)
+    batches: list[list[int]] = [[]]
+    for k in np.random.default_rng(seed).permutation(len(keys)):
+        members = groups[keys[k]]
+        if batches[-1] and len(batches[-1]) + len(members) > batch_size:
+            batches.append([])
+        batches[-1].extend(members)
+    return [sorted(b) for b in batches if b]
+
+
+@dataclass
+class BatchState:
+    """Everything needed to continue a batch's search exactly where it stopped."""
+
+    labels: dict[int, bool] = field(default_factory=dict)
+    iteration: int = 0
+    rng_state: dict | None = None
+    trajectory: list[float] = field(default_factory=list)
+    proposals: int = 0
+    accepted: int = 0
+
+
+class ICMSearch:
+    """Runs the search over one batch of claims with a model-backed :class:`MutualPredictor`."""
+
+    def __init__(self, scorer: ClaimScorer, members: list[int], config: ICMConfig, batch_index: int = 0):
+        self.scorer, self.members, self.config = scorer, members, config
+        self.predictor = MutualPredictor(scorer, members, config.folds, seed=config.seed + batch_index)
+        self.index = ConstraintIndex(build_constraints(scorer.claims, members))
+        self.groups: dict[int, str | None] = {i: scorer.claims[i].group for i in members}
+        self.rng = np.random.default_rng([config.seed, batch_index])
+        self.iterations = config.iterations or 4 * len(members)
+
+    # -- the objective ----------------------------------------------------------------------------------
+    def centered(self, log_odds: dict[int, float]) -> dict[int, float]:
+        if self.config.balance == "none":
+            return log_odds
+        mean = float(np.mean(list(log_odds.values())))
+        return {i: z - mean for i, z in log_odds.items()}
+
+    def utility(self, labels: dict[int, bool], z: dict[int, float]) -> float:
+        if not labels:
+            return 0.0
+        fit = sum(label_logprob(z[i], y) for i, y in labels.items()) / len(labels)
+        return self.config.alpha * fit - self.index.count(labels)
+
+    def evaluate(self, labels: dict[int, bool]) -> tuple[dict[int, float], float]:
+        z = self.centered(self.predictor.log_odds(labels))
+        return z, self.utility(labels, z)
+
+    def fix(self, labels: dict[int, bool], z: dict[int, float]) -> dict[int, bool]:
+        alpha = self.config.alpha / max(len(labels), 1)
+        return consistency_fix(labels, z, self.index, alpha, self.rng, self.config.consistency_fix_iterations)
+
+    # -- the search -------------------------------------------------------------------------------------
+    def initial_state(self) -> BatchState:
+        k = min(self.config.initial_labels, len(self.members))
+        chosen = self.rng.choice(self.members, size=k, replace=False)
+        flags = self.rng.permutation([i % 2 == 0 for i in range(k)])
+        labels = {int(i): bool(f) for i, f in zip(chosen, flags)}
+        z, _ = self.evaluate(labels)
+        labels = self.fix(labels, z)
+        _, u = self.evaluate(labels)
+        return BatchState(labels=labels, trajectory=[u], rng_state=self.rng.bit_generator.state)
+
+    def sample(self, labels: dict[int, bool]) -> int:
+        seeded = {self.groups[i] for i in labels if self.groups[i] is not None}
+        weights = np.array([self.config.group_weight if i not in labels and self.groups[i] in seeded else 1.0
+                            for i in self.members])
+        return int(self.members[self.rng.choice(len(self.members), p=weights / weights.sum())])
+
+    def run(self, state: BatchState | None = None,
+            on_step: Callable[[BatchState], None] | None = None) -> tuple[BatchState, dict[int, float]]:
+        """Search until ``self.iterations`` steps; ``on_step`` is called after each (for checkpoints)."""
+        state = state or self.initial_state()
+        self.rng.bit_generator.state = state.rng_state
+        labels = dict(state.labels)
+        z, u = self.evaluate(labels)
+        while state.iteration < self.iterations:
+            n = state.iteration + 1
+            i = self.sample(labels)
+            predicted = z[i] > 0
+            draw = self.rng.random()
+            if labels.get(i) != predicted:
+                proposal = self.fix({**labels, i: predicted}, z)
+                z_new, u_new = self.evaluate(proposal)
+                state.proposals += 1
+                if metropolis_accept(u_new - u, temperature(n, self.config), draw):
+                    labels, z, u = proposal, z_new, u_new
+                    state.accepted += 1
+            state.iteration, state.labels = n, dict(labels)
+            state.trajectory.append(u)
+            state.rng_state = self.rng.bit_generator.state
+            if on_step is not None:
+                on_step(state)
+        z, _ = self.evaluate(labels)
+        return state, z
+
+
+# -- labelling a whole claims table, with checkpoints -------------------------------------------------------
+
+def _fingerprint(claims: list[Claim], config: ICMConfig, model_name: str) -> str:
+    h = hashlib.sha256(json.dumps([asdict(config), model_name], sort_keys=True, default=str).encode())
+    for c in claims:
+        h.update(json.dumps([c.question, c.choice, c.choice_2, c.group, c.key]).encode())
+    return h.hexdigest()[:16]
+
+
+class Checkpoint:
+    """The search state on disk (``run_dir/checkpoint.json``), written atomically."""
+
+    def __init__(self, run_dir: Path | None, fingerprint: str, every_seconds: float = 10.0):
+        self.path = run_dir / "checkpoint.json" if run_dir else None
+        self.fingerprint, self.every = fingerprint, every_seconds
+        self.done: dict[str, dict[str, Any]] = {}
+        self.current: tuple[int, BatchState] | None = None
+        self._last = time.monotonic()
+
+    def load(self) -> None:
+        if not self.path or not self.path.exists():
+            return
+        data = json.loads(self.path.read_text())
+        if data["fingerprint"] != self.fingerprint:
+            raise ValueError(f"{self.path}: checkpoint was made with other claims, model or settings; "
+                             "remove it or use another --run-dir")
+        self.done = data["done"]
+        if data.get("current"):
+            b, s = data["current"]
+            s["labels"] = {int(k): v for k, v in s["labels"].items()}
+            self.current = (b, BatchState(**s))
+
+    def save(self, force: bool = False) -> None:
+        if not self.path or (not force and time.monotonic() - self._last < self.every):
+            return
+        current = [self.current[0], asdict(self.current[1])] if self.current else None
+        write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done, "current": current})
+        self._last = time.monotonic()
+
+
+def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None = None, *,
+                 template=None, run_dir: Path | None = None, resume: bool = False, model_name: str = "",
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], dict]:
+    """Label every claim with ICM. Returns one result per claim (``icm_label``, ``icm_score``,
+    ``icm_searched``) and a summary (U trajectories, acceptance, balance, token counts)."""
+    config = config or ICMConfig()
+    scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens, config.scoring_batch_size)
+    batches = make_batches(claims, config.batch_size, config.seed)
+    checkpoint = Checkpoint(run_dir, _fingerprint(claims, config, model_name))
+    if resume:
+        checkpoint.load()
+    elif run_dir and checkpoint.path.exists():
+        checkpoint.path.unlink()
+    started = time.monotonic()
+    for b, members in enumerate(batches):
+        if str(b) in checkpoint.done:
+            continue
+        search = ICMSearch(scorer, members, config, batch_index=b)
+        state = checkpoint.current[1] if checkpoint.current and checkpoint.current[0] == b else None
+
+        def on_step(s: BatchState, b: int = b, search: ICMSearch = search) -> None:
+            checkpoint.current = (b, s)
+            checkpoint.save()
+            if progress:
+                progress({"batch": b, "batches": len(batches), "iteration": s.iteration,
+                          "iterations": search.iterations, "utility": s.trajectory[-1], "labels": s.labels,
+                          "acceptance": s.accepted / max(s.proposals, 1)})
+
+        try:
+            state, z = search.run(state, on_step)
+        except KeyboardInterrupt:
+            checkpoint.save(force=True)
+            raise
+        checkpoint.done[str(b)] = {
+            "labels": {str(i): y for i, y in state.labels.items()}, "scores": {str(i): z[i] for i in members},
+            "trajectory": state.trajectory, "proposals": state.proposals, "accepted": state.accepted,
+            "iterations": state.iteration, "inconsistencies": search.index.count(state.labels),
+            "constraints": len(search.index.constraints),
+        }
+        checkpoint.current = None
+        checkpoint.save(force=True)
+    return _collect(claims, checkpoint.done, scorer, time.monotonic() - started)
+
+
+def _collect(claims: list[Claim], done: dict[str, dict[str, Any]], scorer: ClaimScorer,
+             seconds: float) -> tuple[list[dict[str, Any]], dict]:
+    results: list[dict[str, Any]] = [{} for _ in claims]
+    for batch in done.values():
+        for i, z in batch["scores"].items():
+            searched = i in batch["labels"]
+            label = batch["labels"][i] if searched else z > 0
+            results[int(i)] = {"icm_label": bool(label), "icm_score": float(z), "icm_searched": searched}
+    proposals = sum(b["proposals"] for b in done.values())
+    labels = [r["icm_label"] for r in results]
+    summary = {
+        "claims": len(claims),
+        "batches": len(done),
+        "searched": sum(r["icm_searched"] for r in results),
+        "true_share": float(np.mean(labels)) if labels else 0.0,
+        "inconsistencies": sum(b["inconsistencies"] for b in done.values()),
+        "constraints": sum(b["constraints"] for b in done.values()),
+        "proposals": proposals,
+        "acceptance_rate": sum(b["accepted"] for b in done.values()) / max(proposals, 1),
+        "trajectories": [b["trajectory"] for b in done.values()],
+        "seconds": seconds,
+        "forward_tokens": scorer.forward_tokens,
+        "forward_tokens_per_claim": scorer.forward_tokens / max(len(claims), 1),
+    }
+    return results, summary

@@ -1,0 +1,159 @@
+import json
+import random
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from data.claims import claims_from_records
+from data.io import read_parquet_metadata
+from icm.models import load_model
+from icm.search import ICMConfig, label_claims, make_batches
+
+runner = CliRunner()
+
+
+def arithmetic_claims(n_questions: int = 4) -> list[dict]:
+    rows = []
+    for q in range(n_questions):
+        a, b = 2 + q, 3 + 2 * q
+        for d in (0, 1, 3):
+            rows.append({"question": f"What is {a} + {b}?", "choice": f"The answer is {a + b + d}.",
+                         "consistency_id": q, "answer": str(a + b + d), "label": d == 0})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir, dtype="fp32")
+
+
+def run_search(tiny, rows, **kwargs):
+    model, tokenizer = tiny
+    config = ICMConfig(iterations=kwargs.pop("iterations", 30), seed=kwargs.pop("seed", 0), **kwargs)
+    return label_claims(claims_from_records(rows), model, tokenizer, config, model_name="tiny")
+
+
+def test_search_labels_every_claim_and_respects_consistency(tiny):
+    rows = arithmetic_claims()
+    results, summary = run_search(tiny, rows, iterations=60)
+    assert len(results) == len(rows)
+    assert all(isinstance(r["icm_label"], bool) and isinstance(r["icm_score"], float) for r in results)
+    assert summary["constraints"] == 4 * 3  # three pairwise "different answers" rules per question
+    assert summary["proposals"] > 0 and 0 <= summary["acceptance_rate"] <= 1
+    assert summary["forward_tokens"] > 0
+
+
+def test_search_never_reads_gold(tiny):
+    rows = arithmetic_claims()
+    shuffled = [dict(r, label=random.Random(i).random() < 0.5) for i, r in enumerate(rows)]
+    without = [{k: v for k, v in r.items() if k != "label"} for r in rows]
+    labels = [[r["icm_label"] for r in run_search(tiny, variant)[0]] for variant in (rows, shuffled, without)]
+    assert labels[0] == labels[1] == labels[2]
+
+
+def test_same_seed_same_labels_other_seed_other_search(tiny):
+    rows = arithmetic_claims()
+    a, b, c = (run_search(tiny, rows, seed=s)[1]["trajectories"] for s in (0, 0, 1))
+    assert a == b and a != c
+
+
+def test_batches_keep_groups_whole():
+    claims = claims_from_records(arithmetic_claims(5))
+    batches = make_batches(claims, batch_size=7, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(15))
+    for batch in batches:
+        assert len(batch) <= 7
+        groups = {claims[i].group for i in batch}
+        assert all(sum(c.group == g for c in claims) == sum(claims[i].group == g for i in batch) for g in groups)
+
+
+def test_unreached_claims_get_a_prediction_and_are_marked(tiny):
+    results, summary = run_search(tiny, arithmetic_claims(), iterations=3, initial_labels=2)
+    searched = [r["icm_searched"] for r in results]
+    assert 0 < sum(searched) < len(results) == summary["claims"]
+    assert all(r["icm_label"] == (r["icm_score"] > 0) for r in results if not r["icm_searched"])
+
+
+def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path):
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    config = ICMConfig(iterations=40, batch_size=9, seed=3)
+    expected, _ = label_claims(claims, model, tokenizer, config, model_name="tiny")
+
+    calls = {"n": 0}
+
+    def interrupt(info):
+        calls["n"] += 1
+        if calls["n"] == 50:  # in the middle of the second batch
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        label_claims(claims, model, tokenizer, config, run_dir=run_dir, model_name="tiny", progress=interrupt)
+    state = json.loads((run_dir / "checkpoint.json").read_text())
+    assert list(state["done"]) == ["0"] and state["current"][1]["iteration"] == 10
+    resumed, _ = label_claims(claims, model, tokenizer, config, run_dir=run_dir, resume=True, model_name="tiny")
+    assert resumed == expected
+    other = ICMConfig(iterations=40, batch_size=9, seed=4)
+    with pytest.raises(ValueError, match="other claims, model or settings"):
+        label_claims(claims, model, tokenizer, other, run_dir=run_dir, resume=True, model_name="tiny")
+
+
+def test_label_cli_writes_parquet_and_run_json(tiny_model_dir, tmp_path):
+    src = write_jsonl(tmp_path / "claims.jsonl", arithmetic_claims())
+    out = tmp_path / "labels.parquet"
+    result = runner.invoke(app, ["label", str(src), "--output", str(out), "--model", tiny_model_dir,
+                                 "--iterations", "20", "--seed", "1", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.column_names == ["question", "choice", "consistency_id", "answer", "label",
+                                  "icm_label", "icm_score", "icm_searched"]
+    assert table.column("choice").to_pylist() == [r["choice"] for r in arithmetic_claims()]  # input order
+    meta = read_parquet_metadata(out)
+    assert meta["model"] == tiny_model_dir and meta["config"]["alpha"] == 50.0 and meta["seed"] == 1
+    run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
+    assert 0 <= run["gold_accuracy"] <= 1 and len(run["trajectories"][0]) == 21
+    assert run["template"]["claim"].startswith("Question: {question}")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "claims.jsonl: file not found"),
+    ('{"question": "q", "choice": "c"}\n{broken\n', "claims.jsonl, row 2: malformed JSON line"),
+    ('{"question": "q", "choice": "c"}\n{"choice": "c"}\n', "claims.jsonl, row 2, field 'question': missing"),
+    ('{"question": "q", "choice": ""}\n', "claims.jsonl, row 1, field 'choice': missing or empty"),
+    ("", "claims.jsonl: file has no rows"),
+    ('{"question": "q", "choice": "c", "label": "maybe"}\n', "row 1, field 'label': not a boolean"),
+])
+def test_label_cli_bad_input_exits_2_and_keeps_output(tmp_path, content, message):
+    src = tmp_path / "claims.jsonl"
+    if content is not None:
+        src.write_text(content)
+    out = tmp_path / "labels.parquet"
+    out.write_bytes(b"previous result")
+    result = runner.invoke(app, ["label", str(src), "--output", str(out), "--model", "no-such-model-anywhere"])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert len(result.output.strip().splitlines()) == 1
+    assert out.read_bytes() == b"previous result"
+
+
+@pytest.mark.real_model
+def test_real_smollm2_labels_a_handful_of_claims(tmp_path):
+    rows = [{"question": f"What is the capital of {c}?", "choice": f"The capital of {c} is {k}.", "label": t}
+            for c, k, t in [("France", "Paris", True), ("Japan", "Tokyo", True), ("Italy", "Madrid", False),
+                            ("Egypt", "Lima", False), ("Spain", "Madrid", True), ("Peru", "Cairo", False)]]
+    src = write_jsonl(tmp_path / "capitals.jsonl", rows)
+    out = tmp_path / "labels.parquet"
+    result = runner.invoke(app, ["label", str(src), "-o", str(out), "--model", "smollm2-135m", "--iterations", "12"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out).to_pylist()
+    assert len(table) == 6 and {type(r["icm_label"]) for r in table} == {bool}
+    run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
+    assert run["model"] == "smollm2-135m" and run["claims"] == 6

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from data.claims import Claim
+from icm.models import load_model
+from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate, resolve_label_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir, dtype="fp32")
+
+
+CLAIMS = [Claim(f"What is {a} + {b}?", f"The answer is {a + b + d}.", group=f"q{a}{b}", key=str(a + b + d))
+          for a, b in [(2, 3), (4, 1), (6, 2)] for d in (0, 1, 2)]
+
+
+def full_forward_log_odds(model, scorer, context, target):
+    """Reference: one plain forward over context + target, no cache."""
+    ids = torch.tensor([context + scorer.prompt_ids[target]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    return float(logits[scorer.true_id] - logits[scorer.false_id])
+
+
+def test_label_words_are_single_tokens_with_the_space(tiny):
+    _, tokenizer = tiny
+    t, f, in_label = resolve_label_tokens(tokenizer, PromptTemplate())
+    assert in_label and tokenizer.decode([t]) == " True" and tokenizer.decode([f]) == " False"
+    with pytest.raises(ValueError, match="single tokens"):
+        resolve_label_tokens(tokenizer, PromptTemplate(true_word="Definitely", false_word="Nope", space="prompt"))
+
+
+def test_prompt_ends_before_the_label_space(tiny):
+    model, tokenizer = tiny
+    scorer = ClaimScorer(model, tokenizer, CLAIMS)
+    assert tokenizer.decode(scorer.prompt_ids[0]).endswith("I think this claim is")
+    paper = ClaimScorer(model, tokenizer, CLAIMS, PromptTemplate(space="prompt"))
+    assert tokenizer.decode(paper.prompt_ids[0]).endswith("I think this claim is ")
+
+
+def test_cached_scores_match_a_plain_forward_after_label_changes(tiny):
+    model, tokenizer = tiny
+    scorer = ClaimScorer(model, tokenizer, CLAIMS, chunk_size=8, batch_size=3)
+    targets = [0, 4, 8]
+    for labels in ([True] * 6, [True, False, True, True, False, True], [False] * 6):
+        demos = list(zip([1, 2, 3, 5, 6, 7], labels))
+        got = scorer.score(targets, demos, slot="s")
+        context = scorer.context(demos, scorer.max_context_tokens)
+        want = [full_forward_log_odds(model, scorer, context, t) for t in targets]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    # The second and third calls reused the cached prefix up to the first changed chunk.
+    assert scorer.prefix_tokens < 3 * len(context)
+
+
+def test_budget_never_cuts_the_target(tiny):
+    model, tokenizer = tiny
+    budget = 120
+    scorer = ClaimScorer(model, tokenizer, CLAIMS, max_context_tokens=budget)
+    demos = [(i, True) for i in range(1, 9)]
+    longest = max(len(scorer.prompt_ids[t]) for t in (0, 3))
+    context = scorer.context(demos, budget - longest)
+    assert 0 < len(context) <= budget - longest < sum(len(scorer.demo_ids(i, True)) for i, _ in demos)
+    got = scorer.score([0, 3], demos)
+    want = [full_forward_log_odds(model, scorer, context, t) for t in (0, 3)]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    tight = ClaimScorer(model, tokenizer, CLAIMS, max_context_tokens=5)
+    with pytest.raises(ValueError, match="longer than the context budget"):
+        tight.score([0], demos)
+
+
+def test_folds_spread_groups_and_exact_mode_is_leave_one_out(tiny):
+    model, tokenizer = tiny
+    scorer = ClaimScorer(model, tokenizer, CLAIMS)
+    members = list(range(len(CLAIMS)))
+    two = MutualPredictor(scorer, members, folds=3)
+    for group in ("q23", "q41", "q62"):  # 3 claims per group over 3 folds: each sees its group-mates
+        assert sorted(two.fold[i] for i in members if CLAIMS[i].group == group) == [0, 1, 2]
+    loo = MutualPredictor(scorer, members, folds=0)
+    labels = {i: i % 2 == 0 for i in members}
+    assert all(i not in dict(loo.demos(loo.fold[i], labels)) for i in members)
+    assert all(len(loo.demos(loo.fold[i], labels)) == len(members) - 1 for i in members)
+    z = loo.log_odds(labels)
+    reference = ClaimScorer(model, tokenizer, CLAIMS)
+    assert z[4] == pytest.approx(reference.score([4], loo.demos(loo.fold[4], labels))[0], abs=1e-4)
