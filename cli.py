@@ -53,11 +53,419 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 
 # ---- icm generate (issue 3) -------------------------------------------------------------------------
 
+
+@app.command()
+@cli_errors
+def generate(
+    input: Path | None = typer.Argument(None, help="Questions file (JSONL/JSON/CSV/Parquet)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Claims Parquet file to write."),
+    task: str | None = typer.Option(None, help="Built-in offline task instead of INPUT: arithmetic."),
+    dataset: str | None = typer.Option(None, help="Hub dataset instead of INPUT, e.g. gsm8k (needs network)."),
+    config: str | None = typer.Option(None, "--config", help="Hub dataset configuration, e.g. main."),
+    split: str = typer.Option("train", help="Hub dataset split."),
+    question_field: str = typer.Option("question", help="Field holding the question."),
+    answer_field: str = typer.Option("answer", help="Field holding the reference answer (optional in the data)."),
+    id_field: str | None = typer.Option(None, help="Field holding a question id (default: row number)."),
+    limit: int | None = typer.Option(None, min=1, help="Use at most this many questions."),
+    shuffle: bool = typer.Option(False, help="Pick the --limit questions at random (with --seed)."),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    num_candidates: int = typer.Option(4, min=1, help="Solutions sampled per question."),
+    temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Most tokens per candidate."),
+    stop: list[str] | None = typer.Option(None, help="Stop string (repeatable; default '\\nQuestion:')."),
+    instruction: str | None = typer.Option(None, help="Instruction before each question (default: step by "
+                                              "step, end with 'The answer is N')."),
+    raw_prompt: bool = typer.Option(False, help="Don't use the model's chat template."),
+    batch_size: int = typer.Option(8, min=1, help="Sequences generated together."),
+    seed: int = typer.Option(0, help="Seed for sampling, --shuffle and the built-in task."),
+    extractor: str = typer.Option("auto", help="Answer extractor: auto, gsm8k, boxed, answer_is, last_number, "
+                                  "choice, text."),
+    include_reference: bool = typer.Option(False, help="Also add each reference solution as a candidate."),
+    dtype: str = typer.Option("auto", help="auto, bf16, fp16, fp32."),
+    device: str | None = typer.Option(None, help="cpu, cuda, ... (default: GPU when present)."),
+    resume: bool = typer.Option(False, help="Reuse questions finished in OUT.partial.jsonl by an interrupted run."),
+) -> None:
+    """Sample candidate solutions from a model and write them as claims for `icm label`."""
+    from data.answers import EXTRACTORS
+    from data.candidates import GenerationConfig, generate_file, report_path, report_table
+    from data.tasks import load_questions
+
+    if sum(map(bool, (input, task, dataset))) != 1:
+        fail("give exactly one of INPUT, --task or --dataset")
+    if extractor != "auto" and extractor not in EXTRACTORS:
+        fail(f"unknown --extractor '{extractor}' (auto, {', '.join(EXTRACTORS)})")
+    questions = load_questions(
+        str(input) if input else None, task=task, dataset=dataset, config=config, split=split,
+        question_field=question_field, answer_field=answer_field, id_field=id_field, limit=limit, seed=seed,
+        shuffle=shuffle)
+    defaults = GenerationConfig()
+    gen_config = GenerationConfig(
+        num_candidates=num_candidates, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        stop=tuple(stop) if stop else defaults.stop, instruction=defaults.instruction if instruction is None
+        else instruction, use_chat_template=not raw_prompt, batch_size=batch_size, seed=seed, extractor=extractor,
+        include_reference=include_reference)
+    report = generate_file(questions, output, model, gen_config, dtype=dtype, device=device, resume=resume,
+                           command=" ".join(["icm", *sys.argv[1:]]))
+    console.print(report_table(report))
+    console.print(f"wrote {report['claims']} claims to {output} (report: {report_path(output)})")
+
 # ---- icm label (issue 2) ----------------------------------------------------------------------------
+
+
+@app.command()
+@cli_errors
+def label(
+    input: Path = typer.Argument(..., help="Claims: JSONL, JSON list, CSV or Parquet (the ICM paper's format)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Labels Parquet file to write."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    seed: int = typer.Option(0, help="Seed of the search (same seed, same labels)."),
+    iterations: int | None = typer.Option(None, min=0, help="Search steps per batch [default: 4 x batch claims]."),
+    alpha: float = typer.Option(50.0, min=0, help="Weight of mutual predictability vs inconsistencies."),
+    initial_labels: int = typer.Option(8, min=0, help="K: claims labelled at random before the search."),
+    batch_size: int = typer.Option(256, min=1, help="Claims searched together (whole consistency groups)."),
+    folds: int = typer.Option(2, min=0, help="Context folds for mutual predictability; 0 = exact leave-one-out."),
+    max_context_tokens: int = typer.Option(2048, min=64, help="Token budget of demonstrations plus target."),
+    balance: str = typer.Option("center", help="Collapse guard: center (subtract mean log-odds) or none."),
+    label_space: str = typer.Option("auto", help="Space before the label word: auto, label (' True'), prompt ('is ')."),
+    resume: bool = typer.Option(False, help="Continue an interrupted search from RUN_DIR/checkpoint.json."),
+    run_dir: Path | None = typer.Option(None, help="Run directory (run.json, checkpoint) [default: OUTPUT.run]."),
+    dtype: str = typer.Option("auto", help="auto (bf16 where fast), bf16, fp16 or fp32."),
+    question_field: str = typer.Option("question", help="Column holding the question."),
+    choice_field: str = typer.Option("choice", help="Column holding the claim / candidate solution."),
+    choice_2_field: str = typer.Option("choice_2", help="Column holding the second response of comparison claims."),
+    id_field: str = typer.Option("consistency_id", help="Column grouping claims about one question."),
+    key_field: str = typer.Option("consistency_key", help="Column with the asserted answer (else answer)."),
+    label_field: str = typer.Option("label", help="Gold column, used only to report accuracy."),
+    num_candidates: int = typer.Option(4, min=1, help="Questions-only input: solutions sampled per question."),
+    temperature: float = typer.Option(0.8, min=0, help="Questions-only input: sampling temperature."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Questions-only input: length limit of a solution."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME", help="Publish the labels."),
+    private: bool = typer.Option(False, help="Create the Hub repository private."),
+    revision: str | None = typer.Option(None, help="Hub branch to push to."),
+    license: str = typer.Option("unknown", help="License in the dataset card."),
+) -> None:
+    """Label claims True/False with Internal Coherence Maximization (no gold label is read by the search).
+
+    Given questions without a choice column, candidates are sampled first (as `icm generate` does)."""
+    import shlex
+
+    from data.candidates import GenerationConfig
+    from data.claims import ClaimFields
+    from icm.label import label_file
+    from icm.scoring import PromptTemplate
+    from icm.search import ICMConfig
+
+    try:
+        config = ICMConfig(alpha=alpha, initial_labels=initial_labels, iterations=iterations, batch_size=batch_size,
+                           folds=folds, max_context_tokens=max_context_tokens, balance=balance, seed=seed)
+        template = PromptTemplate(space=label_space)
+        generation = GenerationConfig(num_candidates=num_candidates, temperature=temperature,
+                                      max_new_tokens=max_new_tokens, seed=seed)
+    except ValueError as error:
+        fail(str(error))
+    fields = ClaimFields(question=question_field, choice=choice_field, choice_2=choice_2_field,
+                         consistency_id=id_field, consistency_key=key_field, label=label_field)
+    command = shlex.join(["icm", *sys.argv[1:]])
+    try:
+        run = label_file(input, output, model, config, template=template, fields=fields, run_dir=run_dir,
+                         resume=resume, dtype=dtype, generation=generation, command=command)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: the search state is saved; rerun with --resume to continue")
+        raise typer.Exit(130) from None
+    gold = run.get("gold_accuracy")
+    console.print(f"labelled {run['claims']} claims ({run['searched']} searched), True share {run['true_share']:.0%}, "
+                  f"inconsistencies {run['inconsistencies']}, acceptance {run['acceptance_rate']:.0%}"
+                  + (f", gold accuracy {gold:.1%}" if gold is not None else "") + f" -> {output}", highlight=False)
+    if push_to_hub:
+        _push_or_exit({"train": output}, push_to_hub, private=private, revision=revision, license=license,
+                      source=output)
 
 # ---- icm pairs / icm push (issue 4) -----------------------------------------------------------------
 
+PUSH_HELP = "Dataset repository OWNER/NAME on the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."
+
+
+def _push_or_exit(files: dict[str, Path], repo: str, *, private: bool, revision: str | None, license: str,
+                  source: Path) -> None:
+    """Upload ``files`` with a generated card; on failure keep the local files and say which command to rerun."""
+    import shlex
+
+    from data.card import dataset_card
+    from data.hub import check_repo_id, push_to_hub, scrub
+
+    try:
+        check_repo_id(repo)
+    except ValueError as error:
+        fail(str(error))
+    card = dataset_card(files, repo_id=repo, license=license)
+    rerun = shlex.join(["icm", "push", str(source), repo] + (["--private"] if private else [])
+                       + (["--revision", revision] if revision else []) + ["--license", license])
+    try:
+        url = push_to_hub(files, repo, card=card, private=private, revision=revision)
+    except Exception as error:  # network, auth, permissions: the local files stay, the user reruns the push
+        reason = scrub(f"{type(error).__name__}: {error}".splitlines()[0])
+        fail(f"upload to {repo} failed ({reason}); local files kept; rerun: {rerun}", code=1)
+    console.print(f"pushed {', '.join(files)} to {url}", highlight=False)
+
+
+@app.command()
+@cli_errors
+def pairs(
+    labels: Path = typer.Argument(..., help="Labels file from `icm label` (Parquet; JSONL/CSV with the same columns)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Pairs Parquet file (the train split with --test-size; "
+                                "the test split goes to NAME.test.parquet, the report to NAME.report.json)."),
+    strategy: str = typer.Option("all", help="all: every True x False pair of a question; best-margin: most "
+                                 "confident True vs most confident False (by icm_score)."),
+    max_per_question: int | None = typer.Option(None, min=1, help="Keep at most N pairs per question, highest "
+                                                   "margin first (best-margin: default 1)."),
+    min_margin: float | None = typer.Option(None, help="Drop pairs whose margin (chosen icm_score - rejected "
+                                               "icm_score) is below this."),
+    fmt: str = typer.Option("standard", "--format", help="standard (strings) or conversational (TRL messages)."),
+    test_size: float | None = typer.Option(None, help="Questions for a test split: fraction (0-1) or count."),
+    seed: int = typer.Option(0, help="Seed of the train/test split."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME", help=PUSH_HELP),
+    private: bool = typer.Option(False, help="Create the Hub repository private."),
+    revision: str | None = typer.Option(None, help="Hub branch to push to (created if needed)."),
+    license: str = typer.Option("unknown", help="License in the dataset card (Hub license id)."),
+) -> None:
+    """Turn ICM labels into DPO preference pairs (TRL format, zstd Parquet) with a pair quality report."""
+    import shlex
+
+    from data.hub import check_repo_id
+    from data.pairs import PairsConfig, build_pairs, load_labels, report_table, split_paths, write_pairs
+
+    try:
+        config = PairsConfig(strategy=strategy, max_per_question=max_per_question, min_margin=min_margin,
+                             format=fmt, test_size=test_size, seed=seed)
+        if push_to_hub:
+            check_repo_id(push_to_hub)
+    except ValueError as error:
+        fail(str(error))
+    rows, metadata = load_labels(labels)
+    kept, report = build_pairs(rows, config)
+    if not kept:
+        console.print(report_table(report))
+        raise InputError(labels, "no pairs: " + ", ".join(f"{k}: {v}" for k, v in
+                                                          (report["questions_skipped"] | report["dropped"]).items()))
+    args = {"--strategy": strategy, "--max-per-question": max_per_question, "--min-margin": min_margin,
+            "--format": fmt, "--test-size": test_size, "--seed": seed}
+    command = shlex.join(["icm", "pairs", str(labels), "--output", str(output)]
+                         + [str(x) for k, v in args.items() if v is not None for x in (k, v)])
+    try:
+        files = write_pairs(output, kept, report, config, labels_metadata=metadata, command=command, source=labels)
+    except ValueError as error:  # a test split that leaves one side empty
+        fail(f"{labels}: {error}")
+    console.print(report_table(report))
+    console.print(f"wrote {report['pairs']} pairs: {', '.join(map(str, files.values()))}, "
+                  f"report {split_paths(output)['report']}", highlight=False, soft_wrap=True)
+    if push_to_hub:
+        _push_or_exit(files, push_to_hub, private=private, revision=revision, license=license, source=output)
+
+
+@app.command()
+@cli_errors
+def push(
+    path: Path = typer.Argument(..., help="Labels or pairs Parquet file written by icm (a pairs file brings its "
+                                "test split)."),
+    repo: str = typer.Argument(..., metavar="OWNER/NAME", help=PUSH_HELP),
+    private: bool = typer.Option(False, help="Create the Hub repository private."),
+    revision: str | None = typer.Option(None, help="Hub branch to push to (created if needed)."),
+    license: str = typer.Option("unknown", help="License in the dataset card (Hub license id)."),
+) -> None:
+    """Publish an existing labels or pairs file as a Hub dataset (data/train-00000-of-00001.parquet + README.md)."""
+    from data.hub import split_files
+
+    _push_or_exit(split_files(path), repo, private=private, revision=revision, license=license, source=path)
+
 # ---- icm dpo / icm eval / icm transfer (issue 5) -----------------------------------------------------
+
+
+@app.command()
+@cli_errors
+def dpo(
+    pairs: str = typer.Argument(..., help="Pairs from `icm pairs` (Parquet/JSONL/JSON/CSV) or a Hub dataset id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Policy to train. " + MODEL_HELP),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the model/adapters, tokenizer, model "
+                                    "card and checkpoints go."),
+    lora: bool = typer.Option(True, "--lora/--no-lora", help="LoRA adapters (reference = adapters disabled) or "
+                              "full fine-tuning (reference = frozen copy)."),
+    lora_r: int = typer.Option(16, help="LoRA rank."),
+    lora_alpha: int = typer.Option(32, help="LoRA alpha."),
+    lora_target_modules: str = typer.Option("all-linear", help="Comma-separated module names, or all-linear."),
+    merge_lora: bool = typer.Option(False, help="Save the merged model instead of the adapters."),
+    beta: float = typer.Option(0.1, help="DPO beta (KL strength towards the reference)."),
+    learning_rate: float | None = typer.Option(None, help="Peak learning rate [default: 5e-5 LoRA, 5e-6 full]."),
+    epochs: float = typer.Option(1.0, help="Epochs over the pairs (ignored with --max-steps)."),
+    max_steps: int = typer.Option(-1, help="Optimizer steps (-1: use --epochs)."),
+    batch_size: int = typer.Option(4, min=1, help="Pairs per device per step."),
+    gradient_accumulation_steps: int = typer.Option(1, min=1, help="Batches per optimizer step."),
+    max_length: int = typer.Option(512, min=8, help="Max tokens of prompt + answer."),
+    loss_type: str = typer.Option("sigmoid", help="TRL DPO loss: sigmoid, ipo, hinge, robust, ..."),
+    precision: str = typer.Option("auto", help="auto (bf16 where supported), bf16, fp16 or fp32."),
+    gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory."),
+    save_steps: int = typer.Option(50, min=0, help="Checkpoint every N steps (for --resume; 0: none)."),
+    eval_pairs: str | None = typer.Option(None, help="Pairs scored with the DPO loss before and after training."),
+    split: str = typer.Option("train", help="Split, when PAIRS is a Hub dataset."),
+    seed: int = typer.Option(0, help="Random seed."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --output-dir."),
+    overwrite: bool = typer.Option(False, help="Replace a trained model already in --output-dir."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME", help="Upload the result "
+                                           "to this Hub model repository."),
+    private: bool = typer.Option(False, help="Create the Hub repository private."),
+) -> None:
+    """Train a model with DPO on preference pairs (TRL), LoRA or full; works under `accelerate launch`."""
+    import shlex
+
+    from dpo.training import DPOTrainingConfig, PushError, train_dpo
+
+    try:
+        config = DPOTrainingConfig(beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
+                                   max_steps=max_steps, batch_size=batch_size,
+                                   gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length,
+                                   lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+                                   lora_target_modules=lora_target_modules, merge_lora=merge_lora,
+                                   loss_type=loss_type, precision=precision,
+                                   gradient_checkpointing=gradient_checkpointing, save_steps=save_steps,
+                                   split=split, seed=seed)
+        if push_to_hub:
+            from data.hub import check_repo_id
+
+            check_repo_id(push_to_hub)
+    except ValueError as error:
+        fail(str(error))
+    try:
+        summary = train_dpo(pairs, model, output_dir, config, eval_pairs=eval_pairs, resume=resume,
+                            overwrite=overwrite, push_to_hub=push_to_hub, private=private,
+                            command=shlex.join(["icm", *sys.argv[1:]]))
+    except PushError as error:
+        fail(str(error), code=1)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one summary line
+        return
+    metrics = summary["metrics"]
+    console.print(f"trained {summary['global_step']} steps on {summary['num_pairs']} pairs: loss "
+                  f"{metrics.get('loss', float('nan')):.4f}, reward accuracy "
+                  f"{metrics.get('rewards/accuracies', float('nan')):.2f}; saved to {output_dir}", highlight=False)
+
+
+@app.command("eval")
+@cli_errors
+def eval_(
+    input: str | None = typer.Argument(None, help="Questions with reference answers (JSONL/JSON/CSV/Parquet), or "
+                                       "claims with gold `label` (accuracy of the model's True/False labels)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP + " Or a directory from `icm dpo`."),
+    task: str | None = typer.Option(None, help="Built-in task instead of INPUT (arithmetic)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the JSON report here (atomic)."),
+    items: Path | None = typer.Option(None, help="Write per-item results (completion, answer, correct) as JSONL."),
+    limit: int | None = typer.Option(None, min=1, help="Evaluate only the first N items."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Tokens generated per answer."),
+    batch_size: int = typer.Option(8, min=1, help="Questions (or claims) per batch."),
+    extractor: str = typer.Option("auto", help="Answer extractor: auto, gsm8k, boxed, answer_is, last_number, ..."),
+    num_shots: int = typer.Option(4, min=0, help="Claims: gold-labelled demonstrations before each claim."),
+    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="Use the chat template."),
+    question_field: str = typer.Option("question", help="Question column."),
+    answer_field: str = typer.Option("answer", help="Reference answer column."),
+    id_field: str | None = typer.Option(None, help="Id column (default: row number)."),
+    dtype: str = typer.Option("auto", help="auto, bf16, fp16 or fp32."),
+    seed: int = typer.Option(0, help="Seed (claims: demonstrations drawn)."),
+) -> None:
+    """Accuracy of a model on held-out questions (greedy, `icm generate`'s extractors) or on labelled claims."""
+    import json
+
+    from dpo.evaluation import EvalConfig, evaluate
+
+    if (input is None) == (task is None):
+        fail("give exactly one of INPUT or --task")
+    try:
+        config = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, extractor=extractor,
+                            num_shots=num_shots, use_chat_template=chat_template, seed=seed, limit=limit)
+    except ValueError as error:
+        fail(str(error))
+    report = evaluate(model, input, task=task, config=config, output=output, items_output=items,
+                      question_field=question_field, answer_field=answer_field, id_field=id_field, dtype=dtype)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("results", "config")}, indent=2))
+    console.print(f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['n']} {report['kind']})"
+                  + (f"; report: {output}" if output else ""), highlight=False)
+
+
+@app.command()
+@cli_errors
+def transfer(
+    questions: str | None = typer.Argument(None, help="Questions with reference answers (JSONL/JSON/CSV/Parquet)."),
+    labeller: str = typer.Option(..., "--labeller", help="Model that labels the candidates with ICM (the strong "
+                                 "one). " + MODEL_HELP),
+    policy: str = typer.Option(..., "--policy", help="Model trained with DPO (the weak one; the same as "
+                               "--labeller for plain self-improvement)."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Run directory; a rerun skips finished stages."),
+    task: str | None = typer.Option(None, help="Built-in task instead of QUESTIONS (arithmetic)."),
+    limit: int | None = typer.Option(None, min=2, help="Use N questions (the built-in task defaults to 100)."),
+    eval_size: float = typer.Option(0.25, help="Held-out questions: fraction (0-1) or count."),
+    generator: str = typer.Option("policy", help="Who samples the candidates: policy or labeller."),
+    num_candidates: int = typer.Option(4, min=2, help="Candidates sampled per training question."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature of the candidates."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Tokens per candidate and per evaluation answer."),
+    icm_iterations: int | None = typer.Option(None, min=1, help="ICM search steps per batch [default: 4 x claims]."),
+    alpha: float = typer.Option(50.0, help="ICM weight of mutual predictability."),
+    pairs_strategy: str = typer.Option("all", help="Pairs: all or best-margin."),
+    max_per_question: int | None = typer.Option(None, min=1, help="Pairs kept per question."),
+    lora: bool = typer.Option(True, "--lora/--no-lora", help="DPO with LoRA adapters or full fine-tuning."),
+    beta: float = typer.Option(0.1, help="DPO beta."),
+    learning_rate: float | None = typer.Option(None, help="DPO learning rate [default: 5e-5 LoRA, 5e-6 full]."),
+    epochs: float = typer.Option(1.0, help="DPO epochs (ignored with --max-steps)."),
+    max_steps: int = typer.Option(-1, help="DPO optimizer steps (-1: use --epochs)."),
+    batch_size: int = typer.Option(4, min=1, help="DPO pairs per step (also the generation/eval batch)."),
+    max_length: int = typer.Option(512, min=8, help="DPO max tokens of prompt + answer."),
+    bootstrap_samples: int = typer.Option(2000, min=100, help="Resamples for the CI of the accuracy change."),
+    dtype: str = typer.Option("auto", help="Generation/labelling/eval dtype: auto, bf16, fp16 or fp32."),
+    seed: int = typer.Option(0, help="Seed of the split and of every stage."),
+    question_field: str = typer.Option("question", help="Question column."),
+    answer_field: str = typer.Option("answer", help="Reference answer column."),
+    id_field: str | None = typer.Option(None, help="Id column (default: row number)."),
+    stop_after: str | None = typer.Option(None, help="End after this stage (eval_before, generate, label, pairs, "
+                                          "dpo); rerun the same command to continue."),
+) -> None:
+    """Weak-from-strong: generate -> label (labeller, ICM) -> pairs -> DPO (policy) -> eval before/after."""
+    import shlex
+
+    from data.candidates import GenerationConfig
+    from data.pairs import PairsConfig
+    from data.tasks import load_questions
+    from dpo.evaluation import EvalConfig
+    from dpo.training import DPOTrainingConfig
+    from dpo.transfer import STAGES, TransferConfig, run_transfer
+    from icm.search import ICMConfig
+
+    if (questions is None) == (task is None):
+        fail("give exactly one of QUESTIONS or --task")
+    try:
+        config = TransferConfig(
+            eval_size=eval_size, generator=generator, bootstrap_samples=bootstrap_samples, seed=seed, dtype=dtype,
+            generation=GenerationConfig(num_candidates=num_candidates, temperature=temperature,
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
+            icm=ICMConfig(iterations=icm_iterations, alpha=alpha, seed=seed),
+            pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, seed=seed),
+            dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
+                                  max_steps=max_steps, batch_size=batch_size, max_length=max_length, seed=seed),
+            eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed))
+    except ValueError as error:
+        fail(str(error))
+    items = load_questions(questions, task=task, limit=limit, seed=seed, question_field=question_field,
+                           answer_field=answer_field, id_field=id_field)
+    if stop_after is not None and stop_after not in STAGES:
+        fail(f"--stop-after must be one of {', '.join(STAGES)}")
+    report = run_transfer(items, labeller, policy, output_dir, config, source=questions or f"task:{task}",
+                          command=shlex.join(["icm", *sys.argv[1:]]), stop_after=stop_after)
+    if "stopped_after" in report:
+        console.print(f"stopped after {stop_after}; rerun the same command without --stop-after to continue",
+                      highlight=False)
+        return
+    ci = report["delta_ci"]
+    console.print(f"{report['mode']}: accuracy {report['accuracy_before']:.3f} -> {report['accuracy_after']:.3f} "
+                  f"(delta {report['delta']:+.3f}, {ci['level']:.0%} CI [{ci['low']:+.3f}, {ci['high']:+.3f}]) on "
+                  f"{report['questions']['heldout']} held-out questions; {output_dir / 'transfer.json'}, "
+                  f"{output_dir / 'transfer.png'}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from data.candidates import GenerationConfig, generate_candidates
 from data.claims import Claim, ClaimFields, claims_from_records, gold_labels
 from data.io import InputError, read_records, write_json, write_parquet
+from data.tasks import load_questions
 from icm.scoring import PromptTemplate
 from icm.search import ICMConfig, label_claims
 
@@ -66,25 +68,39 @@ def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMCo
 def label_file(input_path: str | Path, output: str | Path, model_spec: str, config: ICMConfig | None = None, *,
                template: PromptTemplate | None = None, fields: ClaimFields | None = None,
                run_dir: str | Path | None = None, resume: bool = False, dtype: str = "auto",
+               generation: GenerationConfig | None = None, answer_field: str = "answer",
                command: str = "") -> dict[str, Any]:
     """Label a claims file end to end. Input is validated before the model loads; the output Parquet
-    and run.json are written atomically at the end, so a failure never leaves a half-written file."""
+    and run.json are written atomically at the end, so a failure never leaves a half-written file.
+
+    A file of questions (no ``choice`` column) is first turned into candidate claims by sampling
+    ``generation.num_candidates`` solutions per question from the same model (as ``icm generate`` does)."""
     from icm.models import load_model
 
     config = config or ICMConfig()
     template = template or PromptTemplate()
     fields = fields or ClaimFields()
     records = read_records(input_path)
-    claims_from_records(records, input_path, fields)  # fail fast, before loading a model
-    gold_labels(records, input_path, fields.label)
+    questions = None
+    if not any(fields.choice in r for r in records):
+        questions = load_questions(str(input_path), question_field=fields.question, answer_field=answer_field)
+    else:
+        claims_from_records(records, input_path, fields)  # fail fast, before loading a model
+        gold_labels(records, input_path, fields.label)
     output = Path(output)
     run_dir = Path(run_dir) if run_dir else output.with_suffix(".run")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     model, tokenizer = load_model(model_spec, dtype=dtype)
+    generation_report = None
+    if questions is not None:
+        generation = generation or GenerationConfig(seed=config.seed)
+        records, generation_report = generate_candidates(questions, model, tokenizer, generation, model_spec)
+        fields = ClaimFields()
     rows, summary = label_records(records, model, tokenizer, config, template=template, fields=fields,
                                   run_dir=run_dir, resume=resume, model_name=model_spec, source=input_path)
     run = {"model": model_spec, "input": str(input_path), "output": str(output), "command": command,
+           "generation": generation_report,
            "template": asdict(template), "config": asdict(config), "seed": config.seed,
            "gold_accuracy": summary.get("gold_accuracy"), "seconds": time.time() - started, **summary}
     metadata = {k: run[k] for k in ("model", "template", "config", "seed", "command", "gold_accuracy")}

@@ -103,12 +103,17 @@ class ClaimScorer:
         self.decoder = model.get_decoder()
         head = model.get_output_embeddings()
         self.label_head = head.weight[[self.true_id, self.false_id]].detach().float()
-        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        text_config = model.config.get_text_config()
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        layer_types = getattr(text_config, "layer_types", None) or ()
+        sliding = "sliding_attention" in layer_types
+        self.sliding_window = getattr(text_config, "sliding_window", None) if sliding else None
         self.device = next(model.parameters()).device
         self._slots: dict[Hashable, _Prefix] = {}
         self.prefix_tokens = 0  # tokens run through the model for demonstration prefixes
         self.target_tokens = 0  # tokens run for the claims being scored
         self.target_count = 0
+        self.uncached_tokens = 0  # what the same scores would cost with every context run from scratch
 
     @property
     def forward_tokens(self) -> int:
@@ -174,29 +179,32 @@ class ClaimScorer:
 
     @torch.inference_mode()
     def _score_batch(self, prefix: _Prefix, batch: list[int]) -> list[float]:
+        """Score targets packed into one row after the prefix: each attends to the prefix and to itself
+        only (a block-diagonal 4D mask), so the prefix's KV cache is used as is, never copied per target."""
         lengths = [len(self.prompt_ids[t]) for t in batch]
-        size, width, past = len(batch), max(lengths), len(prefix.tokens)
-        ids = torch.full((size, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((size, past + width), dtype=torch.long)
-        mask[:, :past] = 1
-        for row, t in enumerate(batch):  # right padding: every real token keeps its true position
-            ids[row, :lengths[row]] = torch.tensor(self.prompt_ids[t])
-            mask[row, past:past + lengths[row]] = 1
-        cache = None
-        if past:
-            layers = [(layer.keys.expand(size, -1, -1, -1), layer.values.expand(size, -1, -1, -1))
-                      for layer in prefix.cache.layers]
-            cache = DynamicCache(ddp_cache_data=layers)
-        positions = torch.arange(past, past + width)[None].expand(size, -1)
-        hidden = self.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                              position_ids=positions.to(self.device), past_key_values=cache,
-                              use_cache=cache is not None).last_hidden_state
-        last = hidden[torch.arange(size), torch.tensor(lengths) - 1].float()
-        logits = last @ self.label_head.T
+        past, total = len(prefix.tokens), sum(lengths)
+        ids = torch.tensor([[tok for t in batch for tok in self.prompt_ids[t]]], device=self.device)
+        owner = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(lengths))
+        offset = torch.cat([torch.arange(n) for n in lengths])
+        positions = past + offset  # every target starts right after the prefix
+        same_target = (owner[:, None] == owner[None, :]) & (offset[:, None] >= offset[None, :])
+        mask = torch.cat([torch.ones(total, past, dtype=torch.bool), same_target], dim=1)
+        key_positions = torch.cat([torch.arange(past), positions])
+        masks: torch.Tensor | dict[str, torch.Tensor] = mask[None, None].to(self.device)
+        if self.sliding_window:
+            sliding = mask & (positions[:, None] - key_positions[None, :] < self.sliding_window)
+            masks = {"full_attention": masks, "sliding_attention": sliding[None, None].to(self.device)}
+        cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in prefix.cache.layers]) \
+            if past else None
+        hidden = self.decoder(input_ids=ids, attention_mask=masks, position_ids=positions[None].to(self.device),
+                              past_key_values=cache, use_cache=cache is not None).last_hidden_state[0]
+        ends = torch.cumsum(torch.tensor(lengths), 0) - 1
+        logits = hidden[ends.to(self.device)].float() @ self.label_head.T
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        self.target_tokens += sum(lengths)
-        self.target_count += size
+        self.target_tokens += total
+        self.uncached_tokens += len(batch) * past + total
+        self.target_count += len(batch)
         return (logits[:, 0] - logits[:, 1]).tolist()
 
 
@@ -218,15 +226,10 @@ class MutualPredictor:
             groups.setdefault(group if group is not None else f"\0{idx}", []).append(idx)
         group_list = [groups[k] for k in rng.permutation(sorted(groups))]
         self.n_folds = len(members) if folds <= 0 else min(folds, len(members))
-        self.fold: dict[int, int] = {}
-        if folds <= 0:
-            self.fold = {idx: k for k, idx in enumerate(members)}
-        else:
-            for g, claims in enumerate(group_list):
-                offset = int(rng.integers(self.n_folds))
-                for k, idx in enumerate(claims):
-                    self.fold[idx] = (offset + k + g) % self.n_folds
-        self.order = [idx for claims in group_list for idx in claims]
+        # Round-robin over the group order: folds stay balanced and group-mates land in different folds.
+        order = [idx for claims in group_list for idx in claims]
+        self.fold: dict[int, int] = {idx: k % self.n_folds for k, idx in enumerate(order)}
+        self.order = order
         self.fold_members = [[i for i in members if self.fold[i] == f] for f in range(self.n_folds)]
         self._memo: dict[int, tuple[list[tuple[int, bool]], np.ndarray]] = {}
 
@@ -236,6 +239,17 @@ class MutualPredictor:
         start = len(self.order) * fold // self.n_folds
         rotated = self.order[start:] + self.order[:start]
         return [(i, labels[i]) for i in rotated if i in labels and self.fold[i] != fold]
+
+    def center(self, log_odds: Mapping[int, float]) -> dict[int, float]:
+        """Subtract each fold's mean log-odds. All targets of a fold share one context, and its labels shift
+        them together (the model copies the majority or the last label); centering removes that shared
+        shift, keeps the ranking within the fold, and makes a one-label solution unable to predict itself.
+        With exact leave-one-out the contexts are nearly identical, so one global mean is used."""
+        exact = self.n_folds == len(self.members)
+        means = {}
+        for f, targets in enumerate(self.fold_members):
+            means[f] = float(np.mean([log_odds[i] for i in (self.members if exact else targets)]))
+        return {i: z - means[self.fold[i]] for i, z in log_odds.items()}
 
     def log_odds(self, labels: Mapping[int, bool]) -> dict[int, float]:
         """Log-odds for every member claim (labelled or not); only folds whose context changed are rescored."""

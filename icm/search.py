@@ -53,8 +53,9 @@ class ICMConfig:
     max_context_tokens: int | None = 2048
     """Token budget of demonstrations plus target (capped by the model's context length)."""
     balance: str = "center"
-    """Guard against collapse to one label: ``center`` subtracts the mean log-odds over the batch before
-    scoring labels (an all-True labelling no longer predicts itself); ``none`` is the paper's raw objective."""
+    """Guard against collapse to one label: ``center`` subtracts each fold's mean log-odds before labels are
+    scored and predicted (an all-True labelling no longer predicts itself, and the bias a shared context
+    puts on all its targets is removed); ``none`` is the paper's raw objective."""
     scoring_batch_size: int = 16
     """Targets scored together on one shared prefix."""
     seed: int = 0
@@ -115,10 +116,7 @@ class ICMSearch:
 
     # -- the objective ----------------------------------------------------------------------------------
     def centered(self, log_odds: dict[int, float]) -> dict[int, float]:
-        if self.config.balance == "none":
-            return log_odds
-        mean = float(np.mean(list(log_odds.values())))
-        return {i: z - mean for i, z in log_odds.items()}
+        return log_odds if self.config.balance == "none" else self.predictor.center(log_odds)
 
     def utility(self, labels: dict[int, bool], z: dict[int, float]) -> float:
         if not labels:
@@ -285,6 +283,7 @@ def _collect(claims: list[Claim], done: dict[str, dict[str, Any]], scorer: Claim
         "trajectories": [b["trajectory"] for b in done.values()],
         "seconds": seconds,
         "forward_tokens": scorer.forward_tokens,
+        "uncached_tokens": scorer.uncached_tokens,
         "forward_tokens_per_claim": scorer.forward_tokens / max(len(claims), 1),
     }
     return results, summary

@@ -59,6 +59,17 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run far faster on one thread than on two contended ones (OpenMP spin-waits)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep test runs from writing to the user's model cache (real-model tests share one per session)."""
     monkeypatch.setenv("ICM_CACHE", str(tmp_path_factory.getbasetemp() / "icm-cache"))

@@ -157,3 +157,18 @@ def test_real_smollm2_labels_a_handful_of_claims(tmp_path):
     assert len(table) == 6 and {type(r["icm_label"]) for r in table} == {bool}
     run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
     assert run["model"] == "smollm2-135m" and run["claims"] == 6
+
+
+def test_label_cli_generates_candidates_from_questions_first(tiny_model_dir, tmp_path):
+    questions = [{"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"} for a, b in [(1, 2), (3, 4), (5, 6)]]
+    src = write_jsonl(tmp_path / "questions.jsonl", questions)
+    out = tmp_path / "labels.parquet"
+    result = runner.invoke(app, ["label", str(src), "-o", str(out), "--model", tiny_model_dir, "--dtype", "fp32",
+                                 "--num-candidates", "3", "--max-new-tokens", "8", "--iterations", "10"])
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert {r["consistency_id"] for r in rows} == {0, 1, 2}
+    assert all(r["choice"] and r["question"] in {q["question"] for q in questions} for r in rows)
+    assert {"answer", "label", "icm_label", "icm_score", "generator"} <= set(rows[0])
+    run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
+    assert run["generation"]["questions"] == 3

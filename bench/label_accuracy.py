@@ -1,0 +1,120 @@
+"""Label accuracy against gold, side by side: zero-shot, gold-label many-shot ICL (the ceiling),
+random-label many-shot ICL, ICM, ICM without the collapse guard, and (on a subset) ICM with exact
+leave-one-out next to the fold approximation.
+
+    python bench/label_accuracy.py sentiment --model smollm2-135m -n 128
+    python bench/label_accuracy.py capitals --model gemma3-270m -n 128
+    python bench/label_accuracy.py path/to/claims.jsonl --model M
+
+The many-shot baselines score each claim with the other claims as demonstrations (same folds and token
+budget as ICM), so they differ from ICM only in where the labels come from. They are reported with the
+raw argmax and with ICM's own decision rule (log-odds centered per fold, see ``MutualPredictor.center``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.claimsets import CLAIM_SETS  # noqa: E402
+from data.claims import claims_from_records, gold_labels  # noqa: E402
+from data.io import read_records  # noqa: E402
+from icm.label import accuracy  # noqa: E402
+from icm.models import load_model  # noqa: E402
+from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate  # noqa: E402
+from icm.search import ICMConfig, label_claims  # noqa: E402
+
+
+def icl_accuracy(scorer: ClaimScorer, labels: dict[int, bool], gold: list, folds: int, seed: int,
+                 calibrated: bool) -> float:
+    """Each claim predicted from the others' ``labels`` (same folds as ICM); ``calibrated`` applies ICM's
+    decision rule (log-odds centered per fold) instead of the raw argmax."""
+    predictor = MutualPredictor(scorer, list(range(len(gold))), folds, seed=seed)
+    z = predictor.log_odds(labels)
+    if calibrated:
+        z = predictor.center(z)
+    return accuracy({i: z[i] > 0 for i in z}, gold)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("claims", help=f"a labelled claims file or a built-in set: {', '.join(CLAIM_SETS)}")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("-n", type=int, default=128, help="claims (built-in sets) / first n rows (files)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--space", default="auto", help="label space: auto, label, prompt")
+    parser.add_argument("--exact-subset", type=int, default=0, help="also compare exact LOO on this many claims")
+    parser.add_argument("--no-unguarded", action="store_true", help="skip the balance=none ICM run")
+    parser.add_argument("--output", type=Path, help="write the results as JSON")
+    args = parser.parse_args()
+
+    records = CLAIM_SETS[args.claims](args.n, args.seed) if args.claims in CLAIM_SETS else \
+        read_records(args.claims)[:args.n]
+    claims, gold = claims_from_records(records, args.claims), gold_labels(records, args.claims)
+    if gold is None:
+        sys.exit(f"{args.claims}: no gold 'label' column to measure against")
+    model, tokenizer = load_model(args.model)
+    template = PromptTemplate(space=args.space)
+    config = ICMConfig(iterations=args.iterations, folds=args.folds, seed=args.seed)
+    scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens)
+    rng = np.random.default_rng(args.seed)
+    n = len(claims)
+    rows: dict[str, float | None] = {}
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        start = time.monotonic()
+        rows[name] = fn()
+        timings[name] = time.monotonic() - start
+        print(f"  {name:<34} {rows[name]:.1%}  ({timings[name]:.0f} s)", file=sys.stderr)
+
+    print(f"{args.model} on {args.claims}: {n} claims, {np.mean(gold):.0%} True", file=sys.stderr)
+    timed("zero-shot", lambda: accuracy({i: z > 0 for i, z in enumerate(scorer.score(list(range(n))))}, gold))
+    random_labels = {i: bool(rng.random() < 0.5) for i in range(n)}
+    for name, labels in (("gold-label", dict(enumerate(gold))), ("random-label", random_labels)):
+        for calibrated in (False, True):
+            rule = "centered" if calibrated else "argmax"
+            timed(f"{name} many-shot ICL, {rule}",
+                  lambda labels=labels, calibrated=calibrated: icl_accuracy(scorer, labels, gold, args.folds,
+                                                                           args.seed, calibrated))
+    summaries = {}
+
+    def icm(name, cfg, subset=None):
+        picked = subset if subset is not None else list(range(n))
+        results, summaries[name] = label_claims([claims[i] for i in picked], model, tokenizer, cfg, template=template)
+        return accuracy([r["icm_label"] for r in results], [gold[i] for i in picked])
+
+    timed("ICM", lambda: icm("ICM", config))
+    if not args.no_unguarded:
+        timed("ICM, no collapse guard", lambda: icm("ICM, no collapse guard", replace(config, balance="none")))
+    if args.exact_subset:
+        subset = sorted(rng.choice(n, size=min(args.exact_subset, n), replace=False).tolist())
+        timed(f"ICM folds={args.folds}, {len(subset)}-claim subset", lambda: icm("subset folds", config, subset))
+        exact = replace(config, folds=0)
+        timed(f"ICM exact LOO, {len(subset)}-claim subset", lambda: icm("subset exact", exact, subset))
+
+    print(f"\n| {args.model} / {args.claims} ({n} claims) | accuracy | seconds |\n|---|---|---|")
+    for name, value in rows.items():
+        print(f"| {name} | {value:.1%} | {timings[name]:.0f} |")
+    for name, s in summaries.items():
+        print(f"{name}: True share {s['true_share']:.0%}, acceptance {s['acceptance_rate']:.0%}, "
+              f"forward tokens/claim {s['forward_tokens_per_claim']:.0f}")
+    if args.output:
+        args.output.write_text(json.dumps({"model": args.model, "claims": args.claims, "n": n, "accuracy": rows,
+                                           "seconds": timings, "icm": {k: {kk: vv for kk, vv in v.items()
+                                                                           if kk != "trajectories"}
+                                                                       for k, v in summaries.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

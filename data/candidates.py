@@ -1,0 +1,452 @@
+"""Sample diverse candidate solutions from a model and turn them into claims for ``icm label``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from data.answers import EXTRACTORS, answers_match, extract_answer
+from data.io import InputError, write_json, write_parquet
+from data.tasks import Question
+
+DEFAULT_INSTRUCTION = (
+    "Solve the following math problem step by step. End your response with 'The answer is N', "
+    "where N is the final number."
+)
+# Extra end-of-turn tokens some chat templates use besides the tokenizer's eos token.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
+
+CLAIMS_SCHEMA = pa.schema([
+    ("question", pa.string()),
+    ("choice", pa.string()),
+    ("answer", pa.string()),
+    ("consistency_id", pa.int64()),
+    ("label", pa.bool_()),
+    ("prompt", pa.string()),
+    ("reference", pa.string()),
+    ("candidate_index", pa.int64()),
+    ("generator", pa.string()),
+    ("num_tokens", pa.int64()),
+    ("question_id", pa.string()),
+])
+
+
+@dataclass
+class GenerationConfig:
+    """How ``icm generate`` samples candidate solutions.
+
+    Args:
+        num_candidates: solutions sampled per question (before exact duplicates are removed).
+        temperature: sampling temperature; 0 means greedy decoding (then all candidates are identical).
+        top_p: nucleus sampling threshold (1.0 disables it); there is no top-k cut.
+        max_new_tokens: the most tokens generated per candidate.
+        stop: strings that end a candidate; the completion is cut at the first one (it is not kept).
+        instruction: text put before each question in the user message (empty for the bare question).
+        use_chat_template: wrap the user message in the model's chat template when it has one; otherwise
+            the prompt is the raw user message followed by a new line and ``Answer:``.
+        batch_size: sequences generated together (left padded).
+        seed: sampling seed; batch ``i`` is seeded with ``seed + i``, so the same seed and batch size give
+            the same candidates.
+        extractor: answer extractor name (see ``data.answers.EXTRACTORS``) or ``"auto"``.
+        include_reference: also add the question's reference solution as a candidate (``candidate_index`` -1).
+    """
+
+    num_candidates: int = 4
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ("\nQuestion:",)
+    instruction: str = DEFAULT_INSTRUCTION
+    use_chat_template: bool = True
+    batch_size: int = 8
+    seed: int = 0
+    extractor: str = "auto"
+    include_reference: bool = False
+
+
+@dataclass
+class Completion:
+    """One sampled completion: its text (cut at the stop strings), the tokens generated, and which prompt and
+    sample it is."""
+
+    text: str
+    num_tokens: int
+    prompt_index: int = 0
+    sample_index: int = 0
+
+
+@dataclass
+class GenerationStats:
+    """Running totals for throughput: tokens generated, sequences sampled, seconds spent generating."""
+
+    tokens: int = 0
+    sequences: int = 0
+    seconds: float = 0.0
+
+
+@contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields ``advance(n)``."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def user_message(question: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The user turn the generator sees: the instruction, a blank line, then ``Question: ...``."""
+    return f"{instruction.strip()}\n\nQuestion: {question}" if instruction.strip() else question
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_prompt(tokenizer, user_message: str, use_chat_template: bool) -> str:
+    """The text fed to the model: the chat template applied to one user turn (with the generation prompt),
+    or, for raw prompts / tokenizers without a template, the message followed by ``\\nAnswer:``."""
+    if use_chat_template and has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"{user_message}\nAnswer:"
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    seed: int = 0,
+    use_chat_template: bool = True,
+    progress: bool = True,
+    on_batch: Callable[[list[Completion]], None] | None = None,
+    stats: GenerationStats | None = None,
+) -> list[list[Completion]]:
+    """Generate ``num_samples`` completions per user message, batched with left padding.
+
+    Each prompt is repeated ``num_samples`` times and the flat list is cut into batches of ``batch_size``;
+    batch ``i`` is seeded with ``seed + i``, so a batch's samples do not depend on what ran before it.
+    Completions are cut at the first stop string and carry the number of tokens generated (up to and
+    including the end-of-sequence token). ``on_batch`` receives each finished batch's completions."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    chat = use_chat_template and has_chat_template(tokenizer)
+    texts = [build_prompt(tokenizer, p, use_chat_template) for p in prompts]
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    stop = [s for s in stop if s]
+    sampling = temperature > 0
+    gen_config = HFGenerationConfig(  # top_k=None: only top_p truncates the distribution
+        do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+        top_k=None, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+        bos_token_id=model.generation_config.bos_token_id, stop_strings=stop or None)
+    results: list[list[Completion]] = [[] for _ in prompts]
+    stats = stats if stats is not None else GenerationStats()
+    start = time.perf_counter()
+    with progress_bar("generating", total=len(jobs), enabled=progress) as advance:
+        for b, lo in enumerate(range(0, len(jobs), batch_size)):
+            batch = jobs[lo:lo + batch_size]
+            enc = tokenizer([texts[i] for i, _ in batch], return_tensors="pt", padding=True,
+                            padding_side="left", add_special_tokens=not chat).to(model.device)
+            torch.manual_seed(seed + b)
+            with torch.inference_mode():
+                out = model.generate(**enc, generation_config=gen_config,
+                                     tokenizer=tokenizer if stop else None)
+            new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
+            done = []
+            for (i, j), row in zip(batch, new_tokens, strict=True):
+                n = _generated_length(row, eos_ids, pad_id)
+                text = truncate_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True), stop).strip()
+                done.append(Completion(text, n, i, j))
+                results[i].append(done[-1])
+                stats.tokens += n
+            stats.sequences += len(batch)
+            if on_batch is not None:
+                on_batch(done)
+            advance(len(batch))
+    stats.seconds += time.perf_counter() - start
+    return results
+
+
+def _generated_length(row: list[int], eos_ids: list[int], pad_id: int) -> int:
+    """Tokens the model produced: through the first eos, or up to the padding after a stop string."""
+    for k, token in enumerate(row):
+        if token in eos_ids:
+            return k + 1
+        if token == pad_id:
+            return k
+    return len(row)
+
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    seed: int = 0,
+    use_chat_template: bool = True,
+    progress: bool = True,
+) -> list[list[str]]:
+    """Completions (texts) for each user message in ``prompts``; ``temperature=0`` means greedy decoding."""
+    completions = sample_completions(
+        model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, seed=seed,
+        use_chat_template=use_chat_template, progress=progress)
+    return [[c.text for c in group] for group in completions]
+
+
+def generate_candidates(
+    questions: list[Question],
+    model,
+    tokenizer,
+    config: GenerationConfig,
+    generator_name: str = "",
+    progress: bool = True,
+    on_batch: Callable[[list[Completion]], None] | None = None,
+) -> tuple[list[dict], dict]:
+    """Sample ``config.num_candidates`` solutions per question; return ``(claims rows, diversity report)``.
+
+    Each question is one consistency group (``consistency_id`` = its position in ``questions``). Exact
+    duplicate solutions within a question are dropped; candidates without an extractable answer are kept
+    with ``answer=""`` (and ``label=False`` when there is a reference)."""
+    prompts = [user_message(q.question, config.instruction) for q in questions]
+    stats = GenerationStats()
+    completions = sample_completions(
+        model, tokenizer, prompts, num_samples=config.num_candidates, temperature=config.temperature,
+        top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=config.stop, batch_size=config.batch_size,
+        seed=config.seed, use_chat_template=config.use_chat_template, progress=progress, on_batch=on_batch,
+        stats=stats)
+    rows = candidate_rows(questions, prompts, completions, config, generator_name)
+    return rows, diversity_report(rows, stats, config)
+
+
+def candidate_rows(questions: list[Question], prompts: list[str], completions: list[list[Completion]],
+                   config: GenerationConfig, generator_name: str = "") -> list[dict]:
+    """Claims rows for sampled completions (plus the reference solutions when asked), duplicates removed."""
+    rows = []
+    for cid, (q, prompt, group) in enumerate(zip(questions, prompts, completions, strict=True)):
+        candidates = [(c.text, c.sample_index, c.num_tokens, generator_name) for c in group]
+        if config.include_reference and q.solution:
+            candidates.append((q.solution.strip(), -1, 0, "reference"))
+        seen: set[str] = set()
+        for text, index, num_tokens, generator in candidates:
+            if text in seen:
+                continue
+            seen.add(text)
+            answer = extract_answer(text, config.extractor)
+            if index == -1 and not answer:
+                answer = q.reference or ""
+            rows.append({
+                "question": q.question, "choice": text, "answer": answer, "consistency_id": cid,
+                "label": None if q.reference is None else answers_match(answer, q.reference),
+                "prompt": prompt, "reference": q.reference, "candidate_index": index, "generator": generator,
+                "num_tokens": num_tokens, "question_id": q.id,
+            })
+    return rows
+
+
+def diversity_report(rows: list[dict], stats: GenerationStats, config: GenerationConfig,
+                     sampled: int | None = None) -> dict[str, Any]:
+    """How useful the candidates are for ICM: distinct answers per question, and how many questions have
+    both a correct and an incorrect candidate (only those can yield gold-checkable preference pairs).
+    ``sampled`` is the number of candidates sampled in all (default: ``stats.sequences``, this run's)."""
+    sampled = stats.sequences if sampled is None else sampled
+    groups: dict[int, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["consistency_id"], []).append(row)
+    generated = [r for r in rows if r["candidate_index"] >= 0]
+    distinct = [len({r["answer"] for r in g if r["answer"]}) for g in groups.values()]
+    with_gold = [g for g in groups.values() if g[0]["reference"] is not None]
+    n_gold = len(with_gold)
+    mixed = sum(any(r["label"] for r in g) and not all(r["label"] for r in g) for g in with_gold)
+    graded = [r for r in generated if r["label"] is not None]
+    report = {
+        "questions": len(groups),
+        "candidates_sampled": sampled,
+        "claims": len(rows),
+        "duplicates_removed": sampled - len(generated),
+        "no_answer": sum(not r["answer"] for r in generated),
+        "distinct_answers_mean": sum(distinct) / len(distinct) if distinct else 0.0,
+        "distinct_answers_histogram": {str(k): distinct.count(k) for k in sorted(set(distinct))},
+        "questions_with_reference": n_gold,
+        "candidate_accuracy": sum(bool(r["label"]) for r in graded) / len(graded) if graded else None,
+        "questions_any_correct": sum(any(r["label"] for r in g) for g in with_gold),
+        "questions_mixed": mixed,
+        "mixed_share": mixed / n_gold if n_gold else None,
+        "tokens_generated": stats.tokens,
+        "seconds": round(stats.seconds, 3),
+        "tokens_per_second": stats.tokens / stats.seconds if stats.seconds else None,
+        "config": asdict(config),
+    }
+    return report
+
+
+def claims_table(rows: list[dict]) -> pa.Table:
+    """Rows from :func:`generate_candidates` as an Arrow table with the claims schema (without the gold
+    ``label`` column when no question has a reference answer)."""
+    schema = CLAIMS_SCHEMA
+    if all(row["label"] is None for row in rows):
+        schema = schema.remove(schema.get_field_index("label"))
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def checkpoint_path(output: str | Path) -> Path:
+    return Path(output).with_suffix(".partial.jsonl")
+
+
+def report_path(output: str | Path) -> Path:
+    return Path(output).with_suffix(".report.json")
+
+
+def _load_checkpoint(path: Path, prompts: dict[str, str], num_candidates: int) -> dict[str, list[Completion]]:
+    """Completions of the questions that a previous run finished (all samples there, same prompt)."""
+    found: dict[str, dict[int, Completion]] = {}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the interruption
+                continue
+            qid = record.get("question_id")
+            if prompts.get(qid) == record.get("prompt"):
+                c = Completion(record["text"], record["num_tokens"], 0, record["sample_index"])
+                found.setdefault(qid, {})[c.sample_index] = c
+    return {qid: [s[j] for j in range(num_candidates)] for qid, s in found.items()
+            if all(j in s for j in range(num_candidates))}
+
+
+def generate_file(
+    questions: list[Question],
+    output: str | Path,
+    model_spec: str,
+    config: GenerationConfig,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    resume: bool = False,
+    command: str = "",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate candidates for ``questions`` with ``model_spec`` and write the claims Parquet ``output`` and
+    its diversity report (``OUT.report.json``), both atomically. Finished samples are appended to
+    ``OUT.partial.jsonl`` as they come; with ``resume`` the questions completed there are not generated again
+    (their candidates are reused; the rest are sampled in a fresh seeded order). Returns the report."""
+    from icm.models import load_model
+
+    output = Path(output)
+    if output.suffix != ".parquet":
+        raise InputError(output, "the output must be a .parquet file")
+    if config.extractor != "auto" and config.extractor not in EXTRACTORS:
+        raise ValueError(f"unknown extractor '{config.extractor}' (auto, {', '.join(EXTRACTORS)})")
+    prompts = [user_message(q.question, config.instruction) for q in questions]
+    by_id = {q.id: p for q, p in zip(questions, prompts, strict=True)}
+    ckpt = checkpoint_path(output)
+    if ckpt.exists() and not resume:
+        raise InputError(ckpt, "an interrupted run left this checkpoint: pass --resume to continue it, or delete it")
+    done = _load_checkpoint(ckpt, by_id, config.num_candidates) if resume and ckpt.exists() else {}
+    todo = [i for i, q in enumerate(questions) if q.id not in done]
+    model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    stats = GenerationStats()
+    with ckpt.open("a" if done else "w", encoding="utf-8") as f:
+        def save(batch: list[Completion]) -> None:
+            for c in batch:
+                q = questions[todo[c.prompt_index]]
+                f.write(json.dumps({"question_id": q.id, "prompt": by_id[q.id], "sample_index": c.sample_index,
+                                    "text": c.text, "num_tokens": c.num_tokens}) + "\n")
+            f.flush()
+
+        new = sample_completions(
+            model, tokenizer, [prompts[i] for i in todo], num_samples=config.num_candidates,
+            temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+            stop=config.stop, batch_size=config.batch_size, seed=config.seed,
+            use_chat_template=config.use_chat_template, progress=progress, on_batch=save, stats=stats)
+    completions = [done.get(q.id, []) for q in questions]
+    for i, group in zip(todo, new, strict=True):
+        completions[i] = group
+    rows = candidate_rows(questions, prompts, completions, config, model_spec)
+    report = diversity_report(rows, stats, config, sampled=sum(map(len, completions)))
+    report["resumed_questions"] = len(questions) - len(todo)
+    report["model"] = model_spec
+    metadata = {"model": model_spec, "config": asdict(config), "seed": config.seed, "command": command,
+                "report": {k: v for k, v in report.items() if k != "config"}}
+    write_parquet(output, claims_table(rows), metadata=metadata)
+    write_json(report_path(output), report)
+    ckpt.unlink(missing_ok=True)
+    return report
+
+
+def report_table(report: dict[str, Any]):
+    """The diversity report as a rich table (for the terminal)."""
+    from rich.table import Table
+
+    def fmt(value: Any, spec: str = "") -> str:
+        return "-" if value is None else format(value, spec)
+
+    table = Table(title="icm generate", show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in [
+        ("questions", fmt(report["questions"])),
+        ("candidates sampled", fmt(report["candidates_sampled"])),
+        ("claims written (duplicates removed)", f"{report['claims']} ({report['duplicates_removed']})"),
+        ("candidates without an answer", fmt(report["no_answer"])),
+        ("distinct answers per question", fmt(report["distinct_answers_mean"], ".2f")),
+        ("candidate accuracy (gold)", fmt(report["candidate_accuracy"], ".1%")),
+        ("questions with a correct candidate", fmt(report["questions_any_correct"])),
+        ("questions with correct and incorrect", f"{report['questions_mixed']} ({fmt(report['mixed_share'], '.0%')})"),
+        ("tokens generated", fmt(report["tokens_generated"])),
+        ("tokens / second", fmt(report["tokens_per_second"], ".1f")),
+    ]:
+        table.add_row(name, value)
+    return table

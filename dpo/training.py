@@ -1,0 +1,483 @@
+"""DPO training on preference pairs with TRL's ``DPOTrainer``, with LoRA (peft) or full fine-tuning.
+
+The model spec is resolved to a local directory first (``icm.models.resolve_model``), so GGUF files and
+aliases train like any ``from_pretrained`` directory, and TRL reloads the reference model for full
+fine-tuning from that directory. With LoRA there is no second model: the reference is the base model
+with its adapters disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from data.candidates import build_prompt
+from data.io import InputError, read_records, require_fields, write_json
+from icm.models import default_device, default_dtype, load_model, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+SUMMARY_FILE = "icm_dpo.json"  # written next to the model: base model spec, config, metrics
+KEY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+               "logps/rejected", "grad_norm", "learning_rate")
+
+
+@dataclass
+class DPOTrainingConfig:
+    """Hyperparameters of ``icm dpo`` (the names follow TRL's ``DPOConfig`` where they overlap).
+
+    Args:
+        beta: strength of the KL penalty towards the reference model (higher = stay closer).
+        learning_rate: peak learning rate; ``None`` picks 5e-5 with LoRA and 5e-6 for full fine-tuning.
+        num_train_epochs: passes over the pairs (ignored when ``max_steps`` > 0).
+        max_steps: total optimizer steps; -1 trains for ``num_train_epochs``.
+        batch_size: pairs per device per forward pass.
+        gradient_accumulation_steps: forward passes per optimizer step.
+        max_length: truncate prompt + completion to this many tokens (``None``: no truncation).
+        lora: train LoRA adapters (peft) instead of all weights.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``).
+        lora_dropout: dropout on the LoRA branch.
+        lora_target_modules: module names to adapt, or ``"all-linear"`` (every linear layer but the LM head).
+        merge_lora: save the base model with the adapters merged in instead of the adapters alone.
+        loss_type: TRL DPO loss (``sigmoid`` is the original DPO loss; ``ipo``, ``hinge``, ...).
+        precision: ``auto`` (bf16 mixed precision on GPUs and bf16-capable CPUs, fp16 on older GPUs, fp32
+            otherwise), ``bf16``, ``fp16`` or ``fp32``. Master weights stay in float32.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~20% slower).
+        chat_template: wrap string pairs as user/assistant messages so the tokenizer's chat template is
+            applied (as ``icm generate`` does); ``None`` does it when the tokenizer has a chat template.
+            Without it the prompt is written as ``icm generate`` does for raw prompts (``...\\nAnswer:``).
+        warmup_steps: learning-rate warmup: a number of steps, or a float in [0, 1) for a fraction of them.
+        lr_scheduler_type: transformers scheduler name (``linear``, ``cosine``, ``constant``, ...).
+        weight_decay: AdamW weight decay.
+        logging_steps: log (and show) the loss every this many steps.
+        save_steps: write a resumable checkpoint every this many steps (0: only the final model).
+        save_total_limit: keep at most this many checkpoints.
+        split: split to use when the pairs are a Hub dataset id.
+        seed: random seed (data order, LoRA initialisation).
+        trust_remote_code: allow model code from the Hub.
+    """
+
+    beta: float = 0.1
+    learning_rate: float | None = None
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int | None = 512
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str = "all-linear"
+    merge_lora: bool = False
+    loss_type: str = "sigmoid"
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    chat_template: bool | None = None
+    warmup_steps: float = 0
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int = 2
+    split: str = "train"
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got '{self.precision}'")
+        if self.beta <= 0:
+            raise ValueError("beta must be > 0")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
+        if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
+            self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @property
+    def lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 5e-5 if self.lora else 5e-6
+
+
+def mixed_precision(precision: str = "auto", device: torch.device | str | None = None) -> str:
+    """The autocast dtype actually used: ``bf16``, ``fp16`` or ``fp32``."""
+    if precision != "auto":
+        return precision
+    dtype = default_dtype(device if device is not None else default_device())
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+# ---- pairs -------------------------------------------------------------------------------------------------------
+
+
+def _check_message_list(path: str, row: int, name: str, value: Any) -> None:
+    if not value or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise InputError(path, "expected a string or a list of {role, content} messages", row=row, field=name)
+
+
+def load_pairs(source: str | Path | list[dict], split: str = "train") -> tuple[list[dict], str]:
+    """Read preference pairs (``prompt``, ``chosen``, ``rejected``) from a local table or a Hub dataset id.
+
+    Returns the rows (only the three pair columns) and a display name for the dataset.
+    """
+    if isinstance(source, list):
+        records, name = source, "<in-memory>"
+    else:
+        path = Path(source).expanduser()
+        name = str(source)
+        if path.exists() or path.suffix.lower() in (".parquet", ".jsonl", ".json", ".csv") or "/" not in name:
+            records = read_records(path)
+        else:
+            records = _load_hub_pairs(name, split)
+    require_fields(name, records, list(PAIR_FIELDS))
+    pairs = []
+    for i, record in enumerate(records, start=1):
+        row = {}
+        for key in PAIR_FIELDS:
+            value = record[key]
+            if not isinstance(value, str):
+                _check_message_list(name, i, key, value)
+            row[key] = value
+        if row["chosen"] == row["rejected"]:
+            raise InputError(name, "chosen and rejected are identical", row=i, field="rejected")
+        pairs.append(row)
+    kinds = {isinstance(p["prompt"], str) for p in pairs} | {isinstance(p["chosen"], str) for p in pairs}
+    if len(kinds) > 1:
+        raise InputError(name, "mixes string and message-list pairs; use one format", field="prompt")
+    return pairs, name
+
+
+def _load_hub_pairs(repo_id: str, split: str) -> list[dict]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(repo_id, split=split)
+    except Exception as error:  # offline, missing repo, missing split: all one user-facing message
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(repo_id, f"not a local file and not loadable from the Hub ({message})") from None
+    return dataset.to_list()
+
+
+def uses_chat_template(pairs: list[dict], config: DPOTrainingConfig, tokenizer) -> bool:
+    """Whether training sees chat-formatted pairs (message lists, or strings wrapped by ``format_pairs``)."""
+    if not isinstance(pairs[0]["prompt"], str):
+        return True
+    return config.chat_template if config.chat_template is not None else bool(tokenizer.chat_template)
+
+
+def format_pairs(pairs: list[dict], tokenizer, chat: bool) -> list[dict]:
+    """String pairs as ``icm generate`` prompted the model: one user turn and one assistant turn (TRL applies
+    the chat template), or without a template the raw prompt + ``\\nAnswer:`` and a space before the answer."""
+    if not isinstance(pairs[0]["prompt"], str):
+        return pairs
+    # icm pairs ends string prompts with a newline for plain concatenation; the generator saw the message without it.
+    if chat:
+        return [{"prompt": [{"role": "user", "content": p["prompt"].rstrip()}],
+                 "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    return [{"prompt": build_prompt(tokenizer, p["prompt"].rstrip(), use_chat_template=False),
+             "chosen": " " + p["chosen"].lstrip(), "rejected": " " + p["rejected"].lstrip()} for p in pairs]
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+
+class RichProgress(TrainerCallback):
+    """A rich progress bar on stderr with the latest loss and reward accuracy (main process only)."""
+
+    def __init__(self, description: str = "dpo"):
+        self.description = description
+        self.progress = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                 console=Console(stderr=True), transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step,
+                                           status="")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs or "loss" not in logs:
+            return
+        status = f"loss {logs['loss']:.4f}"
+        if "rewards/accuracies" in logs:
+            status += f"  reward acc {logs['rewards/accuracies']:.2f}  margin {logs.get('rewards/margins', 0):.3f}"
+        self.progress.update(self.task, status=status)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def build_dpo_config(config: DPOTrainingConfig, output_dir: str | Path, **overrides: Any):
+    """The TRL ``DPOConfig`` for ``config``: precision set for this machine, no external loggers."""
+    from trl import DPOConfig
+
+    precision = mixed_precision(config.precision)
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        beta=config.beta,
+        learning_rate=config.lr,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        loss_type=[config.loss_type],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=config.gradient_checkpointing,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps > 0 else "no",
+        save_steps=max(config.save_steps, 1),
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        use_cpu=default_device().type == "cpu",
+        report_to="none",
+        disable_tqdm=True,
+        model_init_kwargs={"dtype": torch.float32, "trust_remote_code": config.trust_remote_code},
+        trust_remote_code=config.trust_remote_code,
+    )
+    kwargs.update(overrides)
+    return DPOConfig(**kwargs)
+
+
+def build_trainer(
+    pairs: list[dict],
+    model: str,
+    output_dir: str | Path,
+    config: DPOTrainingConfig,
+    *,
+    eval_pairs: list[dict] | None = None,
+    progress: bool = True,
+    source: str = "<pairs>",
+    **dpo_overrides: Any,
+):
+    """A ready ``DPOTrainer``: the policy and (full fine-tuning) the reference load from the resolved local path."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    args = build_dpo_config(config, output_dir, **dpo_overrides)
+    with args.main_process_first(desc="resolving the model"):  # under accelerate, one process converts a GGUF
+        model_path = resolve_model(model)
+    tokenizer = load_tokenizer(model, trust_remote_code=config.trust_remote_code)
+    chat = uses_chat_template(pairs, config, tokenizer)
+    pairs = format_pairs(pairs, tokenizer, chat)
+    eval_pairs = format_pairs(eval_pairs, tokenizer, chat) if eval_pairs else eval_pairs
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                 target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+    # A path string (not a model object) lets TRL load the policy after DPOConfig set up DeepSpeed/FSDP, and
+    # makes its reference model (full fine-tuning, ref_model=None) reload from the same local directory.
+    trainer = DPOTrainer(
+        model=model_path,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[RichProgress(f"dpo {Path(output_dir).name}")] if progress else None,
+    )
+    trainer.remove_callback(PrinterCallback)  # RichProgress shows the loss; no raw dicts on stdout
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise InputError(source, f"every pair's prompt is at least max_length={config.max_length} tokens long "
+                         "(after the chat template); raise max_length")
+    if kept < len(pairs):
+        log.warning("%d of %d pairs dropped: prompt longer than max_length=%s", len(pairs) - kept, len(pairs),
+                    config.max_length)
+    return trainer
+
+
+def _last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def _final_train_metrics(log_history: list[dict]) -> dict[str, float]:
+    """The last logged training metrics (loss, reward accuracy and margins, ...) and the run's mean loss."""
+    last = next((entry for entry in reversed(log_history) if "loss" in entry), {})
+    metrics = {k: last[k] for k in KEY_METRICS if k in last}
+    end = next((entry for entry in reversed(log_history) if "train_loss" in entry), {})
+    if "train_loss" in end:
+        metrics["train_loss"] = end["train_loss"]
+    return metrics
+
+
+def _labeller(pairs: str | Path | list[dict]) -> str | None:
+    """The ICM labeller recorded by ``icm pairs`` in a local Parquet file's metadata, if any."""
+    from data.io import read_parquet_metadata
+
+    if isinstance(pairs, list) or Path(pairs).suffix != ".parquet" or not Path(pairs).is_file():
+        return None
+    return (read_parquet_metadata(pairs).get("labels") or {}).get("model")
+
+
+def _eval_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: metrics[f"eval_{k}"] for k in KEY_METRICS if f"eval_{k}" in metrics}
+
+
+def train_dpo(
+    pairs: str | Path | list[dict],
+    model: str,
+    output_dir: str | Path,
+    config: DPOTrainingConfig | None = None,
+    *,
+    eval_pairs: str | Path | list[dict] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` with DPO on ``pairs`` and save it (or its LoRA adapters) to ``output_dir``.
+
+    ``pairs`` is a local table (Parquet/JSONL/JSON/CSV), a Hub dataset id, or a list of rows. ``eval_pairs``
+    (optional) are scored with the DPO loss before and after training. With ``resume`` the run continues
+    from the newest checkpoint in ``output_dir``; without it (or ``overwrite``) a directory that already holds a
+    trained model or checkpoints is refused rather than overwritten. The directory receives the model/adapters,
+    tokenizer, a model card (README.md) and ``icm_dpo.json``; the returned summary is the latter's content.
+    """
+    config = config or DPOTrainingConfig()
+    output_dir = Path(output_dir)
+    if not (resume or overwrite) and output_dir.is_dir() and (
+            (output_dir / SUMMARY_FILE).exists() or any(output_dir.glob("checkpoint-*"))):
+        raise InputError(output_dir, "already holds a trained model or checkpoints (resume, or overwrite it)")
+    rows, dataset_name = load_pairs(pairs, split=config.split)
+    eval_rows = load_pairs(eval_pairs, split=config.split)[0] if eval_pairs is not None else None
+    trainer = build_trainer(rows, model, output_dir, config, eval_pairs=eval_rows, progress=progress,
+                            source=dataset_name)
+    is_main = trainer.is_world_process_zero()
+
+    eval_before = _eval_metrics(trainer.evaluate()) if eval_rows else None
+    checkpoint = _last_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None:
+        log.info("no checkpoint in %s: starting from scratch", output_dir)
+    start = time.perf_counter()
+    start_step = trainer.state.global_step
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    steps_run = max(trainer.state.global_step - start_step, 0)
+    eval_after = _eval_metrics(trainer.evaluate()) if eval_rows else None
+
+    if config.lora and config.merge_lora:
+        trainer.model = trainer.model.merge_and_unload()
+    trainer.save_model(str(output_dir))
+    summary = {
+        "base_model": model,
+        "base_model_path": resolve_model(model),
+        "dataset": dataset_name,
+        "labeller": _labeller(pairs),
+        "num_pairs": len(rows),
+        "format": "conversational" if uses_chat_template(rows, config, trainer.processing_class) else "text",
+        "adapter": config.lora and not config.merge_lora,
+        "reference": "base model with adapters disabled" if config.lora else "frozen copy of the base model",
+        "config": asdict(config) | {"learning_rate": config.lr, "precision": mixed_precision(config.precision)},
+        "global_step": trainer.state.global_step,
+        "resumed_from": checkpoint,
+        "metrics": _final_train_metrics(trainer.state.log_history) | {"train_runtime": train_output.metrics.get(
+            "train_runtime")},
+        "eval_before": eval_before,
+        "eval_after": eval_after,
+        "seconds": seconds,
+        "seconds_per_step": seconds / steps_run if steps_run else None,
+        "command": command,
+    }
+    if is_main:
+        from dpo.card import write_model_card
+
+        write_json(output_dir / SUMMARY_FILE, summary)
+        write_model_card(output_dir, summary, repo_id=push_to_hub)
+        if push_to_hub:
+            summary["pushed_to"] = push_model(output_dir, push_to_hub, private=private)
+    return summary
+
+
+class PushError(RuntimeError):
+    """The upload failed; the trained model is still on disk."""
+
+
+def push_model(output_dir: str | Path, repo_id: str, private: bool = False, api=None) -> str:
+    """Upload the saved model directory (checkpoints excluded) to a Hub model repo; returns its URL."""
+    from huggingface_hub import HfApi
+
+    from data.hub import check_repo_id, scrub
+
+    api = api or HfApi()
+    try:
+        api.create_repo(check_repo_id(repo_id), repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="model",
+                          ignore_patterns=["checkpoint-*/**", "runs/**", "training_args.bin"],
+                          commit_message="icm dpo")
+    except Exception as error:  # network, auth, permissions, bad id: the local model stays
+        reason = scrub(f"{type(error).__name__}: {error}".splitlines()[0])
+        raise PushError(f"upload to {repo_id} failed ({reason}); the model is kept in {output_dir}; retry with: "
+                        f"hf upload {repo_id} {output_dir} --exclude 'checkpoint-*/**'") from None
+    return f"https://huggingface.co/{repo_id}"
+
+
+# ---- loading the result --------------------------------------------------------------------------------------------
+
+
+def load_trained_model(spec: str, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None):
+    """Load ``(model, tokenizer)`` from any model spec, or from a LoRA adapter directory written by ``train_dpo``.
+
+    Adapters are applied to their base model (the spec recorded in ``icm_dpo.json``, else peft's
+    ``base_model_name_or_path``) and merged, so the result is a plain model for generation and scoring.
+    """
+    path = Path(spec).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        return load_model(spec, dtype=dtype, device=device)
+    from peft import PeftModel
+
+    base = None
+    if (path / SUMMARY_FILE).is_file():
+        base = json.loads((path / SUMMARY_FILE).read_text()).get("base_model")
+    if base is None:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise InputError(path / "adapter_config.json", "adapter has no base model", field="base_model_name_or_path")
+    model, tokenizer = load_model(base, dtype=dtype, device=device)
+    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    model.eval()
+    if (path / "tokenizer_config.json").is_file():  # the tokenizer saved with the adapters
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

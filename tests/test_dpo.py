@@ -1,0 +1,287 @@
+"""icm dpo: DPO training with TRL (LoRA and full), the model card, resuming, loading the result, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from data.io import InputError, write_parquet
+from dpo.training import (
+    DPOTrainingConfig,
+    PushError,
+    build_trainer,
+    load_pairs,
+    load_trained_model,
+    push_model,
+    train_dpo,
+)
+from icm.models import load_model, resolve_model
+
+PAIRS = [
+    {"prompt": "What is 2 + 3?", "chosen": "The answer is 5.", "rejected": "The answer is 7."},
+    {"prompt": "Is the sky green?", "chosen": "No it is not.", "rejected": "Yes it is."},
+    {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "The answer is 42."},
+]
+
+
+
+def tiny_config(**overrides) -> DPOTrainingConfig:
+    base = dict(max_steps=24, batch_size=3, max_length=64, save_steps=0, learning_rate=1e-2, precision="fp32")
+    return DPOTrainingConfig(**(base | overrides))
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_overfitting_a_few_pairs_lowers_the_dpo_loss(tiny_model_dir, tmp_path, lora):
+    config = tiny_config(lora=lora, learning_rate=1e-2 if lora else 2e-3)
+    summary = train_dpo(PAIRS, tiny_model_dir, tmp_path / "out", config, eval_pairs=PAIRS, progress=False)
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert before["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
+    assert after["loss"] < before["loss"] - 0.1
+    assert after["rewards/accuracies"] == 1.0 and after["rewards/margins"] > 0
+    assert summary["global_step"] == 24
+    out = tmp_path / "out"
+    assert (out / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
+    assert (out / "tokenizer_config.json").is_file() and (out / "README.md").is_file()
+    assert json.loads((out / "icm_dpo.json").read_text())["eval_after"]["loss"] == after["loss"]
+
+    # The saved result loads back (adapters merged onto the base) and scores the chosen answer higher than before.
+    trained, tokenizer = load_trained_model(str(out), dtype="fp32")
+    base, _ = load_model(tiny_model_dir, dtype="fp32")
+
+    def margin(model) -> float:
+        def logp(answer: str) -> float:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": PAIRS[0]["prompt"]}],
+                                                   tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(prompt + answer, return_tensors="pt").input_ids
+            n = len(tokenizer(prompt).input_ids)
+            with torch.no_grad():
+                logits = model(ids).logits.log_softmax(-1)
+            return logits[0, n - 1:-1].gather(-1, ids[0, n:, None]).sum().item()
+
+        return logp(PAIRS[0]["chosen"]) - logp(PAIRS[0]["rejected"])
+
+    assert margin(trained) > margin(base) + 0.1
+
+
+def test_model_card_names_base_dataset_hyperparameters_and_metrics(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.parquet"
+    write_parquet(pairs_path, pa.Table.from_pylist(PAIRS))
+    summary = train_dpo(pairs_path, tiny_model_dir, tmp_path / "out", tiny_config(max_steps=2, beta=0.25),
+                        progress=False, command="icm dpo pairs.parquet")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"**{tiny_model_dir}**" in card
+    assert f"source: `{pairs_path}`" in card and "pairs: 3" in card
+    assert "| beta | 0.25 |" in card and "| learning_rate | 0.01 |" in card and "| lora_r | 16 |" in card
+    assert f"| loss | {summary['metrics']['loss']:.6g} |" in card
+    assert "library_name: peft" in card and "icm dpo pairs.parquet" in card
+
+
+class FakeHubApi:
+    """Records what would be uploaded; ``fail`` makes the upload raise like a network error."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.calls = fail, []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        if self.fail:
+            raise ConnectionError("hub unreachable (token hf_abcdefghijklmnopqrstuvwxyz)")
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+
+def test_push_uploads_the_model_folder_without_checkpoints(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    train_dpo(PAIRS, tiny_model_dir, out, tiny_config(max_steps=2, save_steps=1), progress=False)
+    assert (out / "checkpoint-2").is_dir()
+    api = FakeHubApi()
+    assert push_model(out, "me/tiny-dpo", private=True, api=api) == "https://huggingface.co/me/tiny-dpo"
+    (_, repo, create), (_, _, upload) = api.calls
+    assert repo == "me/tiny-dpo" and create["private"] and create["repo_type"] == "model"
+    assert upload["folder_path"] == str(out) and "checkpoint-*/**" in upload["ignore_patterns"]
+    with pytest.raises(PushError, match="kept in .*out") as error:
+        push_model(out, "me/tiny-dpo", api=FakeHubApi(fail=True))
+    assert "hf_abcdefghijklmnopqrstuvwxyz" not in str(error.value)
+    with pytest.raises(PushError, match="OWNER/NAME"):
+        push_model(out, "not a repo", api=FakeHubApi())
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    first = train_dpo(PAIRS, tiny_model_dir, out, tiny_config(max_steps=2, save_steps=2), progress=False)
+    assert first["global_step"] == 2 and (out / "checkpoint-2").is_dir()
+    second = train_dpo(PAIRS, tiny_model_dir, out, tiny_config(max_steps=4, save_steps=2), resume=True,
+                       progress=False)
+    assert second["resumed_from"].endswith("checkpoint-2")
+    assert second["global_step"] == 4
+
+
+def test_pairs_errors_name_file_row_and_field(tmp_path, tiny_model_dir):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in [PAIRS[0], {"prompt": "q", "chosen": "a"}]) + "\n")
+    with pytest.raises(InputError, match=r"row 2, field 'rejected'"):
+        load_pairs(bad)
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
+    with pytest.raises(InputError, match="row 1.*identical"):
+        load_pairs(same)
+
+    result = CliRunner().invoke(app, ["dpo", str(bad), "--model", tiny_model_dir, "--output-dir",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "row 2, field 'rejected'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_pairs_from_a_hub_dataset_id(monkeypatch):
+    """An OWNER/NAME that is no local file goes to datasets.load_dataset (faked: no network here)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(repo_id, split):
+        calls.append((repo_id, split))
+        if repo_id == "me/pairs":
+            return datasets.Dataset.from_list([p | {"margin": 1.0} for p in PAIRS])
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows, name = load_pairs("me/pairs", split="test")
+    assert rows == PAIRS and name == "me/pairs" and calls == [("me/pairs", "test")]
+    with pytest.raises(InputError, match="not a local file and not loadable from the Hub"):
+        load_pairs("no-such-org/no-such-dataset")
+
+
+def test_cli_dpo_trains_and_saves(tiny_model_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    out = tmp_path / "policy"
+    result = CliRunner().invoke(app, ["dpo", str(pairs_path), "--model", tiny_model_dir, "--output-dir", str(out),
+                                      "--no-lora", "--beta", "0.2", "--learning-rate", "1e-3", "--max-steps", "2",
+                                      "--batch-size", "2", "--max-length", "64", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "icm_dpo.json").read_text())
+    assert summary["global_step"] == 2 and summary["config"]["beta"] == 0.2 and not summary["adapter"]
+    assert summary["config"]["learning_rate"] == 1e-3
+    weights = (out / "model.safetensors").read_bytes()
+    again = CliRunner().invoke(app, ["dpo", str(pairs_path), "--model", tiny_model_dir, "--output-dir", str(out)])
+    assert again.exit_code == 2 and "already holds a trained model" in again.output
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def write_tiny_gguf(model_dir: str, path: Path) -> Path:
+    """The tiny fixture as an F32 GGUF file (llama architecture, GPT-2 style BPE tokenizer with its chat template)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    src = Path(model_dir)
+    cfg = json.loads((src / "config.json").read_text())
+    tok = json.loads((src / "tokenizer.json").read_text())
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    vocab = tok["model"]["vocab"] | {a["content"]: a["id"] for a in tok["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.get)
+    special = {a["content"] for a in tok["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control token
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(cfg["bos_token_id"])
+    writer.add_eos_token_id(cfg["eos_token_id"])
+    writer.add_pad_token_id(cfg["pad_token_id"])
+    writer.add_chat_template((src / "chat_template.jinja").read_text())
+    layer_names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                   "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down"}
+    top_names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    for name, tensor in load_file(src / "model.safetensors").items():
+        if name.startswith("model.layers."):
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            name = f"blk.{layer}.{layer_names[rest.removesuffix('.weight')]}.weight"
+        else:
+            name = top_names[name]
+        writer.add_tensor(name, tensor.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_file_trains_full_with_the_reference_reloaded_from_the_converted_directory(tiny_model_dir, tmp_path):
+    """Full fine-tuning makes TRL reload the reference model from the policy's path: for a GGUF source that must
+    be the converted safetensors directory, not the .gguf file."""
+    gguf_path = write_tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    config = tiny_config(lora=False, learning_rate=2e-3, max_steps=6)
+    trainer = build_trainer(PAIRS, str(gguf_path), tmp_path / "probe", config, progress=False)
+    converted = resolve_model(str(gguf_path))
+    assert Path(converted).is_dir() and converted != str(gguf_path)
+    assert trainer.ref_model.config._name_or_path == converted
+    assert trainer.ref_model is not trainer.model
+    del trainer
+
+    out = tmp_path / "out"
+    summary = train_dpo(PAIRS, str(gguf_path), out, config, eval_pairs=PAIRS, progress=False)
+    assert summary["base_model_path"] == converted and summary["reference"] == "frozen copy of the base model"
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 0.01
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert f"**{gguf_path}**" in (out / "README.md").read_text()
+
+
+def test_accelerate_launch_two_processes_shares_the_epoch(tiny_model_dir, tmp_path):
+    """`accelerate launch` runs the same command data-parallel (2 CPU processes here, gloo): an epoch of 8 pairs
+    at 2 pairs per process is 2 optimizer steps instead of 4, and one process writes the result."""
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS + PAIRS + PAIRS[:2]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    launcher = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                             "-m", "cli", "dpo", str(pairs_path), "--model", tiny_model_dir, "--output-dir", str(out),
+                             "--batch-size", "2", "--max-length", "64", "--precision", "fp32", "--save-steps", "0"],
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "icm_dpo.json").read_text())
+    assert summary["num_pairs"] == 8 and summary["global_step"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
+    assert result.stderr.count("trained 2 steps on 8 pairs") == 1
+
+
+@pytest.mark.real_model
+def test_gguf_alias_trains_and_saves_adapters(tmp_path):
+    """smollm2-135m ships as GGUF: it trains from the converted directory and its adapters load back onto it."""
+    out = tmp_path / "out"
+    config = DPOTrainingConfig(max_steps=1, batch_size=1, max_length=96, save_steps=0, learning_rate=1e-4)
+    summary = train_dpo(PAIRS[:1], "smollm2-135m", out, config, progress=False)
+    assert summary["global_step"] == 1 and summary["reference"] == "base model with adapters disabled"
+    assert Path(summary["base_model_path"]).is_dir() and summary["base_model"] == "smollm2-135m"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    assert "**smollm2-135m**" in (out / "README.md").read_text()
+    model, _ = load_trained_model(str(out), dtype="fp32")
+    assert model.config.model_type == "llama" and not hasattr(model, "peft_config")
