@@ -40,7 +40,7 @@ def icl_accuracy(scorer: ClaimScorer, labels: dict[int, bool], gold: list, folds
     predictor = MutualPredictor(scorer, list(range(len(gold))), folds, seed=seed)
     z = predictor.log_odds(labels)
     if calibrated:
-        z = predictor.center(z)
+        z, _ = predictor.center(z, labels)
     return accuracy({i: z[i] > 0 for i in z}, gold)
 
 

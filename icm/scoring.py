@@ -231,7 +231,7 @@ class MutualPredictor:
         self.fold: dict[int, int] = {idx: k % self.n_folds for k, idx in enumerate(order)}
         self.order = order
         self.fold_members = [[i for i in members if self.fold[i] == f] for f in range(self.n_folds)]
-        self._memo: dict[int, tuple[list[tuple[int, bool]], np.ndarray]] = {}
+        self._memo: dict[tuple, np.ndarray] = {}
 
     def demos(self, fold: int, labels: Mapping[int, bool]) -> list[tuple[int, bool]]:
         # Each fold starts the shared order at a different place, so a short budget still spreads the
@@ -240,25 +240,35 @@ class MutualPredictor:
         rotated = self.order[start:] + self.order[:start]
         return [(i, labels[i]) for i in rotated if i in labels and self.fold[i] != fold]
 
-    def center(self, log_odds: Mapping[int, float]) -> dict[int, float]:
-        """Subtract each fold's mean log-odds. All targets of a fold share one context, and its labels shift
-        them together (the model copies the majority or the last label); centering removes that shared
-        shift, keeps the ranking within the fold, and makes a one-label solution unable to predict itself.
-        With exact leave-one-out the contexts are nearly identical, so one global mean is used."""
+    def center(self, log_odds: Mapping[int, float], labels: Mapping[int, bool]) -> tuple[dict[int, float], dict]:
+        """Subtract each fold's mean log-odds over its labelled claims; returns the centered log-odds and the
+        means (to center claims scored later against the same contexts).
+
+        All targets of a fold share one context, and its labels shift them together (the model copies the
+        majority or the last label); centering removes that shared shift, keeps the ranking within the fold,
+        and makes a one-label solution unable to predict itself. With exact leave-one-out the contexts are
+        nearly identical, so one global mean is used."""
         exact = self.n_folds == len(self.members)
         means = {}
         for f, targets in enumerate(self.fold_members):
-            means[f] = float(np.mean([log_odds[i] for i in (self.members if exact else targets)]))
-        return {i: z - means[self.fold[i]] for i, z in log_odds.items()}
+            pool = [log_odds[i] for i in (self.members if exact else targets) if i in labels and i in log_odds]
+            means[f] = float(np.mean(pool)) if pool else 0.0
+        return {i: z - means[self.fold[i]] for i, z in log_odds.items()}, means
 
-    def log_odds(self, labels: Mapping[int, bool]) -> dict[int, float]:
-        """Log-odds for every member claim (labelled or not); only folds whose context changed are rescored."""
+    def log_odds(self, labels: Mapping[int, bool], targets: Iterable[int] | None = None) -> dict[int, float]:
+        """Log-odds of ``targets`` (default: the labelled claims), each given the labelled claims of the other
+        folds. Results are memoised per (fold, demonstrations, targets), so unchanged folds cost nothing."""
+        wanted = set(labels) if targets is None else set(targets)
         result: dict[int, float] = {}
-        for f, targets in enumerate(self.fold_members):
+        for f, members in enumerate(self.fold_members):
+            fold_targets = [i for i in members if i in wanted]
+            if not fold_targets:
+                continue
             demos = self.demos(f, labels)
-            memo = self._memo.get(f)
-            if memo is None or memo[0] != demos:
-                memo = (demos, self.scorer.score(targets, demos, slot=f))
-                self._memo[f] = memo
-            result.update(zip(targets, memo[1].tolist()))
+            key = (f, tuple(demos), tuple(fold_targets))
+            if key not in self._memo:
+                self._memo[key] = self.scorer.score(fold_targets, demos, slot=f)
+                while len(self._memo) > 4 * self.n_folds + 4:
+                    self._memo.pop(next(iter(self._memo)))
+            result.update(zip(fold_targets, self._memo[key].tolist()))
         return result

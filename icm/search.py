@@ -115,18 +115,24 @@ class ICMSearch:
         self.iterations = config.iterations or 4 * len(members)
 
     # -- the objective ----------------------------------------------------------------------------------
-    def centered(self, log_odds: dict[int, float]) -> dict[int, float]:
-        return log_odds if self.config.balance == "none" else self.predictor.center(log_odds)
-
     def utility(self, labels: dict[int, bool], z: dict[int, float]) -> float:
         if not labels:
             return 0.0
         fit = sum(label_logprob(z[i], y) for i, y in labels.items()) / len(labels)
         return self.config.alpha * fit - self.index.count(labels)
 
-    def evaluate(self, labels: dict[int, bool]) -> tuple[dict[int, float], float]:
-        z = self.centered(self.predictor.log_odds(labels))
-        return z, self.utility(labels, z)
+    def evaluate(self, labels: dict[int, bool]) -> tuple[dict[int, float], dict | None, float]:
+        """Log-odds of the labelled claims given the others (centered per fold), the fold means, and U(D)."""
+        z = self.predictor.log_odds(labels)
+        means = None
+        if self.config.balance == "center":
+            z, means = self.predictor.center(z, labels)
+        return z, means, self.utility(labels, z)
+
+    def predict(self, targets: list[int], labels: dict[int, bool], means: dict | None) -> dict[int, float]:
+        """Log-odds of (possibly unlabelled) claims given the labelled set, on the same scale as ``evaluate``."""
+        z = self.predictor.log_odds(labels, targets)
+        return {i: v - means[self.predictor.fold[i]] for i, v in z.items()} if means else z
 
     def fix(self, labels: dict[int, bool], z: dict[int, float]) -> dict[int, bool]:
         alpha = self.config.alpha / max(len(labels), 1)
@@ -138,9 +144,9 @@ class ICMSearch:
         chosen = self.rng.choice(self.members, size=k, replace=False)
         flags = self.rng.permutation([i % 2 == 0 for i in range(k)])
         labels = {int(i): bool(f) for i, f in zip(chosen, flags)}
-        z, _ = self.evaluate(labels)
+        z, _, _ = self.evaluate(labels)
         labels = self.fix(labels, z)
-        _, u = self.evaluate(labels)
+        _, _, u = self.evaluate(labels)
         return BatchState(labels=labels, trajectory=[u], rng_state=self.rng.bit_generator.state)
 
     def sample(self, labels: dict[int, bool]) -> int:
@@ -155,26 +161,25 @@ class ICMSearch:
         state = state or self.initial_state()
         self.rng.bit_generator.state = state.rng_state
         labels = dict(state.labels)
-        z, u = self.evaluate(labels)
+        z, means, u = self.evaluate(labels)
         while state.iteration < self.iterations:
             n = state.iteration + 1
             i = self.sample(labels)
-            predicted = z[i] > 0
+            z_i = z[i] if i in labels else self.predict([i], labels, means)[i]
             draw = self.rng.random()
-            if labels.get(i) != predicted:
-                proposal = self.fix({**labels, i: predicted}, z)
-                z_new, u_new = self.evaluate(proposal)
+            if labels.get(i) != (z_i > 0):
+                proposal = self.fix({**labels, i: z_i > 0}, {**z, i: z_i})
+                z_new, means_new, u_new = self.evaluate(proposal)
                 state.proposals += 1
                 if metropolis_accept(u_new - u, temperature(n, self.config), draw):
-                    labels, z, u = proposal, z_new, u_new
+                    labels, z, means, u = proposal, z_new, means_new, u_new
                     state.accepted += 1
             state.iteration, state.labels = n, dict(labels)
             state.trajectory.append(u)
             state.rng_state = self.rng.bit_generator.state
             if on_step is not None:
                 on_step(state)
-        z, _ = self.evaluate(labels)
-        return state, z
+        return state, self.predict(self.members, labels, means)
 
 
 # -- labelling a whole claims table, with checkpoints -------------------------------------------------------
