@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--space", default="auto", help="label space: auto, label, prompt")
     parser.add_argument("--exact-subset", type=int, default=0, help="also compare exact LOO on this many claims")
     parser.add_argument("--no-unguarded", action="store_true", help="skip the balance=none ICM run")
+    parser.add_argument("--baselines-only", action="store_true", help="only zero-shot and many-shot ICL")
     parser.add_argument("--output", type=Path, help="write the results as JSON")
     args = parser.parse_args()
 
@@ -92,10 +93,14 @@ def main() -> None:
     def icm(name, cfg, subset=None):
         picked = subset if subset is not None else list(range(n))
         results, summaries[name] = label_claims([claims[i] for i in picked], model, tokenizer, cfg, template=template)
-        return accuracy([r["icm_label"] for r in results], [gold[i] for i in picked])
+        labels = [r["icm_label"] for r in results]
+        summaries[name]["labels"] = labels
+        summaries[name]["inverted_accuracy"] = 1 - accuracy(labels, [gold[i] for i in picked])
+        return accuracy(labels, [gold[i] for i in picked])
 
-    timed("ICM", lambda: icm("ICM", config))
-    if not args.no_unguarded:
+    if not args.baselines_only:
+        timed("ICM", lambda: icm("ICM", config))
+    if not args.no_unguarded and not args.baselines_only:
         timed("ICM, no collapse guard", lambda: icm("ICM, no collapse guard", replace(config, balance="none")))
     if args.exact_subset:
         subset = sorted(rng.choice(n, size=min(args.exact_subset, n), replace=False).tolist())
@@ -108,9 +113,11 @@ def main() -> None:
         print(f"| {name} | {value:.1%} | {timings[name]:.0f} |")
     for name, s in summaries.items():
         print(f"{name}: True share {s['true_share']:.0%}, acceptance {s['acceptance_rate']:.0%}, "
+              f"accuracy of the inverted labels {s['inverted_accuracy']:.0%}, "
               f"forward tokens/claim {s['forward_tokens_per_claim']:.0f}")
     if args.output:
         args.output.write_text(json.dumps({"model": args.model, "claims": args.claims, "n": n, "accuracy": rows,
+                                           "gold": gold,
                                            "seconds": timings, "icm": {k: {kk: vv for kk, vv in v.items()
                                                                            if kk != "trajectories"}
                                                                        for k, v in summaries.items()}}, indent=2))

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 out=${1:-runs/demo}
 .venv/bin/icm transfer --task arithmetic --labeller smollm2-135m --policy smollm2-135m --output-dir "$out" \
-  --limit 40 --eval-size 16 --num-candidates 4 --max-new-tokens 96 --icm-iterations 96 \
+  --limit 32 --eval-size 12 --num-candidates 4 --max-new-tokens 64 --icm-iterations 64 \
   --max-steps 8 --batch-size 4 --max-length 256
 echo
 echo "Produced in $out:"
