@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--max-context-tokens", type=int, default=ICMConfig.max_context_tokens)
     parser.add_argument("--space", default="auto", help="label space: auto, label, prompt")
     parser.add_argument("--exact-subset", type=int, default=0, help="also compare exact LOO on this many claims")
     parser.add_argument("--no-unguarded", action="store_true", help="skip the balance=none ICM run")
@@ -66,7 +67,8 @@ def main() -> None:
         sys.exit(f"{args.claims}: no gold 'label' column to measure against")
     model, tokenizer = load_model(args.model)
     template = PromptTemplate(space=args.space)
-    config = ICMConfig(iterations=args.iterations, folds=args.folds, seed=args.seed)
+    config = ICMConfig(iterations=args.iterations, folds=args.folds, seed=args.seed,
+                       max_context_tokens=args.max_context_tokens)
     scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens)
     rng = np.random.default_rng(args.seed)
     n = len(claims)

@@ -1,10 +1,9 @@
 """Internal Coherence Maximization (Wen et al. 2025, Algorithm 1): simulated annealing over labels.
 
 U(D) = alpha * P(D) - I(D), where P(D) is the mutual predictability of the labelled set D (each label's
-log-probability given the other labelled claims, averaged over D as the paper's code does, so that alpha,
-the temperature and the inconsistency count I(D) share one scale) and I(D) counts violated consistency
-rules. Gold labels are never passed to the search.
-"""
+log-probability given the other labelled claims, averaged over D as in the paper's code; see
+``ICMConfig.average``) and I(D) counts violated consistency rules.
+Gold labels are never passed to the search."""
 
 from __future__ import annotations
 
@@ -56,6 +55,10 @@ class ICMConfig:
     """Guard against collapse to one label: ``center`` subtracts each fold's mean log-odds before labels are
     scored and predicted (an all-True labelling no longer predicts itself, and the bias a shared context
     puts on all its targets is removed); ``none`` is the paper's raw objective."""
+    average: bool = True
+    """Average the predictability term over |D|, as the paper's code does, rather than summing it as its formula
+    reads. With the sum, one label change moves U by ~alpha >> T0, the search is greedy and stalls (3% of
+    proposals accepted, 67% vs 77% label accuracy on 64 Gemma capital claims)."""
     scoring_batch_size: int = 16
     """Targets scored together on one shared prefix."""
     seed: int = 0
@@ -118,7 +121,9 @@ class ICMSearch:
     def utility(self, labels: dict[int, bool], z: dict[int, float]) -> float:
         if not labels:
             return 0.0
-        fit = sum(label_logprob(z[i], y) for i, y in labels.items()) / len(labels)
+        fit = sum(label_logprob(z[i], y) for i, y in labels.items())
+        if self.config.average:
+            fit /= len(labels)
         return self.config.alpha * fit - self.index.count(labels)
 
     def evaluate(self, labels: dict[int, bool]) -> tuple[dict[int, float], dict | None, float]:
@@ -135,7 +140,7 @@ class ICMSearch:
         return {i: v - means[self.predictor.fold[i]] for i, v in z.items()} if means else z
 
     def fix(self, labels: dict[int, bool], z: dict[int, float]) -> dict[int, bool]:
-        alpha = self.config.alpha / max(len(labels), 1)
+        alpha = self.config.alpha / max(len(labels), 1) if self.config.average else self.config.alpha
         return consistency_fix(labels, z, self.index, alpha, self.rng, self.config.consistency_fix_iterations)
 
     # -- the search -------------------------------------------------------------------------------------

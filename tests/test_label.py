@@ -172,3 +172,17 @@ def test_label_cli_generates_candidates_from_questions_first(tiny_model_dir, tmp
     assert {"answer", "label", "icm_label", "icm_score", "generator"} <= set(rows[0])
     run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
     assert run["generation"]["questions"] == 3
+
+
+def test_utility_sums_or_averages_predictability_minus_inconsistencies(tiny):
+    from icm.consistency import label_logprob
+    from icm.scoring import ClaimScorer
+    from icm.search import ICMSearch
+
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(1))
+    labels, z = {0: True, 1: True, 2: False}, {0: 1.0, 1: -0.5, 2: -2.0}
+    fit = label_logprob(1.0, True) + label_logprob(-0.5, True) + label_logprob(-2.0, False)
+    for average, expected in ((True, 50 * fit / 3 - 1), (False, 50 * fit - 1)):  # 0 and 1 both True: 1 violation
+        search = ICMSearch(ClaimScorer(model, tokenizer, claims), [0, 1, 2], ICMConfig(average=average))
+        assert search.utility(labels, z) == pytest.approx(expected)
