@@ -222,27 +222,10 @@ def _generated_length(row: list[int], eos_ids: list[int], pad_id: int) -> int:
     return len(row)
 
 
-def generate_texts(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    num_samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 256,
-    stop: Sequence[str] = (),
-    batch_size: int = 8,
-    seed: int = 0,
-    use_chat_template: bool = True,
-    progress: bool = True,
-) -> list[list[str]]:
-    """Completions (texts) for each user message in ``prompts``; ``temperature=0`` means greedy decoding."""
-    completions = sample_completions(
-        model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, top_p=top_p,
-        max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, seed=seed,
-        use_chat_template=use_chat_template, progress=progress)
-    return [[c.text for c in group] for group in completions]
+def generate_texts(model, tokenizer, prompts: list[str], **kwargs: Any) -> list[list[str]]:
+    """Completions (texts) for each user message in ``prompts``; takes the keyword arguments of
+    :func:`sample_completions` (``temperature=0``, the default, means greedy decoding)."""
+    return [[c.text for c in group] for group in sample_completions(model, tokenizer, prompts, **kwargs)]
 
 
 def generate_candidates(
