@@ -2,7 +2,7 @@
 # The main job on the embedded default, end to end and offline: SmolLM2-135M (shipped in a PyPI package)
 # writes candidate solutions to built-in arithmetic problems, labels them with ICM (no gold read), turns
 # the labels into DPO pairs, trains itself with LoRA-DPO, and is evaluated before and after on held-out
-# problems. About 10-15 minutes on 2 CPU cores. Rerunning skips finished stages.
+# problems. About 14 minutes on 2 CPU cores (measured: 13.6). Rerunning skips finished stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
