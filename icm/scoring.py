@@ -112,7 +112,6 @@ class ClaimScorer:
         self._slots: dict[Hashable, _Prefix] = {}
         self.prefix_tokens = 0  # tokens run through the model for demonstration prefixes
         self.target_tokens = 0  # tokens run for the claims being scored
-        self.target_count = 0
         self.uncached_tokens = 0  # what the same scores would cost with every context run from scratch
 
     @property
@@ -204,7 +203,6 @@ class ClaimScorer:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         self.target_tokens += total
         self.uncached_tokens += len(batch) * past + total
-        self.target_count += len(batch)
         return (logits[:, 0] - logits[:, 1]).tolist()
 
 

@@ -110,7 +110,7 @@ class ICMSearch:
     """Runs the search over one batch of claims with a model-backed :class:`MutualPredictor`."""
 
     def __init__(self, scorer: ClaimScorer, members: list[int], config: ICMConfig, batch_index: int = 0):
-        self.scorer, self.members, self.config = scorer, members, config
+        self.members, self.config = members, config
         self.predictor = MutualPredictor(scorer, members, config.folds, seed=config.seed + batch_index)
         self.index = ConstraintIndex(build_constraints(scorer.claims, members))
         self.groups: dict[int, str | None] = {i: scorer.claims[i].group for i in members}
