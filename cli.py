@@ -121,10 +121,14 @@ def label(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     seed: int = typer.Option(0, help="Seed of the search (same seed, same labels)."),
     iterations: int | None = typer.Option(None, min=0, help="Search steps per batch [default: 4 x batch claims]."),
+    polish_iterations: int | None = typer.Option(None, min=0,
+                                                 help="Greedy steps after annealing [default: batch claims / 4]."),
     alpha: float = typer.Option(50.0, min=0, help="Weight of mutual predictability vs inconsistencies."),
     initial_labels: int = typer.Option(8, min=0, help="K: claims labelled at random before the search."),
     batch_size: int = typer.Option(256, min=1, help="Claims searched together (whole consistency groups)."),
     folds: int = typer.Option(2, min=0, help="Context folds for mutual predictability; 0 = exact leave-one-out."),
+    see_group: bool = typer.Option(True, "--see-group/--hide-group",
+                                   help="Whether a claim's context holds the other claims of its consistency group."),
     max_context_tokens: int = typer.Option(2048, min=64, help="Token budget of demonstrations plus target."),
     balance: str = typer.Option("center", help="Collapse guard: center (subtract mean log-odds) or none."),
     label_space: str = typer.Option("auto", help="Space before the label word: auto, label (' True'), prompt ('is ')."),
@@ -157,8 +161,10 @@ def label(
     from icm.search import ICMConfig
 
     try:
-        config = ICMConfig(alpha=alpha, initial_labels=initial_labels, iterations=iterations, batch_size=batch_size,
-                           folds=folds, max_context_tokens=max_context_tokens, balance=balance, seed=seed)
+        config = ICMConfig(alpha=alpha, initial_labels=initial_labels, iterations=iterations,
+                           polish_iterations=polish_iterations, batch_size=batch_size,
+                           folds=folds, see_group=see_group, max_context_tokens=max_context_tokens,
+                           balance=balance, seed=seed)
         template = PromptTemplate(space=label_space)
         generation = GenerationConfig(num_candidates=num_candidates, temperature=temperature,
                                       max_new_tokens=max_new_tokens, seed=seed)

@@ -3,8 +3,12 @@
 - ``sentiment``: one claim per review sentence ("The sentiment of this review is positive/negative."),
   the polarity asserted at random, gold = whether it matches the review's label. Claims stand alone.
 - ``capitals``: "The capital of X is Y." with Y the true capital or another country's, one claim per
-  country, half true.
+  country (up to 141 countries), half true.
 - ``truthfulqa``: the ICM paper's own TruthfulQA claims (with consistency groups), a seeded slice.
+- ``sentiment-groups`` / ``capitals-groups``: the same questions asked the way the paper's GSM8K and
+  TruthfulQA sets are, n/2 questions with two claims each sharing a ``consistency_id`` (the review is
+  positive / negative; the true capital / another country's), each claim's ``answer`` as its consistency
+  key, so "two different answers to one question cannot both be True" applies.
 """
 
 from __future__ import annotations
@@ -35,6 +39,26 @@ CAPITALS = {
     "Cambodia": "Phnom Penh", "Sri Lanka": "Colombo", "Uruguay": "Montevideo", "Bolivia": "La Paz",
     "Ecuador": "Quito", "Libya": "Tripoli", "Sudan": "Khartoum", "Uganda": "Kampala", "Zimbabwe": "Harare",
 }
+# Less famous countries, so that 128 stand-alone claims need no country twice (a country asked twice, once
+# with its capital and once with another's, lets a labelling copy one claim's label onto the other).
+MORE_CAPITALS = {
+    "Albania": "Tirana", "Armenia": "Yerevan", "Azerbaijan": "Baku", "Belarus": "Minsk",
+    "Bosnia and Herzegovina": "Sarajevo", "Estonia": "Tallinn", "Georgia": "Tbilisi", "Latvia": "Riga",
+    "Lithuania": "Vilnius", "Malta": "Valletta", "Moldova": "Chisinau", "Montenegro": "Podgorica",
+    "North Macedonia": "Skopje", "Slovakia": "Bratislava", "Slovenia": "Ljubljana", "Cyprus": "Nicosia",
+    "Kazakhstan": "Astana", "Uzbekistan": "Tashkent", "Kyrgyzstan": "Bishkek", "Tajikistan": "Dushanbe",
+    "Turkmenistan": "Ashgabat", "Laos": "Vientiane", "Bhutan": "Thimphu", "Oman": "Muscat", "Yemen": "Sanaa",
+    "Bahrain": "Manama", "United Arab Emirates": "Abu Dhabi", "North Korea": "Pyongyang", "Paraguay": "Asuncion",
+    "Costa Rica": "San Jose", "Nicaragua": "Managua", "Honduras": "Tegucigalpa", "El Salvador": "San Salvador",
+    "Jamaica": "Kingston", "Haiti": "Port-au-Prince", "Dominican Republic": "Santo Domingo",
+    "Guyana": "Georgetown", "Suriname": "Paramaribo", "Angola": "Luanda", "Mozambique": "Maputo",
+    "Zambia": "Lusaka", "Malawi": "Lilongwe", "Rwanda": "Kigali", "Somalia": "Mogadishu", "Eritrea": "Asmara",
+    "Madagascar": "Antananarivo", "Namibia": "Windhoek", "Botswana": "Gaborone", "Mali": "Bamako",
+    "Niger": "Niamey", "Chad": "N'Djamena", "Cameroon": "Yaounde", "Gabon": "Libreville",
+    "Democratic Republic of the Congo": "Kinshasa", "Liberia": "Monrovia", "Sierra Leone": "Freetown",
+    "Guinea": "Conakry", "Burkina Faso": "Ouagadougou", "Mauritania": "Nouakchott", "Fiji": "Suva",
+    "Papua New Guinea": "Port Moresby",
+}
 
 
 def sentiment_claims(n: int = 128, seed: int = 0) -> list[dict]:
@@ -54,14 +78,46 @@ def sentiment_claims(n: int = 128, seed: int = 0) -> list[dict]:
 
 def capital_claims(n: int = 128, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    countries = sorted(CAPITALS)
+    capitals = {**CAPITALS, **MORE_CAPITALS}
+    countries = sorted(capitals)
+    rng.shuffle(countries)
     claims = []
     for k in range(n):
         country = countries[k % len(countries)]
         true = (k // len(countries) + k) % 2 == 0
-        capital = CAPITALS[country] if true else CAPITALS[rng.choice([c for c in countries if c != country])]
+        capital = capitals[country] if true else capitals[rng.choice([c for c in countries if c != country])]
         claims.append({"question": f"What is the capital of {country}?",
                        "choice": f"The capital of {country} is {capital}.", "label": true})
+    rng.shuffle(claims)
+    return claims
+
+
+def sentiment_group_claims(n: int = 128, seed: int = 0) -> list[dict]:
+    lines = (SHARED / "sentiment" / "amazon_cells_labelled.txt").read_text(encoding="utf-8").splitlines()
+    rows = [line.rsplit("\t", 1) for line in lines if "\t" in line]
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    claims = []
+    for k, (sentence, polarity) in enumerate(rows[:n // 2]):
+        truth = "positive" if polarity.strip() == "1" else "negative"
+        for asserted in ("positive", "negative"):
+            claims.append({"question": f"Review: {sentence.strip()}",
+                           "choice": f"The sentiment of this review is {asserted}.", "label": asserted == truth,
+                           "consistency_id": f"review-{k}", "answer": asserted})
+    rng.shuffle(claims)
+    return claims
+
+
+def capital_group_claims(n: int = 128, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    countries = sorted(CAPITALS)
+    claims = []
+    for country in rng.sample(countries, min(n // 2, len(countries))):
+        wrong = CAPITALS[rng.choice([c for c in countries if c != country])]
+        for capital in (CAPITALS[country], wrong):
+            claims.append({"question": f"What is the capital of {country}?",
+                           "choice": f"The capital of {country} is {capital}.",
+                           "label": capital == CAPITALS[country], "consistency_id": country, "answer": capital})
     rng.shuffle(claims)
     return claims
 
@@ -81,7 +137,8 @@ def truthfulqa_claims(n: int = 128, seed: int = 0) -> list[dict]:
     return claims
 
 
-CLAIM_SETS = {"sentiment": sentiment_claims, "capitals": capital_claims, "truthfulqa": truthfulqa_claims}
+CLAIM_SETS = {"sentiment": sentiment_claims, "capitals": capital_claims, "truthfulqa": truthfulqa_claims,
+              "sentiment-groups": sentiment_group_claims, "capitals-groups": capital_group_claims}
 
 
 def write_claims(name: str, path: Path, n: int = 128, seed: int = 0) -> Path:

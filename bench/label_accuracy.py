@@ -30,18 +30,23 @@ from data.io import read_records  # noqa: E402
 from icm.label import accuracy  # noqa: E402
 from icm.models import load_model  # noqa: E402
 from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate  # noqa: E402
-from icm.search import ICMConfig, label_claims  # noqa: E402
+from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
 
 
-def icl_accuracy(scorer: ClaimScorer, labels: dict[int, bool], gold: list, folds: int, seed: int,
-                 calibrated: bool) -> float:
-    """Each claim predicted from the others' ``labels`` (same folds as ICM); ``calibrated`` applies ICM's
-    decision rule (log-odds centered per fold) instead of the raw argmax."""
-    predictor = MutualPredictor(scorer, list(range(len(gold))), folds, seed=seed)
+def icl_accuracy(scorer: ClaimScorer, labels: dict[int, bool], gold: list, config: ICMConfig) -> tuple[float, float]:
+    """Each claim predicted from the others' ``labels`` (same folds as ICM); accuracy of the raw argmax and of
+    ICM's decision rule (log-odds centered per fold)."""
+    predictor = MutualPredictor(scorer, list(range(len(gold))), config.folds, config.seed, config.see_group)
     z = predictor.log_odds(labels)
-    if calibrated:
-        z, _ = predictor.center(z, labels)
-    return accuracy({i: z[i] > 0 for i in z}, gold)
+    centered, _ = predictor.center(z, labels)
+    return accuracy({i: z[i] > 0 for i in z}, gold), accuracy({i: centered[i] > 0 for i in z}, gold)
+
+
+def objective(scorer: ClaimScorer, config: ICMConfig, labellings: dict[str, list[bool]]) -> dict[str, float]:
+    """ICM's own utility U of whole labellings (gold, inverted gold, ICM's): tells a search that stopped short
+    of the best labelling (U(ICM) < U(gold)) from an objective that does not single out gold (U(ICM) >= U(gold))."""
+    search = ICMSearch(scorer, list(range(len(scorer.claims))), config)
+    return {name: search.evaluate(dict(enumerate(labels)))[2] for name, labels in labellings.items()}
 
 
 def main() -> None:
@@ -51,8 +56,11 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=128, help="claims (built-in sets) / first n rows (files)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--polish-iterations", type=int, default=None)
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--max-context-tokens", type=int, default=ICMConfig.max_context_tokens)
+    parser.add_argument("--hide-group", action="store_true",
+                        help="predict each claim from other questions only (ICMConfig.see_group=False)")
     parser.add_argument("--space", default="auto", help="label space: auto, label, prompt")
     parser.add_argument("--exact-subset", type=int, default=0, help="also compare exact LOO on this many claims")
     parser.add_argument("--no-unguarded", action="store_true", help="skip the balance=none ICM run")
@@ -67,8 +75,8 @@ def main() -> None:
         sys.exit(f"{args.claims}: no gold 'label' column to measure against")
     model, tokenizer = load_model(args.model)
     template = PromptTemplate(space=args.space)
-    config = ICMConfig(iterations=args.iterations, folds=args.folds, seed=args.seed,
-                       max_context_tokens=args.max_context_tokens)
+    config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
+                       seed=args.seed, max_context_tokens=args.max_context_tokens, see_group=not args.hide_group)
     scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens)
     rng = np.random.default_rng(args.seed)
     n = len(claims)
@@ -85,11 +93,13 @@ def main() -> None:
     timed("zero-shot", lambda: accuracy({i: z > 0 for i, z in enumerate(scorer.score(list(range(n))))}, gold))
     random_labels = {i: bool(rng.random() < 0.5) for i in range(n)}
     for name, labels in (("gold-label", dict(enumerate(gold))), ("random-label", random_labels)):
-        for calibrated in (False, True):
-            rule = "centered" if calibrated else "argmax"
-            timed(f"{name} many-shot ICL, {rule}",
-                  lambda labels=labels, calibrated=calibrated: icl_accuracy(scorer, labels, gold, args.folds,
-                                                                           args.seed, calibrated))
+        start = time.monotonic()
+        both = icl_accuracy(scorer, labels, gold, config)
+        for rule, value in zip(("argmax", "centered"), both):
+            rows[f"{name} many-shot ICL, {rule}"] = value
+            timings[f"{name} many-shot ICL, {rule}"] = time.monotonic() - start
+            print(f"  {name + ' many-shot ICL, ' + rule:<34} {value:.1%}  ({time.monotonic() - start:.0f} s)",
+                  file=sys.stderr)
     summaries = {}
 
     def icm(name, cfg, subset=None):
@@ -110,6 +120,12 @@ def main() -> None:
         exact = replace(config, folds=0)
         timed(f"ICM exact LOO, {len(subset)}-claim subset", lambda: icm("subset exact", exact, subset))
 
+    utilities = {}
+    if "ICM" in summaries and n <= config.batch_size:
+        utilities = objective(scorer, config, {"gold": list(gold), "inverted gold": [not g for g in gold],
+                                               "ICM": summaries["ICM"]["labels"]})
+        print("ICM objective U: " + ", ".join(f"{k} {v:.2f}" for k, v in utilities.items()), file=sys.stderr)
+
     print(f"\n| {args.model} / {args.claims} ({n} claims) | accuracy | seconds |\n|---|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value:.1%} | {timings[name]:.0f} |")
@@ -119,7 +135,7 @@ def main() -> None:
               f"forward tokens/claim {s['forward_tokens_per_claim']:.0f}")
     if args.output:
         args.output.write_text(json.dumps({"model": args.model, "claims": args.claims, "n": n, "accuracy": rows,
-                                           "gold": gold,
+                                           "gold": gold, "utility": utilities,
                                            "seconds": timings, "icm": {k: {kk: vv for kk, vv in v.items()
                                                                            if kk != "trajectories"}
                                                                        for k, v in summaries.items()}}, indent=2))

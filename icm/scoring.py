@@ -210,12 +210,15 @@ class MutualPredictor:
     """Each claim's log-odds given the *other* labelled claims, with claims split into folds.
 
     A claim in fold f is scored with the labelled claims of every other fold as demonstrations, so one
-    prefix cache serves the whole fold. Claims of one consistency group are spread over different folds
-    (each sees its group-mates, as in the paper's prompts). ``folds=0`` gives exact leave-one-out.
-    Demonstrations appear grouped by consistency group, in a fixed seeded order.
+    prefix cache serves the whole fold. ``folds=0`` gives exact leave-one-out (one fold per claim).
+    ``see_group=True`` spreads the claims of one consistency group over different folds, so each sees its
+    group-mates' labels, as in the paper's prompts; ``False`` keeps a group in one fold (leave-one-group-out
+    with ``folds=0``), so a claim is predicted from other questions only and a small model cannot just copy
+    the label of a near-identical group-mate. Demonstrations appear grouped by consistency group, in a fixed
+    seeded order.
     """
 
-    def __init__(self, scorer: ClaimScorer, members: list[int], folds: int, seed: int = 0):
+    def __init__(self, scorer: ClaimScorer, members: list[int], folds: int, seed: int = 0, see_group: bool = True):
         self.scorer, self.members = scorer, members
         rng = np.random.default_rng(seed)
         groups: dict[str, list[int]] = {}
@@ -223,18 +226,24 @@ class MutualPredictor:
             group = scorer.claims[idx].group
             groups.setdefault(group if group is not None else f"\0{idx}", []).append(idx)
         group_list = [groups[k] for k in rng.permutation(sorted(groups))]
-        self.n_folds = len(members) if folds <= 0 else min(folds, len(members))
-        # Round-robin over the group order: folds stay balanced and group-mates land in different folds.
+        units = len(members) if see_group else len(group_list)
+        self.leave_out = folds <= 0
+        self.n_folds = units if self.leave_out else min(folds, units)
+        # Round-robin over the group order (over claims, or over whole groups): folds stay balanced.
         order = [idx for claims in group_list for idx in claims]
-        self.fold: dict[int, int] = {idx: k % self.n_folds for k, idx in enumerate(order)}
+        if see_group:
+            self.fold: dict[int, int] = {idx: k % self.n_folds for k, idx in enumerate(order)}
+        else:
+            self.fold = {idx: k % self.n_folds for k, claims in enumerate(group_list) for idx in claims}
         self.order = order
         self.fold_members = [[i for i in members if self.fold[i] == f] for f in range(self.n_folds)]
         self._memo: dict[tuple, np.ndarray] = {}
 
     def demos(self, fold: int, labels: Mapping[int, bool]) -> list[tuple[int, bool]]:
         # Each fold starts the shared order at a different place, so a short budget still spreads the
-        # demonstrations over all claims.
-        start = len(self.order) * fold // self.n_folds
+        # demonstrations over all claims. Leave-one-out keeps the paper's fixed order: rotating there would
+        # put a claim's group-mate right before it for half the claims.
+        start = 0 if self.leave_out else len(self.order) * fold // self.n_folds
         rotated = self.order[start:] + self.order[:start]
         return [(i, labels[i]) for i in rotated if i in labels and self.fold[i] != fold]
 
@@ -245,8 +254,8 @@ class MutualPredictor:
         All targets of a fold share one context, and its labels shift them together (the model copies the
         majority or the last label); centering removes that shared shift, keeps the ranking within the fold,
         and makes a one-label solution unable to predict itself. With exact leave-one-out the contexts are
-        nearly identical, so one global mean is used."""
-        exact = self.n_folds == len(self.members)
+        nearly identical, so one global mean is used (also for leave-one-group-out)."""
+        exact = self.leave_out
         means = {}
         for f, targets in enumerate(self.fold_members):
             pool = [log_odds[i] for i in (self.members if exact else targets) if i in labels and i in log_odds]

@@ -40,6 +40,11 @@ class ICMConfig:
     """Tmin."""
     cooling: float = 0.99
     """beta."""
+    polish_iterations: int | None = None
+    """Greedy steps after the annealing (T = 0): the labelled claim whose label its prediction contradicts
+    most confidently is flipped (then ConsistencyFix) if that raises U. The schedule above is still far from
+    Tmin after a few hundred steps, so the annealing alone ends on a labelling that single flips can improve.
+    None means a quarter of the batch; polishing stops early once no contradicted label can be improved."""
     consistency_fix_iterations: int = 10
     """M: pairs repaired per ConsistencyFix call."""
     group_weight: float = 100.0
@@ -49,6 +54,9 @@ class ICMConfig:
     folds: int = 2
     """Mutual predictability approximation: a claim is scored with the labelled claims of the other folds
     as context (one shared prefix per fold). 0 means exact leave-one-out (one fold per claim)."""
+    see_group: bool = True
+    """Whether a claim's context holds its own consistency group's other claims (the paper's prompts do).
+    False predicts each claim from other questions only (see ``MutualPredictor``)."""
     max_context_tokens: int | None = 2048
     """Token budget of demonstrations plus target (capped by the model's context length)."""
     balance: str = "center"
@@ -104,6 +112,8 @@ class BatchState:
     trajectory: list[float] = field(default_factory=list)
     proposals: int = 0
     accepted: int = 0
+    rejected: list[int] = field(default_factory=list)
+    """Claims whose greedy flip was rejected since the last accepted one (polishing phase)."""
 
 
 class ICMSearch:
@@ -111,11 +121,14 @@ class ICMSearch:
 
     def __init__(self, scorer: ClaimScorer, members: list[int], config: ICMConfig, batch_index: int = 0):
         self.members, self.config = members, config
-        self.predictor = MutualPredictor(scorer, members, config.folds, seed=config.seed + batch_index)
+        self.predictor = MutualPredictor(scorer, members, config.folds, seed=config.seed + batch_index,
+                                         see_group=config.see_group)
         self.index = ConstraintIndex(build_constraints(scorer.claims, members))
         self.groups: dict[int, str | None] = {i: scorer.claims[i].group for i in members}
         self.rng = np.random.default_rng([config.seed, batch_index])
         self.iterations = config.iterations or 4 * len(members)
+        polish = config.polish_iterations
+        self.polish_iterations = len(members) // 4 if polish is None else polish
 
     # -- the objective ----------------------------------------------------------------------------------
     def utility(self, labels: dict[int, bool], z: dict[int, float]) -> float:
@@ -160,25 +173,40 @@ class ICMSearch:
                             for i in self.members])
         return int(self.members[self.rng.choice(len(self.members), p=weights / weights.sum())])
 
+    def contradicted(self, labels: dict[int, bool], z: dict[int, float], skip: list[int]) -> int | None:
+        """The labelled claim whose prediction disagrees with its label most confidently, if any."""
+        wrong = [i for i, y in labels.items() if y != (z[i] > 0) and i not in skip]
+        return max(wrong, key=lambda i: (abs(z[i]), -i)) if wrong else None
+
     def run(self, state: BatchState | None = None,
             on_step: Callable[[BatchState], None] | None = None) -> tuple[BatchState, dict[int, float]]:
-        """Search until ``self.iterations`` steps; ``on_step`` is called after each (for checkpoints)."""
+        """Anneal for ``self.iterations`` steps, then polish greedily for up to ``self.polish_iterations``;
+        ``on_step`` is called after each step (for checkpoints)."""
         state = state or self.initial_state()
         self.rng.bit_generator.state = state.rng_state
         labels = dict(state.labels)
         z, means, u = self.evaluate(labels)
-        while state.iteration < self.iterations:
+        while state.iteration < self.iterations + self.polish_iterations:
             n = state.iteration + 1
-            i = self.sample(labels)
-            z_i = z[i] if i in labels else self.predict([i], labels, means)[i]
-            draw = self.rng.random()
+            if state.iteration < self.iterations:
+                i = self.sample(labels)
+                z_i = z[i] if i in labels else self.predict([i], labels, means)[i]
+                draw, temp = self.rng.random(), temperature(n, self.config)
+            else:
+                i = self.contradicted(labels, z, state.rejected)
+                if i is None:
+                    break
+                z_i, draw, temp = z[i], 1.0, 0.0
             if labels.get(i) != (z_i > 0):
                 proposal = self.fix({**labels, i: z_i > 0}, {**z, i: z_i})
                 z_new, means_new, u_new = self.evaluate(proposal)
                 state.proposals += 1
-                if metropolis_accept(u_new - u, temperature(n, self.config), draw):
+                if u_new > u if temp == 0 else metropolis_accept(u_new - u, temp, draw):
                     labels, z, means, u = proposal, z_new, means_new, u_new
                     state.accepted += 1
+                    state.rejected = []
+                elif temp == 0:
+                    state.rejected.append(i)
             state.iteration, state.labels = n, dict(labels)
             state.trajectory.append(u)
             state.rng_state = self.rng.bit_generator.state
@@ -252,8 +280,8 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
             checkpoint.save()
             if progress:
                 progress({"batch": b, "batches": len(batches), "iteration": s.iteration,
-                          "iterations": search.iterations, "utility": s.trajectory[-1], "labels": s.labels,
-                          "acceptance": s.accepted / max(s.proposals, 1)})
+                          "iterations": search.iterations + search.polish_iterations, "utility": s.trajectory[-1],
+                          "labels": s.labels, "acceptance": s.accepted / max(s.proposals, 1)})
 
         try:
             state, z = search.run(state, on_step)

@@ -9,7 +9,8 @@ from cli import app
 from data.claims import claims_from_records
 from data.io import read_parquet_metadata
 from icm.models import load_model
-from icm.search import ICMConfig, label_claims, make_batches
+from icm.scoring import ClaimScorer
+from icm.search import ICMConfig, ICMSearch, label_claims, make_batches
 
 runner = CliRunner()
 
@@ -87,11 +88,8 @@ def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path):
     config = ICMConfig(iterations=40, batch_size=9, seed=3)
     expected, _ = label_claims(claims, model, tokenizer, config, model_name="tiny")
 
-    calls = {"n": 0}
-
     def interrupt(info):
-        calls["n"] += 1
-        if calls["n"] == 50:  # in the middle of the second batch
+        if info["batch"] == 1 and info["iteration"] == 10:  # in the middle of the second batch
             raise KeyboardInterrupt
 
     run_dir = tmp_path / "run"
@@ -104,6 +102,20 @@ def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path):
     other = ICMConfig(iterations=40, batch_size=9, seed=4)
     with pytest.raises(ValueError, match="other claims, model or settings"):
         label_claims(claims, model, tokenizer, other, run_dir=run_dir, resume=True, model_name="tiny")
+
+
+def test_polishing_only_raises_utility_and_ends_on_uncontradicted_or_rejected_labels(tiny):
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    config = ICMConfig(iterations=12, polish_iterations=30, seed=1)
+    search = ICMSearch(ClaimScorer(model, tokenizer, claims), list(range(len(claims))), config)
+    state, _ = search.run()
+    polished = state.trajectory[config.iterations:]
+    assert all(b >= a for a, b in zip(polished, polished[1:]))
+    z, _, u = search.evaluate(state.labels)
+    assert u == pytest.approx(state.trajectory[-1])
+    if state.iteration < config.iterations + config.polish_iterations:  # stopped early: nothing left to try
+        assert search.contradicted(state.labels, z, state.rejected) is None
 
 
 def test_label_cli_writes_parquet_and_run_json(tiny_model_dir, tmp_path):
@@ -119,7 +131,7 @@ def test_label_cli_writes_parquet_and_run_json(tiny_model_dir, tmp_path):
     meta = read_parquet_metadata(out)
     assert meta["model"] == tiny_model_dir and meta["config"]["alpha"] == 50.0 and meta["seed"] == 1
     run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
-    assert 0 <= run["gold_accuracy"] <= 1 and len(run["trajectories"][0]) == 21
+    assert 0 <= run["gold_accuracy"] <= 1 and 21 <= len(run["trajectories"][0]) <= 21 + 12 // 4  # + polishing
     assert run["template"]["claim"].startswith("Question: {question}")
 
 

@@ -84,3 +84,25 @@ def test_folds_spread_groups_and_exact_mode_is_leave_one_out(tiny):
     z = loo.log_odds(labels)
     reference = ClaimScorer(model, tokenizer, CLAIMS)
     assert z[4] == pytest.approx(reference.score([4], loo.demos(loo.fold[4], labels))[0], abs=1e-4)
+
+
+def test_hidden_group_keeps_a_claims_group_mates_out_of_its_context(tiny):
+    model, tokenizer = tiny
+    scorer = ClaimScorer(model, tokenizer, CLAIMS)
+    members = list(range(len(CLAIMS)))
+    labels = {i: i % 2 == 0 for i in members}
+    for folds in (2, 0):  # 0: leave-one-group-out
+        predictor = MutualPredictor(scorer, members, folds=folds, see_group=False)
+        for i in members:
+            context = dict(predictor.demos(predictor.fold[i], labels))
+            mates = {j for j in members if j != i and CLAIMS[j].group == CLAIMS[i].group}
+            assert i not in context and not mates & set(context)
+            assert len(context) == len(members) - 1 - len(mates) if folds == 0 else len(context) > 0
+
+
+def test_leave_one_out_keeps_one_demonstration_order(tiny):
+    model, tokenizer = tiny
+    loo = MutualPredictor(ClaimScorer(model, tokenizer, CLAIMS), list(range(len(CLAIMS))), folds=0)
+    labels = {i: True for i in range(len(CLAIMS))}
+    for i in range(len(CLAIMS)):
+        assert [j for j, _ in loo.demos(loo.fold[i], labels)] == [j for j in loo.order if j != i]
