@@ -1,9 +1,11 @@
 """Label accuracy against gold, side by side: zero-shot, gold-label many-shot ICL (the ceiling),
 random-label many-shot ICL, ICM, ICM without the collapse guard, and (on a subset) ICM with exact
-leave-one-out next to the fold approximation.
+leave-one-out next to the fold approximation; then ICM's own utility U of the gold, inverted gold and ICM
+labellings.
 
     python bench/label_accuracy.py sentiment --model smollm2-135m -n 128
     python bench/label_accuracy.py capitals --model gemma3-270m -n 128
+    python bench/label_accuracy.py capitals-groups --model gemma3-270m -n 128 --hide-group
     python bench/label_accuracy.py path/to/claims.jsonl --model M
 
 The many-shot baselines score each claim with the other claims as demonstrations (same folds and token
