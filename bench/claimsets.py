@@ -61,17 +61,28 @@ MORE_CAPITALS = {
 }
 
 
-def sentiment_claims(n: int = 128, seed: int = 0) -> list[dict]:
+def _shuffled_reviews(rng: random.Random) -> list[tuple[str, str]]:
+    """(review, "positive"/"negative") pairs of the UCI Amazon sentences, in a seeded order."""
     lines = (SHARED / "sentiment" / "amazon_cells_labelled.txt").read_text(encoding="utf-8").splitlines()
     rows = [line.rsplit("\t", 1) for line in lines if "\t" in line]
-    rng = random.Random(seed)
     rng.shuffle(rows)
-    claims = []
-    for k, (sentence, polarity) in enumerate(rows[:n]):
-        asserted = "positive" if k % 2 == 0 else "negative"
-        truth = "positive" if polarity.strip() == "1" else "negative"
-        claims.append({"question": f"Review: {sentence.strip()}",
-                       "choice": f"The sentiment of this review is {asserted}.", "label": asserted == truth})
+    return [(sentence.strip(), "positive" if polarity.strip() == "1" else "negative") for sentence, polarity in rows]
+
+
+def _sentiment_claim(review: str, asserted: str, truth: str, **extra) -> dict:
+    return {"question": f"Review: {review}", "choice": f"The sentiment of this review is {asserted}.",
+            "label": asserted == truth, **extra}
+
+
+def _capital_claim(country: str, capital: str, true: bool, **extra) -> dict:
+    return {"question": f"What is the capital of {country}?", "choice": f"The capital of {country} is {capital}.",
+            "label": true, **extra}
+
+
+def sentiment_claims(n: int = 128, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    claims = [_sentiment_claim(review, "positive" if k % 2 == 0 else "negative", truth)
+              for k, (review, truth) in enumerate(_shuffled_reviews(rng)[:n])]
     rng.shuffle(claims)
     return claims
 
@@ -86,24 +97,16 @@ def capital_claims(n: int = 128, seed: int = 0) -> list[dict]:
         country = countries[k % len(countries)]
         true = (k // len(countries) + k) % 2 == 0
         capital = capitals[country] if true else capitals[rng.choice([c for c in countries if c != country])]
-        claims.append({"question": f"What is the capital of {country}?",
-                       "choice": f"The capital of {country} is {capital}.", "label": true})
+        claims.append(_capital_claim(country, capital, true))
     rng.shuffle(claims)
     return claims
 
 
 def sentiment_group_claims(n: int = 128, seed: int = 0) -> list[dict]:
-    lines = (SHARED / "sentiment" / "amazon_cells_labelled.txt").read_text(encoding="utf-8").splitlines()
-    rows = [line.rsplit("\t", 1) for line in lines if "\t" in line]
     rng = random.Random(seed)
-    rng.shuffle(rows)
-    claims = []
-    for k, (sentence, polarity) in enumerate(rows[:n // 2]):
-        truth = "positive" if polarity.strip() == "1" else "negative"
-        for asserted in ("positive", "negative"):
-            claims.append({"question": f"Review: {sentence.strip()}",
-                           "choice": f"The sentiment of this review is {asserted}.", "label": asserted == truth,
-                           "consistency_id": f"review-{k}", "answer": asserted})
+    claims = [_sentiment_claim(review, asserted, truth, consistency_id=f"review-{k}", answer=asserted)
+              for k, (review, truth) in enumerate(_shuffled_reviews(rng)[:n // 2])
+              for asserted in ("positive", "negative")]
     rng.shuffle(claims)
     return claims
 
@@ -115,9 +118,8 @@ def capital_group_claims(n: int = 128, seed: int = 0) -> list[dict]:
     for country in rng.sample(countries, min(n // 2, len(countries))):
         wrong = CAPITALS[rng.choice([c for c in countries if c != country])]
         for capital in (CAPITALS[country], wrong):
-            claims.append({"question": f"What is the capital of {country}?",
-                           "choice": f"The capital of {country} is {capital}.",
-                           "label": capital == CAPITALS[country], "consistency_id": country, "answer": capital})
+            claims.append(_capital_claim(country, capital, capital == CAPITALS[country],
+                                         consistency_id=country, answer=capital))
     rng.shuffle(claims)
     return claims
 

@@ -85,11 +85,14 @@ def main() -> None:
     rows: dict[str, float | None] = {}
     timings: dict[str, float] = {}
 
+    def record(name, value, seconds):
+        rows[name], timings[name] = value, seconds
+        print(f"  {name:<34} {value:.1%}  ({seconds:.0f} s)", file=sys.stderr)
+
     def timed(name, fn):
         start = time.monotonic()
-        rows[name] = fn()
-        timings[name] = time.monotonic() - start
-        print(f"  {name:<34} {rows[name]:.1%}  ({timings[name]:.0f} s)", file=sys.stderr)
+        value = fn()
+        record(name, value, time.monotonic() - start)
 
     print(f"{args.model} on {args.claims}: {n} claims, {np.mean(gold):.0%} True", file=sys.stderr)
     timed("zero-shot", lambda: accuracy({i: z > 0 for i, z in enumerate(scorer.score(list(range(n))))}, gold))
@@ -98,10 +101,7 @@ def main() -> None:
         start = time.monotonic()
         both = icl_accuracy(scorer, labels, gold, config)
         for rule, value in zip(("argmax", "centered"), both):
-            rows[f"{name} many-shot ICL, {rule}"] = value
-            timings[f"{name} many-shot ICL, {rule}"] = time.monotonic() - start
-            print(f"  {name + ' many-shot ICL, ' + rule:<34} {value:.1%}  ({time.monotonic() - start:.0f} s)",
-                  file=sys.stderr)
+            record(f"{name} many-shot ICL, {rule}", value, time.monotonic() - start)
     summaries = {}
 
     def icm(name, cfg, subset=None):

@@ -226,15 +226,12 @@ class MutualPredictor:
             group = scorer.claims[idx].group
             groups.setdefault(group if group is not None else f"\0{idx}", []).append(idx)
         group_list = [groups[k] for k in rng.permutation(sorted(groups))]
-        units = len(members) if see_group else len(group_list)
-        self.leave_out = folds <= 0
-        self.n_folds = units if self.leave_out else min(folds, units)
-        # Round-robin over the group order (over claims, or over whole groups): folds stay balanced.
         order = [idx for claims in group_list for idx in claims]
-        if see_group:
-            self.fold: dict[int, int] = {idx: k % self.n_folds for k, idx in enumerate(order)}
-        else:
-            self.fold = {idx: k % self.n_folds for k, claims in enumerate(group_list) for idx in claims}
+        # Round-robin over the group order, dealing single claims or whole groups: folds stay balanced.
+        units = [[idx] for idx in order] if see_group else group_list
+        self.leave_out = folds <= 0
+        self.n_folds = len(units) if self.leave_out else min(folds, len(units))
+        self.fold: dict[int, int] = {idx: k % self.n_folds for k, unit in enumerate(units) for idx in unit}
         self.order = order
         self.fold_members = [[i for i in members if self.fold[i] == f] for f in range(self.n_folds)]
         self._memo: dict[tuple, np.ndarray] = {}
@@ -255,10 +252,10 @@ class MutualPredictor:
         majority or the last label); centering removes that shared shift, keeps the ranking within the fold,
         and makes a one-label solution unable to predict itself. With exact leave-one-out the contexts are
         nearly identical, so one global mean is used (also for leave-one-group-out)."""
-        exact = self.leave_out
         means = {}
         for f, targets in enumerate(self.fold_members):
-            pool = [log_odds[i] for i in (self.members if exact else targets) if i in labels and i in log_odds]
+            pool = [log_odds[i] for i in (self.members if self.leave_out else targets)
+                    if i in labels and i in log_odds]
             means[f] = float(np.mean(pool)) if pool else 0.0
         return {i: z - means[self.fold[i]] for i, z in log_odds.items()}, means
 

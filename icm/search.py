@@ -188,24 +188,25 @@ class ICMSearch:
         z, means, u = self.evaluate(labels)
         while state.iteration < self.iterations + self.polish_iterations:
             n = state.iteration + 1
-            if state.iteration < self.iterations:
-                i = self.sample(labels)
-                z_i = z[i] if i in labels else self.predict([i], labels, means)[i]
-                draw, temp = self.rng.random(), temperature(n, self.config)
-            else:
+            polishing = state.iteration >= self.iterations
+            if polishing:
                 i = self.contradicted(labels, z, state.rejected)
                 if i is None:
                     break
-                z_i, draw, temp = z[i], 1.0, 0.0
+                z_i = z[i]
+            else:
+                i = self.sample(labels)
+                z_i = z[i] if i in labels else self.predict([i], labels, means)[i]
+                draw = self.rng.random()
             if labels.get(i) != (z_i > 0):
                 proposal = self.fix({**labels, i: z_i > 0}, {**z, i: z_i})
                 z_new, means_new, u_new = self.evaluate(proposal)
                 state.proposals += 1
-                if u_new > u if temp == 0 else metropolis_accept(u_new - u, temp, draw):
+                if u_new > u if polishing else metropolis_accept(u_new - u, temperature(n, self.config), draw):
                     labels, z, means, u = proposal, z_new, means_new, u_new
                     state.accepted += 1
                     state.rejected = []
-                elif temp == 0:
+                elif polishing:
                     state.rejected.append(i)
             state.iteration, state.labels = n, dict(labels)
             state.trajectory.append(u)
