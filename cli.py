@@ -29,6 +29,18 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def task_settings(task: str | None, instruction: str | None, extractor: str | None,
+                  max_new_tokens: int | None) -> tuple[str, str, int]:
+    """Instruction, answer extractor and answer length: the command line's, else the built-in task's, else the
+    defaults for open math questions."""
+    from data.tasks import DEFAULT_INSTRUCTION, get_task
+
+    spec = get_task(task) if task else None
+    return (instruction if instruction is not None else spec.instruction if spec else DEFAULT_INSTRUCTION,
+            extractor or (spec.extractor if spec else "auto"),
+            max_new_tokens or (spec.max_new_tokens if spec else 256))
+
+
 def cli_errors(fn):
     """Turn known user errors into a one-line message and exit code 2."""
 
@@ -72,29 +84,35 @@ def generate(
     num_candidates: int = typer.Option(4, min=1, help="Solutions sampled per question."),
     temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling threshold."),
-    max_new_tokens: int = typer.Option(256, min=1, help="Most tokens per candidate."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Most tokens per candidate [default: the "
+                                              "task's, else 256]."),
     stop: list[str] | None = typer.Option(None, help="Stop string (repeatable; default '\\nQuestion:')."),
-    instruction: str | None = typer.Option(None, help="Instruction before each question (default: step by "
-                                              "step, end with 'The answer is N')."),
+    instruction: str | None = typer.Option(None, help="Instruction before each question [default: the task's, "
+                                           "else step by step ending 'The answer is N']."),
     raw_prompt: bool = typer.Option(False, help="Don't use the model's chat template."),
     batch_size: int = typer.Option(8, min=1, help="Sequences generated together."),
     seed: int = typer.Option(0, help="Seed for sampling, --shuffle and the built-in task."),
-    extractor: str = typer.Option("auto", help="Answer extractor: auto, gsm8k, boxed, answer_is, last_number, "
-                                  "choice, text."),
+    extractor: str | None = typer.Option(None, help="Answer extractor: auto, gsm8k, boxed, answer_is, last_number, "
+                                         "choice, text, or allowed answers 'a|b' [default: the task's, else auto]."),
     include_reference: bool = typer.Option(False, help="Also add each reference solution as a candidate."),
+    enumerate_answers: bool = typer.Option(False, help="Closed answer sets: add every allowed answer no sample "
+                                           "gave as a candidate (a sample with its answer swapped)."),
     dtype: str = typer.Option("auto", help="auto, bf16, fp16, fp32."),
     device: str | None = typer.Option(None, help="cpu, cuda, ... (default: GPU when present)."),
     resume: bool = typer.Option(False, help="Reuse questions finished in OUT.partial.jsonl by an interrupted run."),
 ) -> None:
     """Sample candidate solutions from a model and write them as claims for `icm label`."""
-    from data.answers import EXTRACTORS
+    from data.answers import check_extractor
     from data.candidates import GenerationConfig, generate_file, report_path, report_table
     from data.tasks import load_questions
 
     if sum(map(bool, (input, task, dataset))) != 1:
         fail("give exactly one of INPUT, --task or --dataset")
-    if extractor != "auto" and extractor not in EXTRACTORS:
-        fail(f"unknown --extractor '{extractor}' (auto, {', '.join(EXTRACTORS)})")
+    instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
+    try:
+        check_extractor(extractor)
+    except ValueError as error:
+        fail(str(error))
     questions = load_questions(
         str(input) if input else None, task=task, dataset=dataset, config=config, split=split,
         question_field=question_field, answer_field=answer_field, id_field=id_field, limit=limit, seed=seed,
@@ -102,9 +120,9 @@ def generate(
     defaults = GenerationConfig()
     gen_config = GenerationConfig(
         num_candidates=num_candidates, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-        stop=tuple(stop) if stop else defaults.stop, instruction=defaults.instruction if instruction is None
-        else instruction, use_chat_template=not raw_prompt, batch_size=batch_size, seed=seed, extractor=extractor,
-        include_reference=include_reference)
+        stop=tuple(stop) if stop else defaults.stop, instruction=instruction, use_chat_template=not raw_prompt,
+        batch_size=batch_size, seed=seed, extractor=extractor, include_reference=include_reference,
+        enumerate_answers=enumerate_answers)
     report = generate_file(questions, output, model, gen_config, dtype=dtype, device=device, resume=resume,
                            command=" ".join(["icm", *sys.argv[1:]]))
     console.print(report_table(report))
@@ -144,6 +162,10 @@ def label(
     num_candidates: int = typer.Option(4, min=1, help="Questions-only input: solutions sampled per question."),
     temperature: float = typer.Option(0.8, min=0, help="Questions-only input: sampling temperature."),
     max_new_tokens: int = typer.Option(256, min=1, help="Questions-only input: length limit of a solution."),
+    claims: str = typer.Option("candidates", help="What the search labels: candidates (each row), answers (one claim "
+                               "per final answer of a question) or pivot (one claim per two-way question)."),
+    answers: str | None = typer.Option(None, help="Closed answer set 'a|b' for --claims answers/pivot [default: "
+                                       "the extractor `icm generate` used]."),
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME", help="Publish the labels."),
     private: bool = typer.Option(False, help="Create the Hub repository private."),
     revision: str | None = typer.Option(None, help="Hub branch to push to."),
@@ -154,6 +176,7 @@ def label(
     Given questions without a choice column, candidates are sampled first (as `icm generate` does)."""
     import shlex
 
+    from data.answers import closed_answers
     from data.candidates import GenerationConfig
     from data.claims import ClaimFields
     from icm.label import label_file
@@ -168,6 +191,7 @@ def label(
         template = PromptTemplate(space=label_space)
         generation = GenerationConfig(num_candidates=num_candidates, temperature=temperature,
                                       max_new_tokens=max_new_tokens, seed=seed)
+        options = closed_answers(answers) if answers else None
     except ValueError as error:
         fail(str(error))
     fields = ClaimFields(question=question_field, choice=choice_field, choice_2=choice_2_field,
@@ -175,7 +199,8 @@ def label(
     command = shlex.join(["icm", *sys.argv[1:]])
     try:
         run = label_file(input, output, model, config, template=template, fields=fields, run_dir=run_dir,
-                         resume=resume, dtype=dtype, generation=generation, command=command)
+                         resume=resume, dtype=dtype, generation=generation, claims=claims, answers=options,
+                         command=command)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the search state is saved; rerun with --resume to continue")
         raise typer.Exit(130) from None
@@ -362,13 +387,17 @@ def eval_(
     input: str | None = typer.Argument(None, help="Questions with reference answers (JSONL/JSON/CSV/Parquet), or "
                                        "claims with gold `label` (accuracy of the model's True/False labels)."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP + " Or a directory from `icm dpo`."),
-    task: str | None = typer.Option(None, help="Built-in task instead of INPUT (arithmetic)."),
+    task: str | None = typer.Option(None, help="Built-in task instead of INPUT (arithmetic, sentiment)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the JSON report here (atomic)."),
     items: Path | None = typer.Option(None, help="Write per-item results (completion, answer, correct) as JSONL."),
     limit: int | None = typer.Option(None, min=1, help="Evaluate only the first N items."),
-    max_new_tokens: int = typer.Option(256, min=1, help="Tokens generated per answer."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Tokens generated per answer [default: the "
+                                              "task's, else 256]."),
     batch_size: int = typer.Option(8, min=1, help="Questions (or claims) per batch."),
-    extractor: str = typer.Option("auto", help="Answer extractor: auto, gsm8k, boxed, answer_is, last_number, ..."),
+    instruction: str | None = typer.Option(None, help="Instruction before each question [default: the task's, "
+                                           "else step by step ending 'The answer is N']."),
+    extractor: str | None = typer.Option(None, help="Answer extractor (auto, gsm8k, boxed, answer_is, last_number, "
+                                         "...) or allowed answers 'a|b' [default: the task's, else auto]."),
     num_shots: int = typer.Option(4, min=0, help="Claims: gold-labelled demonstrations before each claim."),
     chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="Use the chat template."),
     question_field: str = typer.Option("question", help="Question column."),
@@ -384,8 +413,10 @@ def eval_(
 
     if (input is None) == (task is None):
         fail("give exactly one of INPUT or --task")
+    instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
     try:
         config = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, extractor=extractor,
+                            instruction=instruction,
                             num_shots=num_shots, use_chat_template=chat_template, seed=seed, limit=limit)
     except ValueError as error:
         fail(str(error))
@@ -405,13 +436,22 @@ def transfer(
     policy: str = typer.Option(..., "--policy", help="Model trained with DPO (the weak one; the same as "
                                "--labeller for plain self-improvement)."),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Run directory; a rerun skips finished stages."),
-    task: str | None = typer.Option(None, help="Built-in task instead of QUESTIONS (arithmetic)."),
+    task: str | None = typer.Option(None, help="Built-in task instead of QUESTIONS (arithmetic, sentiment)."),
     limit: int | None = typer.Option(None, min=2, help="Use N questions (the built-in task defaults to 100)."),
     eval_size: float = typer.Option(0.25, help="Held-out questions: fraction (0-1) or count."),
     generator: str = typer.Option("policy", help="Who samples the candidates: policy or labeller."),
     num_candidates: int = typer.Option(4, min=2, help="Candidates sampled per training question."),
     temperature: float = typer.Option(0.8, help="Sampling temperature of the candidates."),
-    max_new_tokens: int = typer.Option(256, min=1, help="Tokens per candidate and per evaluation answer."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Tokens per candidate and per evaluation answer "
+                                              "[default: the task's, else 256]."),
+    instruction: str | None = typer.Option(None, help="Instruction before each question [default: the task's, "
+                                           "else step by step ending 'The answer is N']."),
+    extractor: str | None = typer.Option(None, help="Answer extractor, or allowed answers 'a|b' for a closed "
+                                         "answer set [default: the task's, else auto]."),
+    enumerate_answers: bool = typer.Option(False, help="Closed answer sets: add every allowed answer no sample "
+                                           "gave as a candidate (a sample with its answer swapped)."),
+    claims: str = typer.Option("candidates", help="What ICM labels: candidates (each solution), answers (one "
+                               "claim per answer of a question) or pivot (one claim per two-way question)."),
     icm_iterations: int | None = typer.Option(None, min=1, help="ICM search steps per batch [default: 4 x claims]."),
     alpha: float = typer.Option(50.0, help="ICM weight of mutual predictability."),
     pairs_strategy: str = typer.Option("all", help="Pairs: all or best-margin."),
@@ -445,16 +485,21 @@ def transfer(
 
     if (questions is None) == (task is None):
         fail("give exactly one of QUESTIONS or --task")
+    instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
     try:
         config = TransferConfig(
             eval_size=eval_size, generator=generator, bootstrap_samples=bootstrap_samples, seed=seed, dtype=dtype,
+            claims=claims,
             generation=GenerationConfig(num_candidates=num_candidates, temperature=temperature,
-                                        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                        instruction=instruction, extractor=extractor,
+                                        enumerate_answers=enumerate_answers),
             icm=ICMConfig(iterations=icm_iterations, alpha=alpha, seed=seed),
             pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, seed=seed),
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length, seed=seed),
-            eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed))
+            eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                            instruction=instruction, extractor=extractor))
     except ValueError as error:
         fail(str(error))
     items = load_questions(questions, task=task, limit=limit, seed=seed, question_field=question_field,

@@ -188,14 +188,39 @@ EXTRACTORS: dict[str, Callable[[str], str]] = {
 AUTO_ORDER = ("gsm8k", "boxed", "answer_is", "last_number")
 
 
+def closed_answers(method: str) -> tuple[str, ...] | None:
+    """The allowed answers of a closed-answer extractor spec (``"positive|negative"``), or None for a named one."""
+    if "|" not in method:
+        return None
+    options = tuple(normalize_text(o) for o in method.split("|"))
+    if not all(options) or len(set(options)) != len(options):
+        raise ValueError(f"a closed-answer extractor needs distinct non-empty options, got '{method}'")
+    return options
+
+
+def extract_closed(text: str, options: tuple[str, ...]) -> str:
+    """The allowed answer that ``text`` states first (whole words, any case); ``""`` when it states none."""
+    found = [(m.start(), o) for o in options if (m := re.search(rf"(?<!\w){re.escape(o)}(?!\w)", normalize_text(text)))]
+    return min(found)[1] if found else ""
+
+
+def check_extractor(method: str) -> None:
+    """Raise ValueError unless ``method`` is ``auto``, a named extractor or a closed-answer spec ``"a|b|..."``."""
+    if method != "auto" and method not in EXTRACTORS and closed_answers(method) is None:
+        raise ValueError(f"unknown extractor '{method}' (auto, {', '.join(EXTRACTORS)}, or allowed answers "
+                         "separated by '|', e.g. 'positive|negative')")
+
+
 def extract_answer(text: str, method: str = "auto") -> str:
     """Normalised final answer of ``text`` by the named extractor; ``"auto"`` tries gsm8k, boxed, answer_is,
-    last_number in turn. Returns ``""`` when nothing is found."""
+    last_number in turn; ``"a|b|..."`` is a closed answer set (:func:`extract_closed`). Returns ``""`` when
+    nothing is found."""
+    if options := closed_answers(method):
+        return extract_closed(text, options)
     if method == "auto":
         for name in AUTO_ORDER:
             if answer := EXTRACTORS[name](text):
                 return answer
         return ""
-    if method not in EXTRACTORS:
-        raise ValueError(f"unknown extractor '{method}' (auto, {', '.join(EXTRACTORS)})")
+    check_extractor(method)
     return EXTRACTORS[method](text)

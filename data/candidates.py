@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,14 +14,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from data.answers import EXTRACTORS, answers_match, extract_answer
+from data.answers import answers_match, check_extractor, closed_answers, extract_answer, extract_closed
 from data.io import InputError, write_json, write_parquet
-from data.tasks import Question
+from data.tasks import DEFAULT_INSTRUCTION, Question
 
-DEFAULT_INSTRUCTION = (
-    "Solve the following math problem step by step. End your response with 'The answer is N', "
-    "where N is the final number."
-)
 # Extra end-of-turn tokens some chat templates use besides the tokenizer's eos token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
 
@@ -55,8 +52,13 @@ class GenerationConfig:
         batch_size: sequences generated together (left padded).
         seed: sampling seed; batch ``i`` is seeded with ``seed + i``, so the same seed and batch size give
             the same candidates.
-        extractor: answer extractor name (see ``data.answers.EXTRACTORS``) or ``"auto"``.
+        extractor: answer extractor name (see ``data.answers.EXTRACTORS``), ``"auto"``, or a closed answer set
+            ``"a|b|..."`` (the first allowed answer the text states).
         include_reference: also add the question's reference solution as a candidate (``candidate_index`` -1).
+        enumerate_answers: with a closed answer set (``extractor`` ``"a|b|..."``), make sure every allowed answer
+            is among a question's candidates: for an answer no sample gave, each sample is copied with its answer
+            word replaced (``candidate_index`` -2, generator ``enumerated``), so a question always yields a right
+            and a wrong candidate that differ only in the answer.
     """
 
     num_candidates: int = 4
@@ -70,6 +72,7 @@ class GenerationConfig:
     seed: int = 0
     extractor: str = "auto"
     include_reference: bool = False
+    enumerate_answers: bool = False
 
 
 @dataclass
@@ -261,6 +264,9 @@ def candidate_rows(questions: list[Question], prompts: list[str], completions: l
         candidates = [(c.text, c.sample_index, c.num_tokens, generator_name) for c in group]
         if config.include_reference and q.solution:
             candidates.append((q.solution.strip(), -1, 0, "reference"))
+        if config.enumerate_answers and (options := closed_answers(config.extractor)):
+            candidates += [(text, -2, 0, "enumerated") for text in enumerated_answers(
+                [c.text for c in group], options)]
         seen: set[str] = set()
         for text, index, num_tokens, generator in candidates:
             if text in seen:
@@ -276,6 +282,27 @@ def candidate_rows(questions: list[Question], prompts: list[str], completions: l
                 "num_tokens": num_tokens, "question_id": q.id,
             })
     return rows
+
+
+def swap_answer(text: str, old: str, new: str) -> str:
+    """``text`` with its first whole-word ``old`` replaced by ``new``, keeping the case of the first letter."""
+    match = re.search(rf"(?<!\w){re.escape(old)}(?!\w)", text, flags=re.IGNORECASE)
+    if match is None:
+        return new
+    word = new[:1].upper() + new[1:] if match.group(0)[:1].isupper() else new
+    return text[:match.start()] + word + text[match.end():]
+
+
+def enumerated_answers(texts: list[str], options: tuple[str, ...]) -> list[str]:
+    """Extra candidates that give the allowed answers none of ``texts`` gives: each text that states an allowed
+    answer, with that answer swapped for the missing one (the bare answer when no text states any)."""
+    stated = [(text, extract_closed(text, options)) for text in texts]
+    given = {answer for _, answer in stated if answer}
+    extra: list[str] = []
+    for missing in (o for o in options if o not in given):
+        swapped = [swap_answer(text, answer, missing) for text, answer in stated if answer] or [missing]
+        extra += [t for t in dict.fromkeys(swapped) if t not in extra]
+    return extra
 
 
 def diversity_report(rows: list[dict], stats: GenerationStats, config: GenerationConfig,
@@ -369,8 +396,7 @@ def generate_file(
     output = Path(output)
     if output.suffix != ".parquet":
         raise InputError(output, "the output must be a .parquet file")
-    if config.extractor != "auto" and config.extractor not in EXTRACTORS:
-        raise ValueError(f"unknown extractor '{config.extractor}' (auto, {', '.join(EXTRACTORS)})")
+    check_extractor(config.extractor)
     prompts = [user_message(q.question, config.instruction) for q in questions]
     by_id = {q.id: p for q, p in zip(questions, prompts, strict=True)}
     ckpt = checkpoint_path(output)

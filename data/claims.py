@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.answers import answers_match
 from data.io import InputError, read_records
 
 
@@ -25,6 +26,8 @@ class ClaimFields:
     consistency_key: str = "consistency_key"
     """Falls back to ``answer`` when this column is absent."""
     label: str = "label"
+    exactly_one: str = "exactly_one"
+    """Optional boolean column: the group's claims enumerate a closed answer set, exactly one of them True."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Claim:
     """Consistency group (``consistency_id``); None for a claim that stands alone."""
     key: str | None = None
     """The answer the claim asserts; None when unknown (no consistency rule applies)."""
+    exactly_one: bool = False
+    """The group enumerates every allowed answer, so exactly one of its claims is True."""
 
 
 def _text(value: Any) -> str | None:
@@ -77,7 +82,8 @@ def claims_from_records(records: list[dict[str, Any]], path: str | Path = "<inpu
             raise InputError(path, "missing or empty", row=row, field=f.choice)
         group = _text(record.get(f.consistency_id))
         claims.append(Claim(question=question, choice=choice, choice_2=_text(record.get(f.choice_2)),
-                            group=group, key=_text(record.get(key_field))))
+                            group=group, key=_text(record.get(key_field)),
+                            exactly_one=bool(record.get(f.exactly_one) or False)))
     return claims
 
 
@@ -99,3 +105,77 @@ def load_claims(path: str | Path, fields: ClaimFields | None = None) -> tuple[li
     """Read a claims file; returns the raw rows (kept for the output) and the parsed claims."""
     records = read_records(path)
     return records, claims_from_records(records, path, fields)
+
+
+# ---- claims about answers, built from candidate solutions --------------------------------------------------
+
+CLAIM_MODES = ("candidates", "answers", "pivot")
+ANSWER_CLAIM = "The answer is {answer}."
+
+
+@dataclass
+class AnswerClaims:
+    """Claims about final answers built from candidate rows, and how their labels map back to the candidates.
+
+    ``rows`` are claim rows in the paper's format (``question``, ``choice``, ``answer``, ``consistency_id``,
+    ``exactly_one``, gold ``label`` when known). ``source[k]`` says which claim decides candidate ``k``:
+    ``(claim index, True)`` when the claim asserts the candidate's answer, ``(claim index, False)`` when the
+    claim asserts the other answer of a two-way question, None when the candidate states no allowed answer
+    (it is labelled False)."""
+
+    rows: list[dict[str, Any]]
+    source: list[tuple[int, bool] | None]
+
+
+def answer_claims(records: list[dict[str, Any]], mode: str, options: tuple[str, ...] | None = None) -> AnswerClaims:
+    """Turn candidate rows (``icm generate``'s output) into claims about their final answers.
+
+    - ``answers``: one claim "The answer is X." per distinct answer of a question; with a closed answer set
+      (``options``) every allowed answer gets a claim and the group is marked ``exactly_one``.
+    - ``pivot``: a closed two-way question gets one claim, about ``options[0]``; its label decides both answers.
+      Every claim then has the same wording, so no word in the claim predicts its label (with one claim per
+      allowed answer, "the claim that says positive is True" is a consistent, perfectly predictable labelling).
+    Candidates with the same answer share a label either way (the paper's "same answer, same label" rule)."""
+    if mode not in ("answers", "pivot"):
+        raise ValueError(f"answer claims are built in mode 'answers' or 'pivot', not {mode!r}")
+    if mode == "pivot" and (options is None or len(options) != 2):
+        raise ValueError("--claims pivot needs a closed two-way answer set (an extractor like 'positive|negative')")
+    groups: dict[Any, list[int]] = {}
+    for k, record in enumerate(records):
+        groups.setdefault(record["consistency_id"], []).append(k)
+    rows: list[dict[str, Any]] = []
+    source: list[tuple[int, bool] | None] = [None] * len(records)
+    for cid, members in groups.items():
+        first = records[members[0]]
+        sampled = [a for a in dict.fromkeys(str(records[k].get("answer") or "") for k in members) if a]
+        if mode == "pivot":
+            asserted = [options[0]]  # type: ignore[index]
+        elif options:
+            asserted = list(options)
+        else:
+            asserted = sampled
+        index = {}
+        for answer in asserted:
+            index[answer] = len(rows)
+            rows.append({"question": first["question"], "choice": ANSWER_CLAIM.format(answer=answer),
+                         "answer": answer, "consistency_id": cid, "exactly_one": bool(options) and mode == "answers",
+                         "label": _answer_gold(records, members, answer)})
+        for k in members:
+            answer = str(records[k].get("answer") or "")
+            if answer in index:
+                source[k] = (index[answer], True)
+            elif mode == "pivot" and answer == options[1]:  # type: ignore[index]
+                source[k] = (index[options[0]], False)  # type: ignore[index]
+    if all(row["label"] is None for row in rows):
+        for row in rows:
+            del row["label"]
+    return AnswerClaims(rows, source)
+
+
+def _answer_gold(records: list[dict[str, Any]], members: list[int], answer: str) -> bool | None:
+    """Gold label of "the answer is ``answer``": a candidate's gold label with that answer, else the reference."""
+    for k in members:
+        if str(records[k].get("answer") or "") == answer and records[k].get("label") is not None:
+            return bool(records[k]["label"])
+    reference = records[members[0]].get("reference")
+    return None if reference is None else answers_match(answer, str(reference))

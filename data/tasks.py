@@ -5,13 +5,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from data.answers import extract_answer, normalize_answer
 from data.io import InputError, read_records, require_fields
 
-TASKS = ("arithmetic",)
 DEFAULT_TASK_SIZE = 100
+DEFAULT_INSTRUCTION = (  # for open math questions; the default of ``icm generate`` and ``icm eval``
+    "Solve the following math problem step by step. End your response with 'The answer is N', "
+    "where N is the final number."
+)
 
 
 @dataclass
@@ -74,9 +78,7 @@ def load_questions(
     if len(sources) != 1:
         raise ValueError("give exactly one of an input file, --task or --dataset")
     if task:
-        if task not in TASKS:
-            raise InputError(task, f"unknown task (available: {', '.join(TASKS)})")
-        return arithmetic_questions(limit or DEFAULT_TASK_SIZE, seed=seed)
+        return get_task(task).questions(limit or DEFAULT_TASK_SIZE, seed)
     source = str(path or dataset)
     records = read_records(path) if path else _load_hub(dataset, config, split)  # type: ignore[arg-type]
     if not records:
@@ -152,3 +154,54 @@ def arithmetic_questions(n: int, seed: int = 0) -> list[Question]:
         text, answer, work = TEMPLATES[i % len(TEMPLATES)](r, r.choice(NAMES), r.choice(ITEMS))
         questions.append(Question(f"arithmetic-{seed}-{i}", text, str(answer), f"{work} The answer is {answer}."))
     return questions
+
+
+# ---- built-in offline task: sentiment of real product review sentences ---------------------------------
+
+SENTIMENT_FILE = Path(__file__).parent / "builtin" / "amazon_cells_labelled.txt"  # CC BY 4.0, see its README
+SENTIMENT_QUESTION = 'Is the sentiment of this product review positive or negative?\nReview: "{sentence}"'
+
+
+def sentiment_questions(n: int, seed: int = 0) -> list[Question]:
+    """``n`` of the 1,000 Amazon review sentences (UCI Sentiment Labelled Sentences, 500 positive and 500
+    negative), drawn at random with ``seed``; the reference answer is ``positive`` or ``negative``. A
+    sentence's id is its line number, so ids do not depend on the draw."""
+    rows = [line.rsplit("\t", 1) for line in SENTIMENT_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    questions = []
+    for i in order[:n]:
+        sentence, label = rows[i]
+        answer = "positive" if label.strip() == "1" else "negative"
+        questions.append(Question(f"sentiment-{i + 1}", SENTIMENT_QUESTION.format(sentence=sentence.strip()),
+                                  answer, answer))
+    return questions
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in offline task: where its questions come from and how answers are asked for and read.
+
+    Args:
+        questions: ``(n, seed) -> n questions`` with reference answers.
+        instruction: text before each question in the generation and evaluation prompts.
+        extractor: how a final answer is read from a completion (``data.answers.extract_answer``).
+        max_new_tokens: enough tokens for a complete answer.
+    """
+
+    questions: Callable[[int, int], list[Question]]
+    instruction: str
+    extractor: str
+    max_new_tokens: int
+
+
+TASKS: dict[str, Task] = {
+    "arithmetic": Task(arithmetic_questions, DEFAULT_INSTRUCTION, "auto", 256),
+    "sentiment": Task(sentiment_questions, "Answer with one word: positive or negative.", "positive|negative", 16),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise InputError(name, f"unknown task (available: {', '.join(TASKS)})")
+    return TASKS[name]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from data.answers import EXTRACTORS, answers_match, extract_answer
+from data.answers import answers_match, check_extractor, extract_answer
 from data.candidates import DEFAULT_INSTRUCTION, GenerationConfig, generate_texts, user_message
 from data.claims import claims_from_records, gold_labels
 from data.io import InputError, read_records, write_json
@@ -47,8 +47,7 @@ class EvalConfig:
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        if self.extractor != "auto" and self.extractor not in EXTRACTORS:
-            raise ValueError(f"unknown extractor '{self.extractor}' (auto, {', '.join(EXTRACTORS)})")
+        check_extractor(self.extractor)
 
 
 def evaluate_questions(questions: list[Question], model, tokenizer, config: EvalConfig | None = None,

@@ -21,6 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
+from data.answers import closed_answers
 from data.candidates import GenerationConfig, generate_file
 from data.io import InputError, atomic_path, read_parquet_metadata, write_json
 from data.pairs import PairsConfig, build_pairs, load_labels, write_pairs
@@ -41,6 +42,7 @@ class TransferConfig:
     Args:
         eval_size: held-out questions for the before/after evaluation: a fraction (0 < f < 1) or a count.
         generator: who samples the candidates: ``policy`` (on-policy pairs, the default) or ``labeller``.
+        claims: what ICM labels: ``candidates``, ``answers`` or ``pivot`` (``icm.label.label_file``).
         bootstrap_samples: resamples of the held-out questions for the CI of the accuracy change.
         confidence: level of that CI.
         seed: seed of the train/held-out split (the stages have their own seeds).
@@ -54,6 +56,7 @@ class TransferConfig:
 
     eval_size: float = 0.25
     generator: str = "policy"
+    claims: str = "candidates"
     bootstrap_samples: int = 2000
     confidence: float = 0.95
     seed: int = 0
@@ -180,7 +183,8 @@ def run_transfer(
             command=command or "", progress=progress)),
         ("label", paths["labels"], lambda: label_file(
             paths["candidates"], paths["labels"], labeller, config.icm, run_dir=run_dir / "icm", resume=True,
-            dtype=config.dtype, command=command or "")),
+            dtype=config.dtype, claims=config.claims, answers=closed_answers(config.generation.extractor),
+            command=command or "")),
         ("pairs", paths["pairs"], lambda: _pairs_stage(paths["labels"], paths["pairs"], config, command)),
         ("dpo", policy_dir / SUMMARY_FILE, lambda: train_dpo(
             paths["pairs"], policy, policy_dir, config.dpo, resume=True, progress=progress, command=command)),

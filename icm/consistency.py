@@ -1,9 +1,12 @@
 """Logical consistency between claims, and ConsistencyFix (Wen et al. 2025, Algorithm 2).
 
-Three rules, each between two claims of the same consistency group:
+Four rules, each between two claims of the same consistency group:
 - ``exclusive``: different final answers cannot both be True;
 - ``equal``: the same final answer gets the same label;
-- ``asymmetric``: "A better than B" and "B better than A" cannot both be True, nor both False.
+- ``asymmetric``: "A better than B" and "B better than A" cannot both be True, nor both False;
+- ``exactly_one``: the two answers of a closed two-way question (both enumerated, ``Claim.exactly_one``): one
+  True and one False. A closed set of more answers keeps ``exclusive`` between its pairs ("at least one True"
+  is not a rule between two claims).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ ALLOWED: dict[str, tuple[tuple[bool, bool], ...]] = {
     "exclusive": ((True, False), (False, True), (False, False)),
     "equal": ((True, True), (False, False)),
     "asymmetric": ((True, False), (False, True)),
+    "exactly_one": ((True, False), (False, True)),
 }
 
 
@@ -45,6 +49,7 @@ def build_constraints(claims: list[Claim], members: Iterable[int] | None = None)
             groups[claim.group].append(idx)
     constraints = []
     for members in groups.values():
+        two_way = all(claims[i].exactly_one for i in members) and len({claims[i].key for i in members}) == 2
         for i, j in combinations(members, 2):
             a, b = claims[i], claims[j]
             if a.choice_2 is not None and b.choice_2 is not None:
@@ -53,7 +58,8 @@ def build_constraints(claims: list[Claim], members: Iterable[int] | None = None)
                 elif a.choice == b.choice and a.choice_2 == b.choice_2:
                     constraints.append(Constraint(i, j, "equal"))
             elif a.choice_2 is None and b.choice_2 is None and a.key is not None and b.key is not None:
-                constraints.append(Constraint(i, j, "equal" if a.key == b.key else "exclusive"))
+                kind = "equal" if a.key == b.key else "exactly_one" if two_way else "exclusive"
+                constraints.append(Constraint(i, j, kind))
     return constraints
 
 

@@ -18,9 +18,10 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from data.answers import closed_answers
 from data.candidates import GenerationConfig, generate_candidates
-from data.claims import Claim, ClaimFields, claims_from_records, gold_labels
-from data.io import InputError, read_records, write_json, write_parquet
+from data.claims import CLAIM_MODES, AnswerClaims, Claim, ClaimFields, answer_claims, claims_from_records, gold_labels
+from data.io import InputError, read_parquet_metadata, read_records, write_json, write_parquet
 from data.tasks import load_questions
 from icm.scoring import PromptTemplate
 from icm.search import ICMConfig, label_claims
@@ -65,22 +66,49 @@ def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMCo
     return [{**record, **result} for record, result in zip(records, results)], summary
 
 
+def candidate_labels(records: list[dict[str, Any]], formulated: AnswerClaims,
+                     claim_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Candidate rows with the labels of the answer claims that decide them (``icm_claim`` names the claim);
+    a candidate with no allowed answer is False, scored below every claim."""
+    floor = min((r["icm_score"] for r in claim_rows), default=0.0) - 1.0
+    out = []
+    for record, link in zip(records, formulated.source):
+        if link is None:
+            out.append({**record, "icm_label": False, "icm_score": floor, "icm_searched": False, "icm_claim": ""})
+            continue
+        claim = claim_rows[link[0]]
+        same = link[1]
+        out.append({**record, "icm_label": claim["icm_label"] == same,
+                    "icm_score": claim["icm_score"] if same else -claim["icm_score"],
+                    "icm_searched": claim["icm_searched"], "icm_claim": claim["choice"]})
+    return out
+
+
 def label_file(input_path: str | Path, output: str | Path, model_spec: str, config: ICMConfig | None = None, *,
                template: PromptTemplate | None = None, fields: ClaimFields | None = None,
                run_dir: str | Path | None = None, resume: bool = False, dtype: str = "auto",
                generation: GenerationConfig | None = None, answer_field: str = "answer",
+               claims: str = "candidates", answers: tuple[str, ...] | None = None,
                command: str = "") -> dict[str, Any]:
     """Label a claims file end to end. Input is validated before the model loads; the output Parquet
     and run.json are written atomically at the end, so a failure never leaves a half-written file.
 
     A file of questions (no ``choice`` column) is first turned into candidate claims by sampling
-    ``generation.num_candidates`` solutions per question from the same model (as ``icm generate`` does)."""
+    ``generation.num_candidates`` solutions per question from the same model (as ``icm generate`` does).
+
+    ``claims`` says what the search labels: ``candidates`` (each row is a claim, as given), or claims about the
+    candidates' final answers (``answers`` or ``pivot``, see :func:`data.claims.answer_claims`; ``answers`` is
+    the closed answer set when there is one), whose labels are then copied back to the candidate rows."""
     from icm.models import load_model
 
+    if claims not in CLAIM_MODES:
+        raise ValueError(f"claims must be one of {', '.join(CLAIM_MODES)}, got {claims!r}")
     config = config or ICMConfig()
     template = template or PromptTemplate()
     fields = fields or ClaimFields()
     records = read_records(input_path)
+    if answers is None and claims != "candidates" and Path(input_path).suffix == ".parquet":
+        answers = closed_answers(read_parquet_metadata(input_path).get("config", {}).get("extractor", "auto"))
     questions = None
     if not any(fields.choice in r for r in records):
         questions = load_questions(str(input_path), question_field=fields.question, answer_field=answer_field)
@@ -97,9 +125,20 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         generation = generation or GenerationConfig(seed=config.seed)
         records, generation_report = generate_candidates(questions, model, tokenizer, generation, model_spec)
         fields = ClaimFields()
-    rows, summary = label_records(records, model, tokenizer, config, template=template, fields=fields,
-                                  run_dir=run_dir, resume=resume, model_name=model_spec, source=input_path)
+    formulated = answer_claims(records, claims, answers) if claims != "candidates" else None
+    rows, summary = label_records(formulated.rows if formulated else records, model, tokenizer, config,
+                                  template=template, fields=fields, run_dir=run_dir, resume=resume,
+                                  model_name=model_spec, source=input_path)
+    if formulated:
+        write_json(run_dir / "claims.json", rows)  # what the search labelled, before the copy to candidates
+        rows = candidate_labels(records, formulated, rows)
+        summary["answer_claims"] = len(formulated.rows)
+        if (gold := gold_labels(records, input_path, fields.label)) is not None:
+            summary["claims_gold_accuracy"] = summary.get("gold_accuracy")
+            summary["gold_accuracy"] = accuracy([r["icm_label"] for r in rows], gold)
+        summary["true_share"] = float(np.mean([r["icm_label"] for r in rows]))
     run = {"model": model_spec, "input": str(input_path), "output": str(output), "command": command,
+           "claims_mode": claims,
            "generation": generation_report,
            "template": asdict(template), "config": asdict(config), "seed": config.seed,
            "gold_accuracy": summary.get("gold_accuracy"), "seconds": time.time() - started, **summary}
