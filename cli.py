@@ -437,6 +437,9 @@ def transfer(
                                "--labeller for plain self-improvement)."),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Run directory; a rerun skips finished stages."),
     task: str | None = typer.Option(None, help="Built-in task instead of QUESTIONS (arithmetic, sentiment)."),
+    dataset: str | None = typer.Option(None, help="Hub dataset instead of QUESTIONS (e.g. gsm8k; needs network)."),
+    dataset_config: str | None = typer.Option(None, help="Hub dataset configuration (e.g. main)."),
+    split: str = typer.Option("train", help="Hub dataset split."),
     limit: int | None = typer.Option(None, min=2, help="Use N questions (the built-in task defaults to 100)."),
     eval_size: float = typer.Option(0.25, help="Held-out questions: fraction (0-1) or count."),
     generator: str = typer.Option("policy", help="Who samples the candidates: policy or labeller."),
@@ -453,6 +456,10 @@ def transfer(
     claims: str = typer.Option("candidates", help="What ICM labels: candidates (each solution), answers (one "
                                "claim per answer of a question) or pivot (one claim per two-way question)."),
     icm_iterations: int | None = typer.Option(None, min=1, help="ICM search steps per batch [default: 4 x claims]."),
+    polish_iterations: int | None = typer.Option(None, min=0, help="ICM greedy steps after annealing [default: "
+                                                 "batch claims / 4]."),
+    icm_batch_size: int = typer.Option(256, min=1, help="Claims ICM searches together; the claims a search does not "
+                                       "reach are labelled by their prediction given the searched ones."),
     alpha: float = typer.Option(50.0, help="ICM weight of mutual predictability."),
     pairs_strategy: str = typer.Option("all", help="Pairs: all or best-margin."),
     max_per_question: int | None = typer.Option(None, min=1, help="Pairs kept per question."),
@@ -483,8 +490,8 @@ def transfer(
     from dpo.transfer import STAGES, TransferConfig, run_transfer
     from icm.search import ICMConfig
 
-    if (questions is None) == (task is None):
-        fail("give exactly one of QUESTIONS or --task")
+    if sum(map(bool, (questions, task, dataset))) != 1:
+        fail("give exactly one of QUESTIONS, --task or --dataset")
     instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
     try:
         config = TransferConfig(
@@ -494,7 +501,8 @@ def transfer(
                                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                                         instruction=instruction, extractor=extractor,
                                         enumerate_answers=enumerate_answers),
-            icm=ICMConfig(iterations=icm_iterations, alpha=alpha, seed=seed),
+            icm=ICMConfig(iterations=icm_iterations, polish_iterations=polish_iterations, batch_size=icm_batch_size,
+                          alpha=alpha, seed=seed),
             pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, seed=seed),
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length, seed=seed),
@@ -502,11 +510,12 @@ def transfer(
                             instruction=instruction, extractor=extractor))
     except ValueError as error:
         fail(str(error))
-    items = load_questions(questions, task=task, limit=limit, seed=seed, question_field=question_field,
-                           answer_field=answer_field, id_field=id_field)
+    items = load_questions(questions, task=task, dataset=dataset, config=dataset_config, split=split, limit=limit,
+                           seed=seed, question_field=question_field, answer_field=answer_field, id_field=id_field)
     if stop_after is not None and stop_after not in STAGES:
         fail(f"--stop-after must be one of {', '.join(STAGES)}")
-    report = run_transfer(items, labeller, policy, output_dir, config, source=questions or f"task:{task}",
+    source = questions or (f"task:{task}" if task else f"hub:{dataset}")
+    report = run_transfer(items, labeller, policy, output_dir, config, source=source,
                           command=shlex.join(["icm", *sys.argv[1:]]), stop_after=stop_after)
     if "stopped_after" in report:
         console.print(f"stopped after {stop_after}; rerun the same command without --stop-after to continue",

