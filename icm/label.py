@@ -22,7 +22,7 @@ from data.candidates import GenerationConfig, generate_candidates
 from data.claims import Claim, ClaimFields, claims_from_records, gold_labels
 from data.io import InputError, read_records, write_json, write_parquet
 from data.tasks import load_questions
-from icm.scoring import PromptTemplate
+from icm.scoring import ClaimScorer, PromptTemplate
 from icm.search import ICMConfig, label_claims
 
 
@@ -65,16 +65,43 @@ def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMCo
     return [{**record, **result} for record, result in zip(records, results)], summary
 
 
+def zero_shot_records(records: list[dict[str, Any]], model, tokenizer, config: ICMConfig | None = None, *,
+                      template: PromptTemplate | None = None, fields: ClaimFields | None = None,
+                      source: str | Path = "<input>") -> tuple[list[dict[str, Any]], dict]:
+    """The zero-shot baseline of the paper: each claim's log-odds with no demonstrations, minus their mean
+    (the collapse guard of ICM's ``balance="center"``; kept raw with ``"none"``), labelled True when above 0.
+    Returns rows and a summary as :func:`label_records` does; ``icm_searched`` is False everywhere."""
+    fields = fields or ClaimFields()
+    config = config or ICMConfig()
+    claims = claims_from_records(records, source, fields)
+    gold = gold_labels(records, source, fields.label)
+    started = time.monotonic()
+    scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens, config.scoring_batch_size)
+    scores = scorer.score(list(range(len(claims))), demos=())
+    if config.balance == "center" and len(scores):
+        scores = scores - scores.mean()
+    labels = [bool(z > 0) for z in scores]
+    summary: dict[str, Any] = {"method": "zero-shot", "claims": len(claims), "searched": 0,
+                               "true_share": float(np.mean(labels)) if labels else 0.0,
+                               "seconds": time.monotonic() - started, "forward_tokens": scorer.forward_tokens}
+    if gold is not None:
+        summary["gold_accuracy"] = accuracy(labels, gold)
+        summary["gold_true_share"] = float(np.mean([g for g in gold if g is not None]))
+    results = [{"icm_label": y, "icm_score": float(z), "icm_searched": False} for y, z in zip(labels, scores)]
+    return [{**record, **result} for record, result in zip(records, results)], summary
+
+
 def label_file(input_path: str | Path, output: str | Path, model_spec: str, config: ICMConfig | None = None, *,
                template: PromptTemplate | None = None, fields: ClaimFields | None = None,
                run_dir: str | Path | None = None, resume: bool = False, dtype: str = "auto",
                generation: GenerationConfig | None = None, answer_field: str = "answer",
-               command: str = "") -> dict[str, Any]:
+               command: str = "", zero_shot: bool = False) -> dict[str, Any]:
     """Label a claims file end to end. Input is validated before the model loads; the output Parquet
     and run.json are written atomically at the end, so a failure never leaves a half-written file.
 
     A file of questions (no ``choice`` column) is first turned into candidate claims by sampling
-    ``generation.num_candidates`` solutions per question from the same model (as ``icm generate`` does)."""
+    ``generation.num_candidates`` solutions per question from the same model (as ``icm generate`` does).
+    ``zero_shot=True`` labels with :func:`zero_shot_records` (the baseline) instead of the ICM search."""
     from icm.models import load_model
 
     config = config or ICMConfig()
@@ -97,8 +124,12 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         generation = generation or GenerationConfig(seed=config.seed)
         records, generation_report = generate_candidates(questions, model, tokenizer, generation, model_spec)
         fields = ClaimFields()
-    rows, summary = label_records(records, model, tokenizer, config, template=template, fields=fields,
-                                  run_dir=run_dir, resume=resume, model_name=model_spec, source=input_path)
+    if zero_shot:
+        rows, summary = zero_shot_records(records, model, tokenizer, config, template=template, fields=fields,
+                                          source=input_path)
+    else:
+        rows, summary = label_records(records, model, tokenizer, config, template=template, fields=fields,
+                                      run_dir=run_dir, resume=resume, model_name=model_spec, source=input_path)
     run = {"model": model_spec, "input": str(input_path), "output": str(output), "command": command,
            "generation": generation_report,
            "template": asdict(template), "config": asdict(config), "seed": config.seed,
