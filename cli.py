@@ -478,8 +478,11 @@ def transfer(
     id_field: str | None = typer.Option(None, help="Id column (default: row number)."),
     stop_after: str | None = typer.Option(None, help="End after this stage (eval_before, generate, label, pairs, "
                                           "dpo); rerun the same command to continue."),
+    arms: str = typer.Option("icm", help="Labels to train the policy on, one policy each, comma-separated: icm, "
+                             "gold (ceiling), random (control), zero_shot (the labeller without demonstrations)."),
 ) -> None:
-    """Weak-from-strong: generate -> label (labeller, ICM) -> pairs -> DPO (policy) -> eval before/after."""
+    """Weak-from-strong: generate -> label (labeller, ICM) -> pairs -> DPO (policy) -> eval before/after,
+    for each arm of labels (--arms icm,gold,random,zero_shot compares them on the same candidates)."""
     import shlex
 
     from data.candidates import GenerationConfig
@@ -487,7 +490,7 @@ def transfer(
     from data.tasks import load_questions
     from dpo.evaluation import EvalConfig
     from dpo.training import DPOTrainingConfig
-    from dpo.transfer import STAGES, TransferConfig, run_transfer
+    from dpo.transfer import STAGES, TransferConfig, arms_table, run_transfer
     from icm.search import ICMConfig
 
     if sum(map(bool, (questions, task, dataset))) != 1:
@@ -507,7 +510,8 @@ def transfer(
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length, seed=seed),
             eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                            instruction=instruction, extractor=extractor))
+                            instruction=instruction, extractor=extractor),
+            arms=tuple(a.strip() for a in arms.split(",") if a.strip()))
     except ValueError as error:
         fail(str(error))
     items = load_questions(questions, task=task, dataset=dataset, config=dataset_config, split=split, limit=limit,
@@ -521,11 +525,8 @@ def transfer(
         console.print(f"stopped after {stop_after}; rerun the same command without --stop-after to continue",
                       highlight=False)
         return
-    ci = report["delta_ci"]
-    console.print(f"{report['mode']}: accuracy {report['accuracy_before']:.3f} -> {report['accuracy_after']:.3f} "
-                  f"(delta {report['delta']:+.3f}, {ci['level']:.0%} CI [{ci['low']:+.3f}, {ci['high']:+.3f}]) on "
-                  f"{report['questions']['heldout']} held-out questions; {output_dir / 'transfer.json'}, "
-                  f"{output_dir / 'transfer.png'}", highlight=False)
+    console.print(arms_table(report))
+    console.print(f"{output_dir / 'transfer.json'}, {output_dir / 'transfer.png'}", highlight=False)
 
 
 if __name__ == "__main__":

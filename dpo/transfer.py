@@ -1,11 +1,19 @@
 """``icm transfer``: weak-from-strong (or self-) improvement, end to end and resumable.
 
 generate (candidates by the policy) -> label (ICM, by the labeller) -> pairs -> DPO (the policy) -> accuracy
-of the policy before and after on held-out questions, with a paired bootstrap CI of the change. Every
-stage writes its output into the run directory and is skipped on a rerun when that output exists:
+of the policy before and after on held-out questions, with a paired bootstrap CI of the change.
 
-    split.json  candidates.parquet  labels.parquet  pairs.parquet  policy/  eval_before.json
-    eval_after.json  transfer.json  transfer.png
+The paper's comparison in one run: each *arm* trains the same policy on the same candidates with the same
+DPO settings and changes only the labels: ``icm`` (ICM labels), ``gold`` (the candidates' gold ``label``,
+the ceiling), ``random`` (one answer per question drawn at random, the control) and ``zero_shot`` (the
+labeller's zero-shot labels, the baseline). Every stage writes its output into the run directory and is
+skipped on a rerun when that output exists. The ICM arm keeps the top level (the layout from before arms),
+arm A lives in ``arms/A/``:
+
+    split.json  eval_before.json  candidates.parquet                       shared
+    labels.parquet  pairs.parquet  pairs.report.json  policy/  eval_after.json  icm arm (icm/: ICM run)
+    arms/A/labels.parquet  arms/A/pairs.parquet  ...  arms/A/eval_after.json      arm A
+    transfer.json  transfer.png  stages.json
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from rich.console import Console
+from rich.table import Table
 
 from data.answers import closed_answers
 from data.candidates import GenerationConfig, generate_file
-from data.io import InputError, atomic_path, read_parquet_metadata, write_json
-from data.pairs import PairsConfig, build_pairs, load_labels, write_pairs
+from data.io import InputError, atomic_path, read_parquet_metadata, read_records, write_json, write_parquet
+from data.pairs import PairsConfig, build_pairs, load_labels, split_paths, write_pairs
 from data.tasks import Question
 from dpo.evaluation import EvalConfig, evaluate_question_list, paired_bootstrap
 from dpo.training import SUMMARY_FILE, DPOTrainingConfig, train_dpo
@@ -32,6 +42,7 @@ from icm.label import label_file
 from icm.search import ICMConfig
 
 STAGES = ("eval_before", "generate", "label", "pairs", "dpo", "eval_after")  # in the order they run
+ARMS = ("icm", "gold", "random", "zero_shot")
 console = Console(stderr=True)
 
 
@@ -45,13 +56,15 @@ class TransferConfig:
         claims: what ICM labels: ``candidates``, ``answers`` or ``pivot`` (``icm.label.label_file``).
         bootstrap_samples: resamples of the held-out questions for the CI of the accuracy change.
         confidence: level of that CI.
-        seed: seed of the train/held-out split (the stages have their own seeds).
+        seed: seed of the train/held-out split and of the random arm's labels (the stages have their own seeds).
         dtype: dtype for generation, labelling and evaluation (``auto``: bf16 where supported).
         generation: candidate sampling (``icm generate``).
         icm: the ICM search (``icm label``).
         pairs: pair construction (``icm pairs``).
         dpo: DPO training (``icm dpo``).
         eval: evaluation (``icm eval``).
+        arms: which labels to train the policy on, one policy each (see the module docstring): any of
+            ``icm``, ``gold``, ``random``, ``zero_shot``.
     """
 
     eval_size: float = 0.25
@@ -66,8 +79,14 @@ class TransferConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     dpo: DPOTrainingConfig = field(default_factory=DPOTrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    arms: tuple[str, ...] = ("icm",)
 
     def __post_init__(self) -> None:
+        self.arms = tuple(self.arms)
+        unknown = [a for a in self.arms if a not in ARMS]
+        if not self.arms or unknown or len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms must be distinct names among {', '.join(ARMS)}, "
+                             f"got {', '.join(self.arms) or 'none'}")
         if self.generator not in ("policy", "labeller"):
             raise ValueError(f"generator must be 'policy' or 'labeller', got '{self.generator}'")
         if not (0 < self.eval_size < 1 or (self.eval_size >= 1 and float(self.eval_size).is_integer())):
@@ -109,9 +128,7 @@ class Stages:
 
     def run(self, name: str, output: Path, fn: Callable[[], Any]) -> bool:
         if output.exists():
-            self.skipped.append(name)
-            console.print(f"[dim]{name}: {output.name} exists, skipped[/]", highlight=False)
-            return False
+            return self.skip(name, f"{output.name} exists")
         console.print(f"[bold]{name}[/] -> {output}", highlight=False)
         start = time.perf_counter()
         fn()
@@ -120,15 +137,67 @@ class Stages:
         _free()
         return True
 
+    def skip(self, name: str, why: str) -> bool:
+        self.skipped.append(name)
+        console.print(f"[dim]{name}: {why}, skipped[/]", highlight=False)
+        return False
+
+
+def arm_paths(run_dir: Path, arm: str) -> dict[str, Path]:
+    """Files of one arm: the ICM arm's are at the run directory's top level, arm A's in ``arms/A/``."""
+    base = run_dir if arm == "icm" else run_dir / "arms" / arm
+    pairs = base / "pairs.parquet"
+    return {"dir": base, "labels": base / "labels.parquet", "label_run": base / "icm", "pairs": pairs,
+            "pairs_report": split_paths(pairs)["report"], "policy": base / "policy",
+            "eval_after": base / "eval_after.json"}
+
+
+def random_labels(rows: list[dict[str, Any]], seed: int) -> list[bool]:
+    """The control: per question (``consistency_id``), one distinct ``answer`` drawn uniformly at random (seeded);
+    its rows are True, all others False. A row without an answer is an answer of its own."""
+    rng = random.Random(seed)
+    answers = [str(r.get("answer") or "") or f"\0{i}" for i, r in enumerate(rows)]
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(str(row["consistency_id"]), []).append(i)
+    labels = [False] * len(rows)
+    for members in groups.values():
+        pick = rng.choice(list(dict.fromkeys(answers[i] for i in members)))
+        for i in members:
+            labels[i] = answers[i] == pick
+    return labels
+
+
+def write_fixed_labels(candidates: Path, output: Path, arm: str, seed: int) -> None:
+    """Labels that need no model, written like ``icm label``'s (``icm_score`` +1/-1, ``icm_searched`` False):
+    the candidates' gold ``label`` column (``gold``; no gold counts as False) or :func:`random_labels`."""
+    rows = read_records(candidates)
+    labels = [bool(r.get("label")) for r in rows] if arm == "gold" else random_labels(rows, seed)
+    gold = [y == r["label"] for r, y in zip(rows, labels) if r.get("label") is not None]
+    metadata = {"method": arm, "seed": seed, "true_share": sum(labels) / max(len(labels), 1),
+                "gold_accuracy": sum(gold) / len(gold) if gold else None}
+    out = [r | {"icm_label": y, "icm_score": 1.0 if y else -1.0, "icm_searched": False} for r, y in zip(rows, labels)]
+    write_parquet(output, pa.Table.from_pylist(out), metadata)
+
 
 def _pairs_stage(labels: Path, pairs: Path, config: TransferConfig, command: str | None) -> None:
+    """Pairs and their report; labels that give no pair leave the report alone (``pairs: 0``), with a warning."""
     rows, metadata = load_labels(labels)
     kept, report = build_pairs(rows, config.pairs)
-    if not kept:
-        reasons = report["questions_skipped"] | report["dropped"]
-        raise InputError(labels, "no preference pairs (" + ", ".join(f"{k}: {v}" for k, v in reasons.items())
-                         + "); more candidates or questions are needed")
-    write_pairs(pairs, kept, report, config.pairs, labels_metadata=metadata, command=command, source=labels)
+    if kept:
+        write_pairs(pairs, kept, report, config.pairs, labels_metadata=metadata, command=command, source=labels)
+        return
+    console.print(f"[yellow]warning:[/] {labels} gives no preference pairs ({_no_pairs_reasons(report)}); this arm's "
+                  "policy is not trained", highlight=False)
+    write_json(split_paths(pairs)["report"], report)
+
+
+def _no_pairs_reasons(report: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in (report["questions_skipped"] | report["dropped"]).items()) or "no rows"
+
+
+def _pair_count(arm: dict[str, Path]) -> int:
+    return json.loads(arm["pairs_report"].read_text())["pairs"]
 
 
 def run_transfer(
@@ -145,8 +214,9 @@ def run_transfer(
 ) -> dict[str, Any]:
     """Run (or resume) the whole pipeline in ``output_dir`` and return the report written to ``transfer.json``.
 
-    ``stop_after`` (a stage name) ends the run after that stage, e.g. ``pairs`` to train the policy into
-    ``output_dir/policy`` with ``accelerate launch ... dpo`` on several GPUs, then rerun to evaluate.
+    Stages run in order, each for every arm before the next; ``stop_after`` (a stage name) ends the run after
+    that stage, e.g. ``pairs`` to train each arm's policy (``policy/``, ``arms/A/policy``) with
+    ``accelerate launch ... dpo`` on several GPUs, then rerun to evaluate.
     """
     config = config or TransferConfig()
     if stop_after is not None and stop_after not in STAGES:
@@ -169,99 +239,178 @@ def run_transfer(
     else:
         write_json(split_path, {"source": source} | split)
 
-    paths = {name: run_dir / f"{name}.parquet" for name in ("candidates", "labels", "pairs")}
-    policy_dir = run_dir / "policy"
-    evals = {name: run_dir / f"{name}.json" for name in ("eval_before", "eval_after")}
+    candidates, eval_before = run_dir / "candidates.parquet", run_dir / "eval_before.json"
     generator = policy if config.generator == "policy" else labeller
-    stages = Stages(run_dir)
-    plan: list[tuple[str, Path, Callable[[], Any]]] = [
-        ("eval_before", evals["eval_before"], lambda: evaluate_question_list(
-            heldout, policy, config.eval, source=f"{source} (held out)", output=evals["eval_before"],
-            dtype=config.dtype, progress=progress)),
-        ("generate", paths["candidates"], lambda: generate_file(
-            train, paths["candidates"], generator, config.generation, dtype=config.dtype, resume=True,
-            command=command or "", progress=progress)),
-        ("label", paths["labels"], lambda: label_file(
-            paths["candidates"], paths["labels"], labeller, config.icm, run_dir=run_dir / "icm", resume=True,
-            dtype=config.dtype, claims=config.claims, answers=closed_answers(config.generation.extractor),
-            command=command or "")),
-        ("pairs", paths["pairs"], lambda: _pairs_stage(paths["labels"], paths["pairs"], config, command)),
-        ("dpo", policy_dir / SUMMARY_FILE, lambda: train_dpo(
-            paths["pairs"], policy, policy_dir, config.dpo, resume=True, progress=progress, command=command)),
-        ("eval_after", evals["eval_after"], lambda: evaluate_question_list(
-            heldout, str(policy_dir), config.eval, source=f"{source} (held out)", output=evals["eval_after"],
-            dtype=config.dtype, progress=progress)),
-    ]
-    for name, output, fn in plan:
-        stages.run(name, output, fn)
-        if name == stop_after:
-            return {"stopped_after": name, "output_dir": str(run_dir), "timings": stages.timings}
 
-    report = build_report(run_dir, labeller, policy, generator, config, stages, len(train), source)
+    def evaluate(model: str, output: Path) -> Callable[[], Any]:
+        return lambda: evaluate_question_list(heldout, model, config.eval, source=f"{source} (held out)",
+                                              output=output, dtype=config.dtype, progress=progress)
+
+    def arm_stages(arm: str) -> dict[str, tuple[str, Path, Callable[[], Any]]]:
+        """Stage -> (name, output, function) of one arm; the ICM arm's names are the bare stage names."""
+        files = arm_paths(run_dir, arm)
+
+        def label() -> None:
+            if arm in ("gold", "random"):
+                write_fixed_labels(candidates, files["labels"], arm, config.seed)
+            else:
+                label_file(candidates, files["labels"], labeller, config.icm, run_dir=files["label_run"],
+                           resume=True, dtype=config.dtype, claims=config.claims,
+                           answers=closed_answers(config.generation.extractor), command=command or "",
+                           zero_shot=arm == "zero_shot")
+
+        plan = {
+            "label": (files["labels"], label),
+            "pairs": (files["pairs_report"], lambda: _pairs_stage(files["labels"], files["pairs"], config, command)),
+            "dpo": (files["policy"] / SUMMARY_FILE, lambda: train_dpo(
+                files["pairs"], policy, files["policy"], config.dpo, resume=True, progress=progress,
+                command=command)),
+            "eval_after": (files["eval_after"], evaluate(str(files["policy"]), files["eval_after"])),
+        }
+        prefix = "" if arm == "icm" else f"{arm}/"
+        return {stage: (prefix + stage, output, fn) for stage, (output, fn) in plan.items()}
+
+    arms = {arm: arm_stages(arm) for arm in config.arms}
+    shared = {"eval_before": ("eval_before", eval_before, evaluate(policy, eval_before)),
+              "generate": ("generate", candidates, lambda: generate_file(
+                  train, candidates, generator, config.generation, dtype=config.dtype, resume=True,
+                  command=command or "", progress=progress))}
+    stages = Stages(run_dir)
+    names: list[str] = []
+    for stage in STAGES:
+        runs = [(None, shared[stage])] if stage in shared else [(arm, plan[stage]) for arm, plan in arms.items()]
+        for arm, (name, output, fn) in runs:
+            names.append(name)
+            if arm is not None and stage in ("dpo", "eval_after") and not _pair_count(arm_paths(run_dir, arm)):
+                stages.skip(name, "no preference pairs")
+            else:
+                stages.run(name, output, fn)
+        if stage == stop_after:
+            return {"stopped_after": stage, "output_dir": str(run_dir), "timings": stages.timings}
+
+    report = build_report(run_dir, labeller, policy, generator, config, stages, names, len(train), source)
     write_json(run_dir / "transfer.json", report)
     plot_transfer(report, run_dir / "transfer.png")
     return report
 
 
-def build_report(run_dir: Path, labeller: str, policy: str, generator: str, config: TransferConfig,
-                 stages: Stages, n_train: int, source: str) -> dict[str, Any]:
-    before = json.loads((run_dir / "eval_before.json").read_text())
-    after = json.loads((run_dir / "eval_after.json").read_text())
+def arm_report(run_dir: Path, arm: str, before: dict[str, Any], config: TransferConfig) -> dict[str, Any]:
+    """One arm's entry in ``transfer.json``: held-out accuracy after DPO and its paired bootstrap CI of the change,
+    the labels' and the pairs' accuracy against gold, the pair count and the share of True labels. An arm
+    without pairs keeps the policy as it was (accuracy after = before) and says so in ``note``."""
+    files = arm_paths(run_dir, arm)
+    pairs = json.loads(files["pairs_report"].read_text())
+    after = json.loads(files["eval_after"].read_text()) if pairs["pairs"] else before
     if [r["id"] for r in before["results"]] != [r["id"] for r in after["results"]]:
-        raise InputError(run_dir / "eval_after.json", "before/after evaluations cover different questions")
+        raise InputError(files["eval_after"], "before/after evaluations cover different questions")
     ci = paired_bootstrap([r["correct"] for r in before["results"]], [r["correct"] for r in after["results"]],
                           samples=config.bootstrap_samples, level=config.confidence, seed=config.seed)
+    balance = pairs["label_balance"]
+    entry = {
+        "accuracy_after": after["accuracy"],
+        "delta": ci["delta"],
+        "delta_ci": {"low": ci["ci_low"], "high": ci["ci_high"]},
+        "label_accuracy": pairs["labels_gold_accuracy"],
+        "pair_accuracy": (pairs["quality"] or {}).get("pair_correct"),
+        "pairs": pairs["pairs"],
+        "true_share": balance["true"] / max(balance["true"] + balance["false"], 1),
+        "dir": str(files["dir"]),
+    }
+    if not pairs["pairs"]:
+        entry["note"] = (f"no preference pairs ({_no_pairs_reasons(pairs)}): the policy was not trained, "
+                         "accuracy_after is accuracy_before")
+    return entry
+
+
+def build_report(run_dir: Path, labeller: str, policy: str, generator: str, config: TransferConfig,
+                 stages: Stages, names: list[str], n_train: int, source: str) -> dict[str, Any]:
+    """``transfer.json``: the run, every arm (``arms``) and, at the top level as before arms, the ICM arm's
+    accuracy change, labels, pairs and DPO summary (None where the ICM arm was not run or had no pairs)."""
+    before = json.loads((run_dir / "eval_before.json").read_text())
+    arms = {arm: arm_report(run_dir, arm, before, config) for arm in config.arms}
     candidates = read_parquet_metadata(run_dir / "candidates.parquet").get("report", {})
-    labels = read_parquet_metadata(run_dir / "labels.parquet")
-    pairs = json.loads((run_dir / "pairs.report.json").read_text())
-    dpo = json.loads((run_dir / "policy" / SUMMARY_FILE).read_text())
-    return {
+    report: dict[str, Any] = {
         "mode": "self-improvement" if labeller == policy else "weak-from-strong",
         "labeller": labeller,
         "policy": policy,
         "generator": generator,
         "questions": {"source": source, "train": n_train, "heldout": before["n"]},
+        "held_out": before["n"],
         "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "delta": ci["delta"],
-        "delta_ci": {"low": ci["ci_low"], "high": ci["ci_high"], "level": ci["level"], "samples": ci["samples"],
-                     "method": "paired bootstrap over held-out questions"},
+        "accuracy_after": None, "delta": None, "delta_ci": None, "labels": None, "pairs": None, "dpo": None,
         "candidates": {k: candidates.get(k) for k in ("claims", "candidate_accuracy", "questions_mixed",
                                                       "mixed_share", "distinct_answers_mean")},
-        "labels": {"gold_accuracy": labels.get("gold_accuracy"), "true_share": labels.get("true_share")},
-        "pairs": {"pairs": pairs["pairs"], "questions_with_pairs": pairs["questions_with_pairs"],
-                  "labels_gold_accuracy": pairs.get("labels_gold_accuracy"), "quality": pairs.get("quality")},
-        "dpo": {"global_step": dpo["global_step"], "metrics": dpo["metrics"],
-                "seconds_per_step": dpo["seconds_per_step"], "adapter": dpo["adapter"]},
-        "timings": {name: stages.timings.get(name) for name in STAGES},
+        "arms": arms,
+        "timings": {name: stages.timings.get(name) for name in names},
         "skipped_this_run": stages.skipped,
         "files": {name: str(run_dir / name) for name in ("candidates.parquet", "labels.parquet", "pairs.parquet",
                                                           "policy", "eval_before.json", "eval_after.json")},
         "config": asdict(config),
     }
+    if "icm" in arms:
+        icm = arms["icm"]
+        labels = read_parquet_metadata(run_dir / "labels.parquet")
+        pairs = json.loads((run_dir / "pairs.report.json").read_text())
+        report |= {
+            "accuracy_after": icm["accuracy_after"],
+            "delta": icm["delta"],
+            "delta_ci": icm["delta_ci"] | {"level": config.confidence, "samples": config.bootstrap_samples,
+                                           "method": "paired bootstrap over held-out questions"},
+            "labels": {"gold_accuracy": labels.get("gold_accuracy"), "true_share": labels.get("true_share")},
+            "pairs": {"pairs": pairs["pairs"], "questions_with_pairs": pairs["questions_with_pairs"],
+                      "labels_gold_accuracy": pairs.get("labels_gold_accuracy"), "quality": pairs.get("quality")},
+        }
+        if pairs["pairs"]:
+            dpo = json.loads((run_dir / "policy" / SUMMARY_FILE).read_text())
+            report["dpo"] = {"global_step": dpo["global_step"], "metrics": dpo["metrics"],
+                             "seconds_per_step": dpo["seconds_per_step"], "adapter": dpo["adapter"]}
+    return report
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def arms_table(report: dict[str, Any]) -> Table:
+    """The comparison as a rich table: one row per arm."""
+    level = report["config"]["confidence"]
+    table = Table(title=f"{report['mode']}: policy {report['policy']}, held-out accuracy "
+                        f"{report['accuracy_before']:.3f} before, {report['held_out']} questions",
+                  title_justify="left")
+    for name in ("arm", "label acc", "pairs", "pair acc", "accuracy after", f"delta [{level:.0%} CI]"):
+        table.add_column(name, justify="left" if name == "arm" else "right")
+    for arm, r in report["arms"].items():
+        ci = r["delta_ci"]
+        table.add_row(arm, _fmt(r["label_accuracy"]), str(r["pairs"]), _fmt(r["pair_accuracy"]),
+                      _fmt(r["accuracy_after"]), f"{r['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]")
+    return table
 
 
 def plot_transfer(report: dict[str, Any], path: str | Path) -> None:
-    """Accuracy before/after with the CI of the change, and the time spent per stage (PNG, atomic)."""
+    """Held-out accuracy of the base policy and of each arm, with the arms' CI of the change as error bars,
+    and the time spent per stage (PNG, atomic)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    before, after, ci = report["accuracy_before"], report["accuracy_after"], report["delta_ci"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1, 1.4]})
-    bars = ax.bar(["before", "after"], [before, after], color=["#9aa5b1", "#3b82f6"])
+    arms, before = report["arms"], report["accuracy_before"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
+    names, values = ["base", *arms], [before, *(r["accuracy_after"] for r in arms.values())]
+    bars = ax.bar(names, values, color=["#9aa5b1"] + ["#3b82f6"] * len(arms))
     ax.bar_label(bars, fmt="%.3f")
-    # The error bar on "after" is the paired CI of the change, drawn around before + delta.
-    ax.errorbar([1], [before + report["delta"]], yerr=[[report["delta"] - ci["low"]], [ci["high"] - report["delta"]]],
-                fmt="none", ecolor="black", capsize=6)
+    # An arm's error bar is the paired CI of its change, drawn around before + delta (= its accuracy after).
+    ax.errorbar(range(1, len(names)), values[1:], fmt="none", ecolor="black", capsize=6,
+                yerr=[[r["delta"] - r["delta_ci"]["low"] for r in arms.values()],
+                      [r["delta_ci"]["high"] - r["delta"] for r in arms.values()]])
     ax.set_ylim(0, 1)
-    ax.set_ylabel(f"accuracy on {report['questions']['heldout']} held-out questions")
-    ax.set_title(f"delta {report['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}] ({ci['level']:.0%} CI)",
+    ax.set_ylabel(f"accuracy on {report['held_out']} held-out questions")
+    ax.set_title(f"policy after DPO on each arm's labels ({report['config']['confidence']:.0%} CI of the change)",
                  fontsize=10)
     timings = {k: v for k, v in report["timings"].items() if v is not None}
     bx.barh(list(timings), list(timings.values()), color="#f59e0b")
     bx.invert_yaxis()
+    bx.tick_params(axis="y", labelsize=8)
     bx.set_xlabel("seconds")
     bx.set_title("time per stage", fontsize=10)
     fig.suptitle(f"{report['mode']}: policy {report['policy']}, labeller {report['labeller']}", fontsize=11)

@@ -23,7 +23,7 @@ from data.candidates import GenerationConfig, generate_candidates
 from data.claims import CLAIM_MODES, AnswerClaims, Claim, ClaimFields, answer_claims, claims_from_records, gold_labels
 from data.io import InputError, read_parquet_metadata, read_records, write_json, write_parquet
 from data.tasks import load_questions
-from icm.scoring import PromptTemplate
+from icm.scoring import ClaimScorer, PromptTemplate
 from icm.search import ICMConfig, label_claims
 
 
@@ -84,12 +84,38 @@ def candidate_labels(records: list[dict[str, Any]], formulated: AnswerClaims,
     return out
 
 
+def zero_shot_records(records: list[dict[str, Any]], model, tokenizer, config: ICMConfig | None = None, *,
+                      template: PromptTemplate | None = None, fields: ClaimFields | None = None,
+                      source: str | Path = "<input>") -> tuple[list[dict[str, Any]], dict]:
+    """The zero-shot baseline of the paper: each claim's log-odds with no demonstrations, minus their mean
+    (the collapse guard of ICM's ``balance="center"``; kept raw with ``"none"``), labelled True when above 0.
+    Returns rows and a summary as :func:`label_records` does; ``icm_searched`` is False everywhere."""
+    fields = fields or ClaimFields()
+    config = config or ICMConfig()
+    claims = claims_from_records(records, source, fields)
+    gold = gold_labels(records, source, fields.label)
+    started = time.monotonic()
+    scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens, config.scoring_batch_size)
+    scores = scorer.score(list(range(len(claims))), demos=())
+    if config.balance == "center" and len(scores):
+        scores = scores - scores.mean()
+    labels = [bool(z > 0) for z in scores]
+    summary: dict[str, Any] = {"method": "zero-shot", "claims": len(claims), "searched": 0,
+                               "true_share": float(np.mean(labels)) if labels else 0.0,
+                               "seconds": time.monotonic() - started, "forward_tokens": scorer.forward_tokens}
+    if gold is not None:
+        summary["gold_accuracy"] = accuracy(labels, gold)
+        summary["gold_true_share"] = float(np.mean([g for g in gold if g is not None]))
+    results = [{"icm_label": y, "icm_score": float(z), "icm_searched": False} for y, z in zip(labels, scores)]
+    return [{**record, **result} for record, result in zip(records, results)], summary
+
+
 def label_file(input_path: str | Path, output: str | Path, model_spec: str, config: ICMConfig | None = None, *,
                template: PromptTemplate | None = None, fields: ClaimFields | None = None,
                run_dir: str | Path | None = None, resume: bool = False, dtype: str = "auto",
                generation: GenerationConfig | None = None, answer_field: str = "answer",
                claims: str = "candidates", answers: tuple[str, ...] | None = None,
-               command: str = "") -> dict[str, Any]:
+               command: str = "", zero_shot: bool = False) -> dict[str, Any]:
     """Label a claims file end to end. Input is validated before the model loads; the output Parquet
     and run.json are written atomically at the end, so a failure never leaves a half-written file.
 
@@ -98,7 +124,9 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
 
     ``claims`` says what the search labels: ``candidates`` (each row is a claim, as given), or claims about the
     candidates' final answers (``answers`` or ``pivot``, see :func:`data.claims.answer_claims`; ``answers`` is
-    the closed answer set when there is one), whose labels are then copied back to the candidate rows."""
+    the closed answer set when there is one), whose labels are then copied back to the candidate rows.
+
+    ``zero_shot=True`` labels with :func:`zero_shot_records` (the baseline) instead of the ICM search."""
     from icm.models import load_model
 
     if claims not in CLAIM_MODES:
@@ -126,11 +154,15 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         records, generation_report = generate_candidates(questions, model, tokenizer, generation, model_spec)
         fields = ClaimFields()
     formulated = answer_claims(records, claims, answers) if claims != "candidates" else None
-    rows, summary = label_records(formulated.rows if formulated else records, model, tokenizer, config,
-                                  template=template, fields=fields, run_dir=run_dir, resume=resume,
-                                  model_name=model_spec, source=input_path)
+    claim_records, claim_fields = (formulated.rows, ClaimFields()) if formulated else (records, fields)
+    if zero_shot:
+        rows, summary = zero_shot_records(claim_records, model, tokenizer, config, template=template,
+                                          fields=claim_fields, source=input_path)
+    else:
+        rows, summary = label_records(claim_records, model, tokenizer, config, template=template, fields=claim_fields,
+                                      run_dir=run_dir, resume=resume, model_name=model_spec, source=input_path)
     if formulated:
-        write_json(run_dir / "claims.json", rows)  # what the search labelled, before the copy to candidates
+        write_json(run_dir / "claims.json", rows)  # what was labelled, before the copy to the candidates
         rows = candidate_labels(records, formulated, rows)
         summary["answer_claims"] = len(formulated.rows)
         if (gold := gold_labels(records, input_path, fields.label)) is not None:

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from cli import app
 from data.claims import claims_from_records
 from data.io import read_parquet_metadata
+from icm.label import label_file, zero_shot_records
 from icm.models import load_model
 from icm.scoring import ClaimScorer
 from icm.search import ICMConfig, ICMSearch, label_claims, make_batches
@@ -133,6 +134,28 @@ def test_label_cli_writes_parquet_and_run_json(tiny_model_dir, tmp_path):
     run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
     assert 0 <= run["gold_accuracy"] <= 1 and 21 <= len(run["trajectories"][0]) <= 21 + 12 // 4  # + polishing
     assert run["template"]["claim"].startswith("Question: {question}")
+
+
+def test_zero_shot_labels_are_the_sign_of_centered_no_demonstration_scores(tiny, tiny_model_dir, tmp_path):
+    model, tokenizer = tiny
+    rows = arithmetic_claims()
+    raw = ClaimScorer(model, tokenizer, claims_from_records(rows)).score(list(range(len(rows))), demos=())
+    centered = raw - raw.mean()
+    out, summary = zero_shot_records(rows, model, tokenizer, ICMConfig())
+    assert [r["icm_score"] for r in out] == pytest.approx(centered.tolist())
+    assert [r["icm_label"] for r in out] == [bool(z > 0) for z in centered]
+    assert not any(r["icm_searched"] for r in out) and all(r["icm_label"] in (True, False) for r in out)
+    assert summary["gold_accuracy"] == pytest.approx(
+        sum(r["icm_label"] == r["label"] for r in out) / len(out))
+    uncentered, _ = zero_shot_records(rows, model, tokenizer, ICMConfig(balance="none"))
+    assert [r["icm_score"] for r in uncentered] == pytest.approx(raw.tolist())
+
+    src = write_jsonl(tmp_path / "claims.jsonl", rows)
+    run = label_file(src, tmp_path / "zs.parquet", tiny_model_dir, dtype="fp32", zero_shot=True)
+    assert pq.read_table(tmp_path / "zs.parquet").column("icm_label").to_pylist() == [r["icm_label"] for r in out]
+    assert run["method"] == "zero-shot" and run["gold_accuracy"] == pytest.approx(summary["gold_accuracy"])
+    assert json.loads((tmp_path / "zs.run" / "run.json").read_text())["gold_accuracy"] == run["gold_accuracy"]
+    assert read_parquet_metadata(tmp_path / "zs.parquet")["gold_accuracy"] == run["gold_accuracy"]
 
 
 @pytest.mark.parametrize("content, message", [

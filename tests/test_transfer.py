@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pyarrow as pa
 import pytest
 from conftest import build_tiny_model
+from rich.console import Console
 from typer.testing import CliRunner
 
 from cli import app
-from data.io import read_parquet_metadata, read_records
-from data.tasks import arithmetic_questions
-from dpo.transfer import split_questions
+from data.candidates import GenerationConfig
+from data.io import read_parquet_metadata, read_records, write_parquet
+from data.pairs import PairsConfig
+from data.tasks import arithmetic_questions, load_questions
+from dpo.evaluation import EvalConfig
+from dpo.training import DPOTrainingConfig
+from dpo.transfer import ARMS, TransferConfig, arms_table, random_labels, run_transfer, split_questions
+from icm.search import ICMConfig
 
 ARGS = ["--task", "arithmetic", "--limit", "5", "--eval-size", "2", "--num-candidates", "3", "--temperature", "1.0",
         "--max-new-tokens", "10", "--icm-iterations", "6", "--max-steps", "2", "--batch-size", "2",
         "--max-length", "384", "--bootstrap-samples", "200", "--dtype", "fp32"]
 
+
+def tiny_config(**kwargs) -> TransferConfig:
+    """ARGS as a config; the reference solutions join the candidates, so every question has a right answer."""
+    return TransferConfig(
+        eval_size=2, bootstrap_samples=200, dtype="fp32", **kwargs,
+        generation=GenerationConfig(num_candidates=3, temperature=1.0, max_new_tokens=10, batch_size=2,
+                                    include_reference=True),
+        icm=ICMConfig(iterations=6), dpo=DPOTrainingConfig(max_steps=2, batch_size=2, max_length=384),
+        eval=EvalConfig(max_new_tokens=10, batch_size=2))
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +112,142 @@ def test_split_questions_is_seeded_and_disjoint():
     assert [q.id for q in split_questions(questions, 0.3, seed=4)[1]] == [q.id for q in held]
     with pytest.raises(ValueError):
         split_questions(questions[:2], 2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def arms_run(tiny_model_dir, strong_model_dir, tmp_path_factory):
+    """A gold-only run, then all four arms in the same directory (the gold arm is finished by then), then a rerun."""
+    run = tmp_path_factory.mktemp("arms") / "run"
+    questions = load_questions(None, task="arithmetic", limit=5, seed=0)
+    reports = [run_transfer(questions, strong_model_dir, tiny_model_dir, run, tiny_config(arms=arms), progress=False)
+               for arms in (("gold",), ARMS, ARMS)]
+    return run, reports
+
+
+def test_each_arm_trains_the_policy_on_the_labels_it_names(arms_run):
+    run, (_, report, _) = arms_run
+    candidates = read_records(run / "candidates.parquet")
+    assert any(c["label"] for c in candidates) and not all(c["label"] for c in candidates)
+    labels = {arm: read_records(run / ("" if arm == "icm" else f"arms/{arm}") / "labels.parquet") for arm in ARMS}
+    for arm, rows in labels.items():
+        assert [r["choice"] for r in rows] == [c["choice"] for c in candidates], arm
+        base = run if arm == "icm" else run / "arms" / arm
+        if not report["arms"][arm]["pairs"]:  # the tiny labeller's zero-shot labels can be constant per question
+            assert not (base / "policy").exists() and "no preference pairs" in report["arms"][arm]["note"]
+            continue
+        dpo = json.loads((base / "policy" / "icm_dpo.json").read_text())
+        assert dpo["dataset"] == str(base / "pairs.parquet") and dpo["global_step"] == 2, arm
+        eval_after = json.loads((base / "eval_after.json").read_text())
+        assert eval_after["model"] == str(base / "policy") and report["arms"][arm]["accuracy_after"] == \
+            eval_after["accuracy"]
+    assert [r["icm_label"] for r in labels["gold"]] == [c["label"] for c in candidates]
+    assert [r["icm_label"] for r in labels["random"]] == random_labels(candidates, seed=0)
+    assert [r["icm_score"] for r in labels["random"]] == [1.0 if r["icm_label"] else -1.0 for r in labels["random"]]
+    assert not any(r["icm_searched"] for r in labels["zero_shot"])
+    assert json.loads((run / "arms" / "zero_shot" / "icm" / "run.json").read_text())["method"] == "zero-shot"
+    gold_pairs = read_records(run / "arms" / "gold" / "pairs.parquet")
+    assert gold_pairs and all(p["chosen_is_correct"] and not p["rejected_is_correct"] for p in gold_pairs)
+    assert report["arms"]["gold"]["label_accuracy"] == report["arms"]["gold"]["pair_accuracy"] == 1.0
+
+
+def shared_stages(run, other):
+    """A new run directory starting from ``run``'s finished shared stages (split, eval_before, candidates)."""
+    other.mkdir()
+    for name in ("split.json", "eval_before.json", "candidates.parquet"):
+        shutil.copy(run / name, other / name)
+    return other
+
+
+def test_icm_arm_never_reads_the_gold_column(arms_run, tiny_model_dir, strong_model_dir, tmp_path):
+    run, _ = arms_run
+    other = shared_stages(run, tmp_path / "run")
+    rows = read_records(run / "candidates.parquet")
+    flipped = [r | {"label": not r["label"]} for r in rows]
+    write_parquet(other / "candidates.parquet", pa.Table.from_pylist(flipped),
+                  read_parquet_metadata(run / "candidates.parquet"))
+    questions = load_questions(None, task="arithmetic", limit=5, seed=0)
+    run_transfer(questions, strong_model_dir, tiny_model_dir, other, tiny_config(), stop_after="label",
+                 progress=False)
+    ours, theirs = (read_records(d / "labels.parquet") for d in (run, other))
+    assert [r["icm_label"] for r in ours] == [r["icm_label"] for r in theirs]
+    assert [r["label"] for r in theirs] == [not r["label"] for r in ours]
+
+
+def test_transfer_report_table_and_plot_cover_every_arm(arms_run):
+    run, (_, report, _) = arms_run
+    assert json.loads((run / "transfer.json").read_text())["arms"] == report["arms"]
+    assert list(report["arms"]) == list(ARMS) and report["held_out"] == 2
+    before = json.loads((run / "eval_before.json").read_text())
+    for arm, r in report["arms"].items():
+        pairs = json.loads((run / ("" if arm == "icm" else f"arms/{arm}") / "pairs.report.json").read_text())
+        assert r["pairs"] == pairs["pairs"] and r["label_accuracy"] == pairs["labels_gold_accuracy"]
+        assert r["pair_accuracy"] == (pairs["quality"] or {}).get("pair_correct")
+        assert r["delta"] == pytest.approx(r["accuracy_after"] - before["accuracy"])
+        assert r["delta_ci"]["low"] <= r["delta"] <= r["delta_ci"]["high"]
+        assert all(0 <= r[k] <= 1 for k in ("accuracy_after", "label_accuracy", "true_share"))
+        assert r["pair_accuracy"] is None if not r["pairs"] else 0 <= r["pair_accuracy"] <= 1
+    assert report["arms"]["gold"]["pairs"] and report["arms"]["random"]["pairs"]
+    icm = report["arms"]["icm"]
+    assert report["accuracy_after"] == icm["accuracy_after"] and report["delta_ci"]["low"] == icm["delta_ci"]["low"]
+    assert (run / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    console = Console(record=True, width=150)
+    console.print(arms_table(report))
+    text = console.export_text()
+    for arm in ARMS:
+        assert arm in text
+    assert "delta [95% CI]" in text and f"{report['arms']['gold']['pairs']}" in text
+
+
+def test_rerun_skips_finished_arms(arms_run):
+    run, (gold_only, report, rerun) = arms_run
+
+    def names(arm):
+        return [s if arm == "icm" else f"{arm}/{s}" for s in ("label", "pairs", "dpo", "eval_after")]
+    untrained = [n for arm in ARMS if not report["arms"][arm]["pairs"] for n in names(arm)[2:]]  # no pairs
+    assert set(gold_only["timings"]) == {"eval_before", "generate", *names("gold")} and list(gold_only["arms"]) == \
+        ["gold"]
+    assert gold_only["accuracy_after"] is None and gold_only["dpo"] is None  # no ICM arm in that run
+    assert set(report["skipped_this_run"]) == {"eval_before", "generate", *names("gold"), *untrained}
+    assert list(report["timings"]) == ["eval_before", "generate"] + [n for s in range(4) for n in
+                                                                     (names(a)[s] for a in ARMS)]
+    assert all((v is None) == (k in untrained) and (v is None or v > 0) for k, v in report["timings"].items())
+    assert set(rerun["skipped_this_run"]) == set(report["timings"]) and rerun["timings"] == report["timings"]
+    assert rerun["arms"] == report["arms"]
+
+
+def test_an_arm_without_pairs_keeps_the_policy_and_the_comparison_goes_on(arms_run, tiny_model_dir, tmp_path):
+    run = shared_stages(arms_run[0], tmp_path / "run")
+    questions = load_questions(None, task="arithmetic", limit=5, seed=0)
+    config = tiny_config(arms=("gold", "random"), pairs=PairsConfig(min_margin=5.0))  # +1/-1 scores: margin 2
+    report = run_transfer(questions, tiny_model_dir, tiny_model_dir, run, config, progress=False)
+    for arm in ("gold", "random"):
+        r = report["arms"][arm]
+        assert r["pairs"] == 0 and r["accuracy_after"] == report["accuracy_before"] and r["delta"] == 0
+        assert "no preference pairs" in r["note"] and not (run / "arms" / arm / "policy").exists()
+    assert report["timings"]["gold/dpo"] is None and "gold/dpo" in report["skipped_this_run"]
+    assert (run / "transfer.png").exists()
+
+
+def test_random_labels_pick_one_answer_per_question_seeded():
+    rows = [{"consistency_id": q, "answer": a} for q in range(30) for a in ("1", "2", "2", "", None, "3")]
+    labels = random_labels(rows, seed=0)
+    assert labels == random_labels(rows, seed=0) and labels != random_labels(rows, seed=1)
+    picks = []
+    for q in range(30):
+        group = [(r, y) for r, y in zip(rows, labels) if r["consistency_id"] == q]
+        true = [r for r, y in group if y]
+        # one of the 5 answers ("1", "2", "3" and the two empty ones, each an answer of its own)
+        assert len(true) == (2 if true[0]["answer"] == "2" else 1)
+        assert len({r["answer"] or id(r) for r in true}) == 1
+        picks.append(true[0]["answer"] or "")
+    assert {"1", "2", "3", ""} <= set(picks)
+
+
+def test_arms_are_validated(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="arms"):
+        TransferConfig(arms=("icm", "oracle"))
+    with pytest.raises(ValueError, match="arms"):
+        TransferConfig(arms=("gold", "gold"))
+    result = CliRunner().invoke(app, ["transfer", "--labeller", tiny_model_dir, "--policy", tiny_model_dir,
+                                      "--task", "arithmetic", "--output-dir", str(tmp_path), "--arms", "icm,best"])
+    assert result.exit_code == 2 and "arms" in result.output and not (tmp_path / "split.json").exists()
