@@ -3,7 +3,8 @@ tokens per labelled claim, scoring throughput as a ratio of the model's raw forw
 accuracy when the claims have gold, a cost model for large claim sets, and (``--memory``) peak RSS.
 
     python bench/label_speed.py --model smollm2-135m --claims sentiment -n 64
-    python bench/label_speed.py --model smollm2-135m --claims sentiment -n 256 --iterations 64 --memory
+    python bench/label_speed.py --claims sentiment -n 256 --iterations 32 --polish-iterations 0 \
+        --variants default --memory
 
 Variants: ``previous`` is the search before the speed-up (every proposal scored exactly, a fold's targets
 re-scored whenever one is added, one prefix cache per fold: ``ICMConfig(exact_every=1, reuse_scores=False)``);
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--claims", default="sentiment", help=f"a claims file or one of {', '.join(CLAIM_SETS)}")
     parser.add_argument("-n", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--polish-iterations", type=int, default=None)
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine is shared)")
@@ -77,7 +79,8 @@ def main() -> None:
     raw = [raw_throughput(model)]
     rows = {}
     for name in args.variants:
-        config = ICMConfig(iterations=args.iterations, folds=args.folds, **VARIANTS[name])
+        config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
+                           **VARIANTS[name])
         trace: list[float] = []
         progress = (lambda info, trace=trace: trace.append(rss_mb())) if args.memory and name == "default" else None
         start = time.perf_counter()
