@@ -1,15 +1,22 @@
-"""Scoring speed of `icm label`: forward tokens per labelled claim, claims per second, and scoring
-throughput as a ratio of the model's raw forward throughput, measured in the same run.
+"""Speed of `icm label`, the previous search and today's side by side in one run: seconds and forward
+tokens per labelled claim, scoring throughput as a ratio of the model's raw forward throughput, label
+accuracy when the claims have gold, a cost model for large claim sets, and (``--memory``) peak RSS.
 
     python bench/label_speed.py --model smollm2-135m --claims sentiment -n 64
+    python bench/label_speed.py --claims sentiment -n 256 --iterations 32 --polish-iterations 0 \
+        --variants default --memory
 
-"Uncached" is what the same scores would cost if every target were run with its whole context
-(what a plain implementation does); the ratio of the two is the saving from prefix-cache reuse.
+Variants: ``previous`` is the search before the speed-up (every proposal scored exactly, a fold's targets
+re-scored whenever one is added, one prefix cache per fold: ``ICMConfig(exact_every=1, reuse_scores=False)``);
+``exact`` adds score reuse (same labels as ``previous`` up to float rounding); ``default`` is ``ICMConfig()``
+(approximate U between exact steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -19,10 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.claimsets import CLAIM_SETS  # noqa: E402
-from data.claims import claims_from_records  # noqa: E402
+from data.claims import claims_from_records, gold_labels  # noqa: E402
 from data.io import read_records  # noqa: E402
+from icm.label import accuracy  # noqa: E402
 from icm.models import load_model  # noqa: E402
 from icm.search import ICMConfig, label_claims  # noqa: E402
+
+VARIANTS = {
+    "previous": {"exact_every": 1, "reuse_scores": False},
+    "exact": {"exact_every": 1},
+    "default": {},
+}
 
 
 @torch.inference_mode()
@@ -36,38 +50,83 @@ def raw_throughput(model, seq_len: int = 512, batch: int = 4, repeats: int = 3) 
     return repeats * batch * seq_len / (time.perf_counter() - start)
 
 
+def rss_mb() -> float:
+    """Current resident set size of this process, in MB."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--claims", default="sentiment", help=f"a claims file or one of {', '.join(CLAIM_SETS)}")
     parser.add_argument("-n", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--polish-iterations", type=int, default=None)
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine is shared)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--throughputs", type=float, nargs="+", default=[2e3, 2e4, 1e5],
+                        help="forward throughputs (tokens/s) for the cost model, e.g. a GPU's")
+    parser.add_argument("--memory", action="store_true", help="track RSS at every step of the default variant")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     records = CLAIM_SETS[args.claims](args.n, 0) if args.claims in CLAIM_SETS else read_records(args.claims)[:args.n]
-    claims = claims_from_records(records, args.claims)
+    claims, gold = claims_from_records(records, args.claims), gold_labels(records, args.claims)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    raw_before = raw_throughput(model)
-    start = time.perf_counter()
-    _, summary = label_claims(claims, model, tokenizer, ICMConfig(iterations=args.iterations, folds=args.folds))
-    seconds = time.perf_counter() - start
-    raw_after = raw_throughput(model)
-    raw = (raw_before + raw_after) / 2
-    tokens = summary["forward_tokens"]
-    uncached = summary["uncached_tokens"]
     n = len(claims)
-    print(f"| {args.model}, {args.claims}, {n} claims, folds={args.folds}, dtype={model.dtype} | value |")
-    print("|---|---|")
-    print(f"| forward tokens per labelled claim | {tokens / n:,.0f} |")
-    print(f"| uncached tokens per labelled claim (no prefix reuse) | {uncached / n:,.0f} |")
-    print(f"| prefix reuse saving (uncached / forward tokens) | {uncached / max(tokens, 1):.1f}x |")
-    print(f"| claims per second | {n / seconds:.3f} |")
-    print(f"| scoring throughput (forward tokens/s) | {tokens / seconds:,.0f} |")
-    print(f"| raw forward throughput (tokens/s, same run) | {raw:,.0f} |")
-    print(f"| scoring / raw throughput | {tokens / seconds / raw:.2f} |")
-    print(f"| effective throughput (uncached-equivalent tokens/s) / raw | {uncached / seconds / raw:.1f} |")
+    raw = [raw_throughput(model)]
+    rows = {}
+    for name in args.variants:
+        config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
+                           **VARIANTS[name])
+        trace: list[float] = []
+        progress = (lambda info, trace=trace: trace.append(rss_mb())) if args.memory and name == "default" else None
+        start = time.perf_counter()
+        results, summary = label_claims(claims, model, tokenizer, config, progress=progress)
+        seconds = time.perf_counter() - start
+        raw.append(raw_throughput(model))
+        labels = [r["icm_label"] for r in results]
+        rows[name] = {"seconds": seconds, "tokens": summary["forward_tokens"], "labels": labels,
+                      "accuracy": accuracy(labels, gold) if gold else None, "summary": summary, "trace": trace}
+    raw_mean = sum(raw) / len(raw)
+
+    print(f"\n{args.model}, {args.claims}, {n} claims, folds={args.folds}, dtype={model.dtype}, "
+          f"{args.threads} thread(s), raw forward {raw_mean:,.0f} tokens/s (mean of {len(raw)} measurements)\n")
+    print("| variant | s / claim | forward tokens / claim | scoring / raw throughput | speed-up | accuracy |"
+          " approx. disagreements |")
+    print("|---|---|---|---|---|---|---|")
+    base = rows.get("previous")
+    for name, r in rows.items():
+        s = r["summary"]
+        speedup = f"{base['seconds'] / r['seconds']:.1f}x" if base else "-"
+        acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-"
+        checks = f"{s['approximate_disagreements']}/{s['approximate_checks']}" if s["approximate_checks"] else "-"
+        print(f"| {name} | {r['seconds'] / n:.2f} | {r['tokens'] / n:,.0f} | "
+              f"{r['tokens'] / r['seconds'] / raw_mean:.2f} | {speedup} | {acc} | {checks} |")
+    if base:
+        for name, r in rows.items():
+            same = sum(a == b for a, b in zip(r["labels"], base["labels"])) / n
+            print(f"{name}: {same:.0%} of labels equal to previous")
+
+    print(f"\nCost model: hours to label 10k / 100k claims at the forward tokens per claim measured above "
+          f"(batches of {n} claims; tokens per claim grow about linearly with the batch size, default 256), "
+          "assuming scoring runs at the given forward throughput:\n")
+    print("| variant | tokens / claim | " + " | ".join(f"{t:,.0f} tok/s: 10k / 100k" for t in args.throughputs) + " |")
+    print("|---|---|" + "---|" * len(args.throughputs))
+    for name, r in rows.items():
+        per_claim = r["tokens"] / n
+        cells = [f"{per_claim * 1e4 / t / 3600:,.1f} / {per_claim * 1e5 / t / 3600:,.1f}" for t in args.throughputs]
+        print(f"| {name} | {per_claim:,.0f} | " + " | ".join(cells) + " |")
+
+    trace = rows.get("default", {}).get("trace")
+    if trace:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        quarter = trace[len(trace) // 4]
+        print(f"\nMemory (default variant, {n} claims): peak RSS {peak:,.0f} MB; RSS after step {len(trace) // 4} "
+              f"{quarter:,.0f} MB, after the last step ({len(trace)}) {trace[-1]:,.0f} MB "
+              f"(growth {trace[-1] - quarter:+,.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,12 @@ def resolve_label_tokens(tokenizer, template: PromptTemplate) -> tuple[int, int,
     return ids[0], ids[1], use_label_space
 
 
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    return next((k for k in range(n) if a[k] != b[k]), n)
+
+
 def _adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
@@ -82,7 +88,8 @@ class ClaimScorer:
     """Log-odds of True vs False for target claims after demonstrations, with prefix-cache reuse."""
 
     def __init__(self, model, tokenizer, claims: list[Claim], template: PromptTemplate | None = None,
-                 max_context_tokens: int | None = None, batch_size: int = 16, chunk_size: int = 128):
+                 max_context_tokens: int | None = None, batch_size: int = 16, chunk_size: int = 128,
+                 prefix_versions: int = 2):
         self.model, self.claims = model, claims
         self.template = template or PromptTemplate()
         self.true_id, self.false_id, label_space = resolve_label_tokens(tokenizer, self.template)
@@ -100,6 +107,7 @@ class ClaimScorer:
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
         self.max_context_tokens = min(max_context_tokens or limit, limit)
         self.batch_size, self.chunk_size = batch_size, chunk_size
+        self.prefix_versions = max(prefix_versions, 1)  # prefix caches kept per slot (see _sync)
         self.decoder = model.get_decoder()
         head = model.get_output_embeddings()
         self.label_head = head.weight[[self.true_id, self.false_id]].detach().float()
@@ -109,7 +117,7 @@ class ClaimScorer:
         sliding = "sliding_attention" in layer_types
         self.sliding_window = getattr(text_config, "sliding_window", None) if sliding else None
         self.device = next(model.parameters()).device
-        self._slots: dict[Hashable, _Prefix] = {}
+        self._slots: dict[Hashable, list[_Prefix]] = {}  # per slot, least recently used first
         self.prefix_tokens = 0  # tokens run through the model for demonstration prefixes
         self.target_tokens = 0  # tokens run for the claims being scored
         self.uncached_tokens = 0  # what the same scores would cost with every context run from scratch
@@ -152,28 +160,27 @@ class ClaimScorer:
 
     @torch.inference_mode()
     def _sync(self, slot: Hashable | None, tokens: list[int]) -> _Prefix:
-        prefix = self._slots.get(slot) if slot is not None else None
-        if prefix is None:
-            prefix = _Prefix()
-            if slot is not None:
-                self._slots[slot] = prefix
-        if prefix.tokens == tokens:
-            return prefix
-        common = 0
-        for a, b in zip(prefix.tokens, tokens):
-            if a != b:
-                break
-            common += 1
-        keep = common // self.chunk_size * self.chunk_size
-        if keep < len(prefix.tokens):
-            prefix.cache.crop(keep - len(prefix.tokens))
+        """The cache of ``tokens``, computed from the stored version of ``slot`` that shares the longest
+        prefix with it. Up to ``prefix_versions`` versions are kept per slot, so after a rejected proposal
+        the previous context is still cached. Cached tensors are never modified in place: a new version
+        starts from views of the old one and appends (``torch.cat``) to them."""
+        versions = self._slots.setdefault(slot, []) if slot is not None else []
+        base = max(versions, key=lambda p: _common(p.tokens, tokens), default=_Prefix())
+        if versions and base.tokens == tokens:
+            versions.remove(base)
+            versions.append(base)
+            return base
+        keep = _common(base.tokens, tokens) // self.chunk_size * self.chunk_size
+        layers = [(layer.keys[..., :keep, :], layer.values[..., :keep, :]) for layer in base.cache.layers]
+        prefix = _Prefix(list(tokens), DynamicCache(ddp_cache_data=layers) if keep else DynamicCache())
         for start in range(keep, len(tokens), self.chunk_size):
             piece = tokens[start:start + self.chunk_size]
             self.decoder(input_ids=torch.tensor([piece], device=self.device), past_key_values=prefix.cache,
                          position_ids=torch.arange(start, start + len(piece), device=self.device)[None],
                          use_cache=True)
             self.prefix_tokens += len(piece)
-        prefix.tokens = list(tokens)
+        versions.append(prefix)
+        del versions[:-self.prefix_versions]
         return prefix
 
     @torch.inference_mode()
@@ -215,10 +222,12 @@ class MutualPredictor:
     group-mates' labels, as in the paper's prompts; ``False`` keeps a group in one fold (leave-one-group-out
     with ``folds=0``), so a claim is predicted from other questions only and a small model cannot just copy
     the label of a near-identical group-mate. Demonstrations appear grouped by consistency group, in a fixed
-    seeded order.
+    seeded order. ``reuse_targets=False`` scores a fold's targets as one set (the previous behaviour: adding
+    one label re-scores its whole fold even when the fold's context is unchanged).
     """
 
-    def __init__(self, scorer: ClaimScorer, members: list[int], folds: int, seed: int = 0, see_group: bool = True):
+    def __init__(self, scorer: ClaimScorer, members: list[int], folds: int, seed: int = 0, see_group: bool = True,
+                 reuse_targets: bool = True):
         self.scorer, self.members = scorer, members
         rng = np.random.default_rng(seed)
         groups: dict[str, list[int]] = {}
@@ -234,7 +243,12 @@ class MutualPredictor:
         self.fold: dict[int, int] = {idx: k % self.n_folds for k, unit in enumerate(units) for idx in unit}
         self.order = order
         self.fold_members = [[i for i in members if self.fold[i] == f] for f in range(self.n_folds)]
+        # Targets are scored in fixed groups of a fold's members: a new label re-scores its own group only,
+        # and a group's forward pass (hence its floating-point result) depends on nothing else.
+        size = scorer.batch_size if reuse_targets else max(len(members), 1)
+        self.target_groups = [[fm[k:k + size] for k in range(0, len(fm), size)] for fm in self.fold_members]
         self._memo: dict[tuple, np.ndarray] = {}
+        self._memo_size = 4 * sum(map(len, self.target_groups)) + 4
 
     def demos(self, fold: int, labels: Mapping[int, bool]) -> list[tuple[int, bool]]:
         # Each fold starts the shared order at a different place, so a short budget still spreads the
@@ -261,18 +275,22 @@ class MutualPredictor:
 
     def log_odds(self, labels: Mapping[int, bool], targets: Iterable[int] | None = None) -> dict[int, float]:
         """Log-odds of ``targets`` (default: the labelled claims), each given the labelled claims of the other
-        folds. Results are memoised per (fold, demonstrations, targets), so unchanged folds cost nothing."""
+        folds. Results are memoised per (fold, demonstrations, targets of a group), so a group whose context
+        and targets are unchanged costs nothing."""
         wanted = set(labels) if targets is None else set(targets)
         result: dict[int, float] = {}
-        for f, members in enumerate(self.fold_members):
-            fold_targets = [i for i in members if i in wanted]
-            if not fold_targets:
-                continue
-            demos = self.demos(f, labels)
-            key = (f, tuple(demos), tuple(fold_targets))
-            if key not in self._memo:
-                self._memo[key] = self.scorer.score(fold_targets, demos, slot=f)
-                while len(self._memo) > 4 * self.n_folds + 4:
-                    self._memo.pop(next(iter(self._memo)))
-            result.update(zip(fold_targets, self._memo[key].tolist()))
+        for f, groups in enumerate(self.target_groups):
+            demos: tuple | None = None
+            for group in groups:
+                group_targets = [i for i in group if i in wanted]
+                if not group_targets:
+                    continue
+                if demos is None:
+                    demos = tuple(self.demos(f, labels))
+                key = (f, demos, tuple(group_targets))
+                if key not in self._memo:
+                    self._memo[key] = self.scorer.score(group_targets, demos, slot=f)
+                    while len(self._memo) > self._memo_size:
+                        self._memo.pop(next(iter(self._memo)))
+                result.update(zip(group_targets, self._memo[key].tolist()))
         return result

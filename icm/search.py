@@ -69,13 +69,24 @@ class ICMConfig:
     proposals accepted, 67% vs 77% label accuracy on 64 Gemma capital claims)."""
     scoring_batch_size: int = 16
     """Targets scored together on one shared prefix."""
+    exact_every: int = 8
+    """Annealing steps per exact evaluation of U. In between, a proposal's U is approximate and runs no model:
+    the flipped claim's fresh prediction with every other claim's last exactly scored log-odds (a flip changes
+    the context of the other fold's claims, which the next exact step catches up on). Every
+    ``exact_every``-th step and the last annealing step re-score the current labels and evaluate their
+    proposal exactly, and count how often the approximate U would have decided otherwise
+    (``approximate_disagreements`` of ``approximate_checks`` in run.json). 1 = every proposal exact (the
+    paper's search). Polishing is always exact."""
+    reuse_scores: bool = True
+    """Re-score only the targets whose context or group changed, and keep the previous prefix cache of each
+    fold so that a rejected proposal costs nothing to undo (exact; False is the previous implementation)."""
     seed: int = 0
 
     def __post_init__(self):
         if self.balance not in ("center", "none"):
             raise ValueError(f"balance must be 'center' or 'none', not {self.balance!r}")
-        if self.initial_labels < 0 or self.batch_size < 1 or self.alpha < 0:
-            raise ValueError("initial_labels >= 0, batch_size >= 1 and alpha >= 0 are required")
+        if self.initial_labels < 0 or self.batch_size < 1 or self.alpha < 0 or self.exact_every < 1:
+            raise ValueError("initial_labels >= 0, batch_size >= 1, alpha >= 0 and exact_every >= 1 are required")
 
 
 def temperature(n: int, config: ICMConfig) -> float:
@@ -114,6 +125,12 @@ class BatchState:
     accepted: int = 0
     rejected: list[int] = field(default_factory=list)
     """Claims whose greedy flip was rejected since the last accepted one (polishing phase)."""
+    log_odds: dict[int, float] = field(default_factory=dict)
+    """Uncentered log-odds of the labelled claims as last scored (stale between exact steps)."""
+    checks: int = 0
+    """Exact proposals that were also decided with the approximate U."""
+    disagreements: int = 0
+    """Of those, how many the approximate U would have decided the other way."""
 
 
 class ICMSearch:
@@ -122,7 +139,7 @@ class ICMSearch:
     def __init__(self, scorer: ClaimScorer, members: list[int], config: ICMConfig, batch_index: int = 0):
         self.members, self.config = members, config
         self.predictor = MutualPredictor(scorer, members, config.folds, seed=config.seed + batch_index,
-                                         see_group=config.see_group)
+                                         see_group=config.see_group, reuse_targets=config.reuse_scores)
         self.index = ConstraintIndex(build_constraints(scorer.claims, members))
         self.groups: dict[int, str | None] = {i: scorer.claims[i].group for i in members}
         self.rng = np.random.default_rng([config.seed, batch_index])
@@ -139,9 +156,11 @@ class ICMSearch:
             fit /= len(labels)
         return self.config.alpha * fit - self.index.count(labels)
 
-    def evaluate(self, labels: dict[int, bool]) -> tuple[dict[int, float], dict | None, float]:
-        """Log-odds of the labelled claims given the others (centered per fold), the fold means, and U(D)."""
-        z = self.predictor.log_odds(labels)
+    def evaluate(self, labels: dict[int, bool],
+                 log_odds: dict[int, float] | None = None) -> tuple[dict[int, float], dict | None, float]:
+        """Log-odds of the labelled claims given the others (centered per fold), the fold means, and U(D).
+        ``log_odds`` (uncentered, of at least the labelled claims) replaces scoring: the approximate U."""
+        z = self.predictor.log_odds(labels) if log_odds is None else {i: log_odds[i] for i in labels}
         means = None
         if self.config.balance == "center":
             z, means = self.predictor.center(z, labels)
@@ -164,8 +183,9 @@ class ICMSearch:
         labels = {int(i): bool(f) for i, f in zip(chosen, flags)}
         z, _, _ = self.evaluate(labels)
         labels = self.fix(labels, z)
-        _, _, u = self.evaluate(labels)
-        return BatchState(labels=labels, trajectory=[u], rng_state=self.rng.bit_generator.state)
+        log_odds = self.predictor.log_odds(labels)
+        _, _, u = self.evaluate(labels, log_odds)
+        return BatchState(labels=labels, trajectory=[u], rng_state=self.rng.bit_generator.state, log_odds=log_odds)
 
     def sample(self, labels: dict[int, bool]) -> int:
         seeded = {self.groups[i] for i in labels if self.groups[i] is not None}
@@ -184,35 +204,52 @@ class ICMSearch:
         ``on_step`` is called after each step (for checkpoints)."""
         state = state or self.initial_state()
         self.rng.bit_generator.state = state.rng_state
-        labels = dict(state.labels)
-        z, means, u = self.evaluate(labels)
+        labels, log_odds = dict(state.labels), dict(state.log_odds)
+        z, means, u = self.evaluate(labels, log_odds)
         while state.iteration < self.iterations + self.polish_iterations:
             n = state.iteration + 1
             polishing = state.iteration >= self.iterations
+            exact = polishing or n % self.config.exact_every == 0 or n == self.iterations
+            if exact:  # catch up on the contexts that approximate steps changed (free when none did)
+                approximate_u = u
+                log_odds = self.predictor.log_odds(labels)
+                z, means, u = self.evaluate(labels, log_odds)
             if polishing:
                 i = self.contradicted(labels, z, state.rejected)
                 if i is None:
                     break
-                z_i = z[i]
+                raw_i = log_odds[i]
             else:
                 i = self.sample(labels)
-                z_i = z[i] if i in labels else self.predict([i], labels, means)[i]
+                raw_i = log_odds[i] if i in labels else self.predictor.log_odds(labels, [i])[i]
                 draw = self.rng.random()
+            z_i = raw_i - means[self.predictor.fold[i]] if means else raw_i
             if labels.get(i) != (z_i > 0):
                 proposal = self.fix({**labels, i: z_i > 0}, {**z, i: z_i})
-                z_new, means_new, u_new = self.evaluate(proposal)
+                proposed_log_odds = self.predictor.log_odds(proposal) if exact else {**log_odds, i: raw_i}
+                z_new, means_new, u_new = self.evaluate(proposal, proposed_log_odds)
                 state.proposals += 1
-                if u_new > u if polishing else metropolis_accept(u_new - u, temperature(n, self.config), draw):
-                    labels, z, means, u = proposal, z_new, means_new, u_new
+                if polishing:
+                    accept = u_new > u
+                else:
+                    temp = temperature(n, self.config)
+                    accept = metropolis_accept(u_new - u, temp, draw)
+                    if exact and self.config.exact_every > 1:
+                        _, _, u_guess = self.evaluate(proposal, {**state.log_odds, i: raw_i})
+                        state.checks += 1
+                        state.disagreements += accept != metropolis_accept(u_guess - approximate_u, temp, draw)
+                if accept:
+                    labels, log_odds, z, means, u = proposal, proposed_log_odds, z_new, means_new, u_new
                     state.accepted += 1
                     state.rejected = []
                 elif polishing:
                     state.rejected.append(i)
-            state.iteration, state.labels = n, dict(labels)
+            state.iteration, state.labels, state.log_odds = n, dict(labels), dict(log_odds)
             state.trajectory.append(u)
             state.rng_state = self.rng.bit_generator.state
             if on_step is not None:
                 on_step(state)
+        _, means, _ = self.evaluate(labels)
         return state, self.predict(self.members, labels, means)
 
 
@@ -246,6 +283,7 @@ class Checkpoint:
         if data.get("current"):
             b, s = data["current"]
             s["labels"] = {int(k): v for k, v in s["labels"].items()}
+            s["log_odds"] = {int(k): v for k, v in s["log_odds"].items()}
             self.current = (b, BatchState(**s))
 
     def save(self, force: bool = False) -> None:
@@ -262,7 +300,8 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
     """Label every claim with ICM. Returns one result per claim (``icm_label``, ``icm_score``,
     ``icm_searched``) and a summary (U trajectories, acceptance, balance, token counts)."""
     config = config or ICMConfig()
-    scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens, config.scoring_batch_size)
+    scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens, config.scoring_batch_size,
+                         prefix_versions=2 if config.reuse_scores else 1)
     batches = make_batches(claims, config.batch_size, config.seed)
     checkpoint = Checkpoint(run_dir, _fingerprint(claims, config, model_name))
     if resume:
@@ -293,6 +332,7 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
             "labels": {str(i): y for i, y in state.labels.items()}, "scores": {str(i): z[i] for i in members},
             "trajectory": state.trajectory, "proposals": state.proposals, "accepted": state.accepted,
             "iterations": state.iteration, "inconsistencies": search.index.count(state.labels),
+            "checks": state.checks, "disagreements": state.disagreements,
             "constraints": len(search.index.constraints),
         }
         checkpoint.current = None
@@ -319,6 +359,8 @@ def _collect(claims: list[Claim], done: dict[str, dict[str, Any]], scorer: Claim
         "constraints": sum(b["constraints"] for b in done.values()),
         "proposals": proposals,
         "acceptance_rate": sum(b["accepted"] for b in done.values()) / max(proposals, 1),
+        "approximate_checks": sum(b["checks"] for b in done.values()),
+        "approximate_disagreements": sum(b["disagreements"] for b in done.values()),
         "trajectories": [b["trajectory"] for b in done.values()],
         "seconds": seconds,
         "forward_tokens": scorer.forward_tokens,

@@ -106,3 +106,48 @@ def test_leave_one_out_keeps_one_demonstration_order(tiny):
     labels = {i: True for i in range(len(CLAIMS))}
     for i in range(len(CLAIMS)):
         assert [j for j, _ in loo.demos(loo.fold[i], labels)] == [j for j in loo.order if j != i]
+
+
+def test_reused_scores_match_a_plain_forward_after_any_sequence_of_label_changes(tiny):
+    """Group-wise score reuse and two prefix versions per fold give a plain forward's log-odds (atol 1e-4,
+    float32) whatever the history of label changes, and going back to the previous labelling is free."""
+    model, tokenizer = tiny
+    scorer = ClaimScorer(model, tokenizer, CLAIMS, chunk_size=8, batch_size=2)
+    members = list(range(len(CLAIMS)))
+    predictor = MutualPredictor(scorer, members, folds=2)
+    rng = np.random.default_rng(0)
+    labels: dict[int, bool] = {}
+    for step in range(12):
+        previous = dict(labels)
+        i = int(rng.choice(members))
+        labels[i] = not labels.get(i, bool(rng.random() < 0.5))
+        z = predictor.log_odds(labels, members)
+        for t in members:
+            context = scorer.context(predictor.demos(predictor.fold[t], labels), scorer.max_context_tokens)
+            assert z[t] == pytest.approx(full_forward_log_odds(model, scorer, context, t), abs=1e-4)
+        if step % 3 == 2:  # undo (a rejected proposal): both folds' caches and scores are still there
+            tokens = scorer.forward_tokens
+            predictor.log_odds(previous, members)
+            assert scorer.forward_tokens == tokens
+            labels = previous
+
+
+def test_adding_a_label_rescores_only_its_own_group_where_the_context_is_unchanged(tiny):
+    model, tokenizer = tiny
+    members = list(range(len(CLAIMS)))
+    cost = {}
+    for reuse in (True, False):
+        scorer = ClaimScorer(model, tokenizer, CLAIMS, batch_size=2)
+        predictor = MutualPredictor(scorer, members, folds=2, reuse_targets=reuse)
+        new = predictor.fold_members[1][0]
+        labels = {i: i % 2 == 0 for i in members if i != new}
+        predictor.log_odds(labels)
+        before = scorer.target_tokens
+        predictor.log_odds(labels | {new: True})
+        cost[reuse] = scorer.target_tokens - before
+    # Fold 0's context gained a demonstration: all its targets are re-scored. Fold 1's context is unchanged:
+    # with reuse only the group of the new claim is scored again, without it the whole fold.
+    length = [len(p) for p in scorer.prompt_ids]
+    group = predictor.fold_members[1][:2]  # the first group of fold 1 (batch_size 2) holds the new claim
+    assert cost[True] == sum(length[i] for i in predictor.fold_members[0] + group)
+    assert cost[False] == sum(length[i] for i in members)

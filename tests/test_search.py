@@ -1,0 +1,56 @@
+"""The search's speed options: the approximate U can be switched off, and exact score reuse changes nothing."""
+
+import pytest
+
+from data.claims import claims_from_records
+from icm.models import load_model
+from icm.scoring import ClaimScorer
+from icm.search import ICMConfig, ICMSearch, label_claims
+from tests.test_label import arithmetic_claims
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir, dtype="fp32")
+
+
+def trajectory_and_exact_utilities(tiny, config: ICMConfig) -> tuple[list[float], list[float]]:
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(5))
+    search = ICMSearch(ClaimScorer(model, tokenizer, claims), list(range(len(claims))), config)
+    exact: list[float] = []
+    state, _ = search.run(on_step=lambda s: exact.append(search.evaluate(s.labels)[2]))
+    return state.trajectory[1:], exact
+
+
+def test_exact_every_1_scores_every_step_exactly(tiny):
+    trajectory, exact = trajectory_and_exact_utilities(tiny, ICMConfig(iterations=40, exact_every=1, seed=2))
+    assert trajectory == pytest.approx(exact, abs=1e-9)
+
+
+def test_approximate_steps_are_caught_up_every_exact_every_steps(tiny):
+    config = ICMConfig(iterations=40, exact_every=4, polish_iterations=0, seed=2)
+    trajectory, exact = trajectory_and_exact_utilities(tiny, config)
+    assert trajectory != pytest.approx(exact, abs=1e-9)  # in between, U is approximate
+    # an exact step evaluates its proposal exactly and, if it rejects it, re-scores the current labels
+    assert [trajectory[n - 1] for n in range(4, 41, 4)] == pytest.approx([exact[n - 1] for n in range(4, 41, 4)])
+
+
+def test_score_reuse_keeps_the_previous_search(tiny):
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    runs = [label_claims(claims, model, tokenizer, ICMConfig(iterations=50, exact_every=1, reuse_scores=reuse, seed=1,
+                                                           scoring_batch_size=2))
+            for reuse in (True, False)]
+    assert [r["icm_label"] for r in runs[0][0]] == [r["icm_label"] for r in runs[1][0]]
+    assert sum(runs[0][1]["trajectories"], []) == pytest.approx(sum(runs[1][1]["trajectories"], []), abs=1e-4)
+    assert runs[0][1]["forward_tokens"] < runs[1][1]["forward_tokens"]
+
+
+def test_run_json_counts_disagreements_of_approximate_and_exact_acceptance(tiny):
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    _, approximate = label_claims(claims, model, tokenizer, ICMConfig(iterations=60, exact_every=3))
+    _, exact = label_claims(claims, model, tokenizer, ICMConfig(iterations=60, exact_every=1))
+    assert 0 <= approximate["approximate_disagreements"] <= approximate["approximate_checks"] > 0
+    assert exact["approximate_checks"] == 0
