@@ -198,9 +198,15 @@ def closed_answers(method: str) -> tuple[str, ...] | None:
     return options
 
 
+def whole_word(word: str) -> re.Pattern[str]:
+    """``word`` as a whole word, in any case."""
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+
+
 def extract_closed(text: str, options: tuple[str, ...]) -> str:
     """The allowed answer that ``text`` states first (whole words, any case); ``""`` when it states none."""
-    found = [(m.start(), o) for o in options if (m := re.search(rf"(?<!\w){re.escape(o)}(?!\w)", normalize_text(text)))]
+    text = normalize_text(text)
+    found = [(m.start(), o) for o in options if (m := whole_word(o).search(text))]
     return min(found)[1] if found else ""
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from data.answers import answers_match, check_extractor, closed_answers, extract_answer, extract_closed
+from data.answers import answers_match, check_extractor, closed_answers, extract_answer, extract_closed, whole_word
 from data.io import InputError, write_json, write_parquet
 from data.tasks import DEFAULT_INSTRUCTION, Question
 
@@ -286,7 +285,7 @@ def candidate_rows(questions: list[Question], prompts: list[str], completions: l
 
 def swap_answer(text: str, old: str, new: str) -> str:
     """``text`` with its first whole-word ``old`` replaced by ``new``, keeping the case of the first letter."""
-    match = re.search(rf"(?<!\w){re.escape(old)}(?!\w)", text, flags=re.IGNORECASE)
+    match = whole_word(old).search(text)
     if match is None:
         return new
     word = new[:1].upper() + new[1:] if match.group(0)[:1].isupper() else new
