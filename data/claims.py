@@ -113,6 +113,14 @@ CLAIM_MODES = ("candidates", "answers", "pivot")
 ANSWER_CLAIM = "The answer is {answer}."
 
 
+def check_claim_mode(mode: str, options: tuple[str, ...] | None) -> None:
+    """Raise ValueError unless ``mode`` is a claim mode that the answer set ``options`` allows."""
+    if mode not in CLAIM_MODES:
+        raise ValueError(f"claims must be one of {', '.join(CLAIM_MODES)}, got {mode!r}")
+    if mode == "pivot" and (options is None or len(options) != 2):
+        raise ValueError("--claims pivot needs a closed two-way answer set (an extractor like 'positive|negative')")
+
+
 @dataclass
 class AnswerClaims:
     """Claims about final answers built from candidate rows, and how their labels map back to the candidates.
@@ -138,8 +146,7 @@ def answer_claims(records: list[dict[str, Any]], mode: str, options: tuple[str, 
     Candidates with the same answer share a label either way (the paper's "same answer, same label" rule)."""
     if mode not in ("answers", "pivot"):
         raise ValueError(f"answer claims are built in mode 'answers' or 'pivot', not {mode!r}")
-    if mode == "pivot" and (options is None or len(options) != 2):
-        raise ValueError("--claims pivot needs a closed two-way answer set (an extractor like 'positive|negative')")
+    check_claim_mode(mode, options)
     groups: dict[Any, list[int]] = {}
     for k, record in enumerate(records):
         groups.setdefault(record["consistency_id"], []).append(k)

@@ -33,6 +33,7 @@ from rich.table import Table
 
 from data.answers import closed_answers
 from data.candidates import GenerationConfig, generate_file
+from data.claims import check_claim_mode
 from data.io import InputError, atomic_path, read_parquet_metadata, read_records, write_json, write_parquet
 from data.pairs import PairsConfig, build_pairs, load_labels, split_paths, write_pairs
 from data.tasks import Question
@@ -87,6 +88,7 @@ class TransferConfig:
         if not self.arms or unknown or len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms must be distinct names among {', '.join(ARMS)}, "
                              f"got {', '.join(self.arms) or 'none'}")
+        check_claim_mode(self.claims, closed_answers(self.generation.extractor))
         if self.generator not in ("policy", "labeller"):
             raise ValueError(f"generator must be 'policy' or 'labeller', got '{self.generator}'")
         if not (0 < self.eval_size < 1 or (self.eval_size >= 1 and float(self.eval_size).is_integer())):

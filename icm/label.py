@@ -20,7 +20,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from data.answers import closed_answers
 from data.candidates import GenerationConfig, generate_candidates
-from data.claims import CLAIM_MODES, AnswerClaims, Claim, ClaimFields, answer_claims, claims_from_records, gold_labels
+from data.claims import (
+    AnswerClaims,
+    Claim,
+    ClaimFields,
+    answer_claims,
+    check_claim_mode,
+    claims_from_records,
+    gold_labels,
+)
 from data.io import InputError, read_parquet_metadata, read_records, write_json, write_parquet
 from data.tasks import load_questions
 from icm.scoring import ClaimScorer, PromptTemplate
@@ -129,14 +137,16 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     ``zero_shot=True`` labels with :func:`zero_shot_records` (the baseline) instead of the ICM search."""
     from icm.models import load_model
 
-    if claims not in CLAIM_MODES:
-        raise ValueError(f"claims must be one of {', '.join(CLAIM_MODES)}, got {claims!r}")
     config = config or ICMConfig()
     template = template or PromptTemplate()
     fields = fields or ClaimFields()
     records = read_records(input_path)
     if answers is None and claims != "candidates" and Path(input_path).suffix == ".parquet":
         answers = closed_answers(read_parquet_metadata(input_path).get("config", {}).get("extractor", "auto"))
+    try:
+        check_claim_mode(claims, answers)
+    except ValueError as error:
+        raise InputError(input_path, str(error)) from None
     questions = None
     if not any(fields.choice in r for r in records):
         questions = load_questions(str(input_path), question_field=fields.question, answer_field=answer_field)

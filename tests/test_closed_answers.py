@@ -130,3 +130,19 @@ def test_label_cli_pivot_claims_label_candidates_consistently(tiny_model_dir, tm
     assert run["gold_accuracy"] == pytest.approx(
         sum(r["icm_label"] == r["label"] for r in labelled) / len(labelled))
     assert len(json.loads((tmp_path / "labels.run" / "claims.json").read_text())) == 6
+
+
+def test_pivot_claims_without_a_two_way_answer_set_fail_before_any_model_runs(tmp_path):
+    source = tmp_path / "cand.jsonl"
+    source.write_text(json.dumps({"question": "q", "choice": "Positive.", "answer": "positive",
+                                  "consistency_id": 0}) + "\n")
+    out = tmp_path / "labels.parquet"
+    result = CliRunner().invoke(app, ["label", str(source), "-o", str(out), "--model", "no-such-model",
+                                      "--claims", "pivot"])
+    assert result.exit_code == 2 and "two-way answer set" in result.output and str(source) in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(app, ["transfer", "--task", "arithmetic", "--labeller", "no-such-model",
+                                      "--policy", "no-such-model", "--output-dir", str(tmp_path / "run"),
+                                      "--claims", "pivot"])
+    assert result.exit_code == 2 and "two-way answer set" in result.output
+    assert not (tmp_path / "run").exists()
