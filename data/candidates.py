@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from data.answers import answers_match, check_extractor, closed_answers, extract_answer, extract_closed, whole_word
+from data.console import console
 from data.io import InputError, write_json, write_parquet
 from data.tasks import DEFAULT_INSTRUCTION, Question
 
@@ -100,7 +101,6 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -112,7 +112,7 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from data.candidates import build_prompt
+from data.console import console
 from data.io import InputError, read_records, require_fields, write_json
 from icm.models import default_device, default_dtype, load_model, load_tokenizer, resolve_model
 
@@ -205,12 +206,11 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                                 console=Console(stderr=True), transient=False)
+                                 console=console, transient=False)
         self.progress.start()
         self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step,
                                            status="")

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from rich.console import Console
 from rich.table import Table
 
 from data.answers import closed_answers
 from data.candidates import GenerationConfig, generate_file
 from data.claims import check_claim_mode
+from data.console import console
 from data.io import InputError, atomic_path, read_parquet_metadata, read_records, write_json, write_parquet
 from data.pairs import PairsConfig, build_pairs, load_labels, split_paths, write_pairs
 from data.tasks import Question
@@ -44,7 +44,6 @@ from icm.search import ICMConfig
 
 STAGES = ("eval_before", "generate", "label", "pairs", "dpo", "eval_after")  # in the order they run
 ARMS = ("icm", "gold", "random", "zero_shot")
-console = Console(stderr=True)
 
 
 @dataclass
