@@ -581,7 +581,7 @@ def transfer(
     report = run_transfer(items, labeller, policy, output_dir, config, source=source,
                           command=shlex.join(["icm", *sys.argv[1:]]), stop_after=stop_after)
     if "stopped_after" in report:
-        result(f"stopped after {stop_after}; rerun the same command without --stop-after to continue")
+        result(f"stopped after {stop_after}; continue with: icm transfer --config {output_dir / RECIPE_FILE}")
         return
     console.print(arms_table(report))
     arms_line = ", ".join(f"{arm} {r['accuracy_after']:.3f} ({r['delta']:+.3f} [{r['delta_ci']['low']:+.3f}, "

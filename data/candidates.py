@@ -166,13 +166,15 @@ def sample_completions(
     progress: bool = True,
     on_batch: Callable[[list[Completion]], None] | None = None,
     stats: GenerationStats | None = None,
+    description: str = "generating",
 ) -> list[list[Completion]]:
     """Generate ``num_samples`` completions per user message, batched with left padding.
 
     Each prompt is repeated ``num_samples`` times and the flat list is cut into batches of ``batch_size``;
     batch ``i`` is seeded with ``seed + i``, so a batch's samples do not depend on what ran before it.
     Completions are cut at the first stop string and carry the number of tokens generated (up to and
-    including the end-of-sequence token). ``on_batch`` receives each finished batch's completions."""
+    including the end-of-sequence token). ``on_batch`` receives each finished batch's completions;
+    ``description`` names the progress display."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     chat = use_chat_template and has_chat_template(tokenizer)
@@ -189,7 +191,7 @@ def sample_completions(
     results: list[list[Completion]] = [[] for _ in prompts]
     stats = stats if stats is not None else GenerationStats()
     start = time.perf_counter()
-    with progress_bar("generating", total=len(jobs), enabled=progress) as advance:
+    with progress_bar(description, total=len(jobs), enabled=progress) as advance:
         for b, lo in enumerate(range(0, len(jobs), batch_size)):
             batch = jobs[lo:lo + batch_size]
             enc = tokenizer([texts[i] for i, _ in batch], return_tensors="pt", padding=True,

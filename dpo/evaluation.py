@@ -58,7 +58,7 @@ def evaluate_questions(questions: list[Question], model, tokenizer, config: Eval
     start = time.perf_counter()
     texts = generate_texts(model, tokenizer, prompts, temperature=0.0, max_new_tokens=config.max_new_tokens,
                            stop=GenerationConfig().stop, batch_size=config.batch_size,
-                           use_chat_template=config.use_chat_template, progress=progress)
+                           use_chat_template=config.use_chat_template, progress=progress, description="evaluating")
     items = []
     for q, group in zip(questions, texts, strict=True):
         answer = extract_answer(group[0], config.extractor)
