@@ -20,6 +20,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -198,6 +199,11 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, the first process writes
 
 
+def plain_help(text: str | None) -> str | None:
+    """Help text as the terminal shows it: ``code`` and `code` (reST, Markdown) become 'code'."""
+    return re.sub(r"``?([^`]+?)``?", r"'\1'", text) if text else text
+
+
 def with_common_options(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     """``fn`` with ``--config``, ``-q/--quiet`` and ``-v/--verbose`` added; it runs with third-party output
     silenced (unless verbose) and, when it returns, writes the resolved recipe where the command's
@@ -219,6 +225,9 @@ def with_common_options(fn: Callable[..., Any], name: str) -> Callable[..., Any]
         raise TypeError(f"icm {name}: parameters {sorted(taken & set(COMMON))} are reserved for every command")
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == p.POSITIONAL_OR_KEYWORD else p
               for p in signature.parameters.values()]
+    for p in params:
+        if isinstance(getattr(p.default, "help", None), str):
+            p.default.help = plain_help(p.default.help)
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
@@ -246,6 +255,7 @@ def with_common_options(fn: Callable[..., Any], name: str) -> Callable[..., Any]
 
     wrapper.__signature__ = signature.replace(parameters=params + extra)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {**{p.name: p.annotation for p in params}, **{p.name: p.annotation for p in extra}}
+    wrapper.__doc__ = plain_help(fn.__doc__)
     del wrapper.__wrapped__  # typer reads the signature above, not fn's
     return wrapper
 
