@@ -117,11 +117,11 @@ def _library_bars() -> Iterator[None]:
             hf_logging.disable_progress_bar()
             undo.append(hf_logging.enable_progress_bar)
     if "datasets" in sys.modules:
-        from datasets.utils import tqdm as ds_tqdm
+        import datasets
 
-        if not ds_tqdm.are_progress_bars_disabled():
-            ds_tqdm.disable_progress_bars()
-            undo.append(ds_tqdm.enable_progress_bars)
+        if datasets.is_progress_bar_enabled():
+            datasets.disable_progress_bars()
+            undo.append(datasets.enable_progress_bars)
     try:
         yield
     finally:

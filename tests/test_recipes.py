@@ -3,6 +3,7 @@ recipe.yaml reruns it exactly, recipe errors are one line, third-party output st
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -11,11 +12,14 @@ import sys
 import warnings
 from importlib.metadata import version
 
+import datasets  # imported here, before any command: the switches below are flipped, not read at import
 import pyarrow.parquet as pq
 import pytest
 import typer
 import yaml
 from conftest import ROOT
+from huggingface_hub.utils import are_progress_bars_disabled
+from transformers.utils import logging as hf_logging
 from typer.testing import CliRunner
 
 from cli import app
@@ -86,9 +90,8 @@ def test_recipe_errors_are_one_line_naming_the_file_and_key(tmp_path, claims, te
     recipe.write_text(text)
     output = tmp_path / "labels.parquet"
     result = runner.invoke(app, ["label", str(claims), "-o", str(output), "--config", str(recipe)])
-    assert result.exit_code == 2
-    assert result.output.strip() == f"error: {recipe}: {message}" or (
-        result.output.startswith(f"error: {recipe}: {message}") and result.output.count("\n") == 1), result.output
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {recipe}: {message}"), lines
     assert not output.exists() and not output.with_suffix(".run").exists()
 
 
@@ -153,13 +156,16 @@ THIRD_PARTY = re.compile(r"Loading weights|it/s\]|examples/s\]|Warning|warnings\
 
 
 def test_third_party_bars_and_warnings_stay_out_of_the_console(tiny_model_dir, tmp_path):
-    with quiet_libraries():  # the mechanism, in process: a warning and a plain tqdm bar are silenced ...
+    from tqdm import tqdm
+
+    switches = (datasets.is_progress_bar_enabled, hf_logging.is_progress_bar_enabled,
+                lambda: not are_progress_bars_disabled(), lambda: not tqdm(range(3), file=io.StringIO()).disable)
+    assert all(on() for on in switches)
+    with quiet_libraries():  # the mechanism, in process: the libraries' bars are off, a warning is dropped ...
         with warnings.catch_warnings(record=True) as caught:
             warnings.warn("deprecated", FutureWarning, stacklevel=1)
-        from tqdm import tqdm
-
-        assert tqdm(range(3)).disable and not caught
-    assert not tqdm(range(3), file=open(os.devnull, "w")).disable  # ... and only inside the block
+        assert not caught and not any(on() for on in switches)
+    assert all(on() for on in switches)  # ... and only inside the block
 
     pairs = tmp_path / "pairs.jsonl"  # ... and a real command, which triggers transformers' FutureWarnings,
     pairs.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?", "chosen": f"{i + 2}", "rejected": f"{i}"})
