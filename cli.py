@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Optional  # noqa: F401  (typer needs real Optional at runtime on 3.10)
 
 import typer
+from icm.data.console import console, result, version
+from icm.data.console import error as print_error
+from icm.data.console import summary as summary_table
+from icm.data.io import InputError
+from icm.data.recipes import RECIPE_FILE, RecipeSpec, RecipeTyper
 
-from data.console import console, result, version
-from data.console import error as print_error
-from data.console import summary as summary_table
-from data.io import InputError
-from data.recipes import RECIPE_FILE, RecipeSpec, RecipeTyper
 from icm.models import DEFAULT_MODEL, ModelNotFoundError
 
 app = RecipeTyper(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0],
@@ -37,7 +37,7 @@ def task_settings(task: str | None, instruction: str | None, extractor: str | No
                   max_new_tokens: int | None) -> tuple[str, str, int]:
     """Instruction, answer extractor and answer length: the command line's, else the built-in task's, else the
     defaults for open math questions."""
-    from data.tasks import DEFAULT_INSTRUCTION, get_task
+    from icm.data.tasks import DEFAULT_INSTRUCTION, get_task
 
     spec = get_task(task) if task else None
     return (instruction if instruction is not None else spec.instruction if spec else DEFAULT_INSTRUCTION,
@@ -147,9 +147,9 @@ def generate(
     resume: bool = typer.Option(False, help="Reuse questions finished in OUT.partial.jsonl by an interrupted run."),
 ) -> None:
     """Sample candidate solutions from a model and write them as claims for `icm label`."""
-    from data.answers import check_extractor
-    from data.candidates import GenerationConfig, generate_file, report_path, report_table
-    from data.tasks import load_questions
+    from icm.data.answers import check_extractor
+    from icm.data.candidates import GenerationConfig, generate_file, report_path, report_table
+    from icm.data.tasks import load_questions
 
     if sum(map(bool, (input, task, dataset))) != 1:
         fail("give exactly one of INPUT, --task or --dataset")
@@ -221,9 +221,10 @@ def label(
     Given questions without a choice column, candidates are sampled first (as `icm generate` does)."""
     import shlex
 
-    from data.answers import closed_answers
-    from data.candidates import GenerationConfig
-    from data.claims import ClaimFields
+    from icm.data.answers import closed_answers
+    from icm.data.candidates import GenerationConfig
+    from icm.data.claims import ClaimFields
+
     from icm.label import label_file, run_dir_for
     from icm.scoring import PromptTemplate
     from icm.search import ICMConfig
@@ -272,8 +273,8 @@ def _push_or_exit(files: dict[str, Path], repo: str, *, private: bool, revision:
     """Upload ``files`` with a generated card; on failure keep the local files and say which command to rerun."""
     import shlex
 
-    from data.card import dataset_card
-    from data.hub import check_repo_id, push_to_hub, scrub
+    from icm.data.card import dataset_card
+    from icm.data.hub import check_repo_id, push_to_hub, scrub
 
     try:
         check_repo_id(repo)
@@ -313,8 +314,8 @@ def pairs(
     """Turn ICM labels into DPO preference pairs (TRL format, zstd Parquet) with a pair quality report."""
     import shlex
 
-    from data.hub import check_repo_id
-    from data.pairs import PairsConfig, build_pairs, load_labels, report_table, split_paths, write_pairs
+    from icm.data.hub import check_repo_id
+    from icm.data.pairs import PairsConfig, build_pairs, load_labels, report_table, split_paths, write_pairs
 
     try:
         config = PairsConfig(strategy=strategy, max_per_question=max_per_question, min_margin=min_margin,
@@ -355,7 +356,7 @@ def push(
     license: str = typer.Option("unknown", help="License in the dataset card (Hub license id)."),
 ) -> None:
     """Publish an existing labels or pairs file as a Hub dataset (data/train-00000-of-00001.parquet + README.md)."""
-    from data.hub import split_files
+    from icm.data.hub import split_files
 
     _push_or_exit(split_files(path), repo, private=private, revision=revision, license=license, source=path)
 
@@ -398,7 +399,7 @@ def dpo(
     """Train a model with DPO on preference pairs (TRL), LoRA or full; works under `accelerate launch`."""
     import shlex
 
-    from dpo.training import DPOTrainingConfig, PushError, train_dpo
+    from icm.dpo.training import DPOTrainingConfig, PushError, train_dpo
 
     try:
         config = DPOTrainingConfig(beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
@@ -410,7 +411,7 @@ def dpo(
                                    gradient_checkpointing=gradient_checkpointing, save_steps=save_steps,
                                    split=split, seed=seed)
         if push_to_hub:
-            from data.hub import check_repo_id
+            from icm.data.hub import check_repo_id
 
             check_repo_id(push_to_hub)
     except ValueError as error:
@@ -465,7 +466,7 @@ def eval_(
     """Accuracy of a model on held-out questions (greedy, `icm generate`'s extractors) or on labelled claims."""
     import json
 
-    from dpo.evaluation import EvalConfig, evaluate
+    from icm.dpo.evaluation import EvalConfig, evaluate
 
     if (input is None) == (task is None):
         fail("give exactly one of INPUT or --task")
@@ -544,12 +545,13 @@ def transfer(
     for each arm of labels (--arms icm,gold,random,zero_shot compares them on the same candidates)."""
     import shlex
 
-    from data.candidates import GenerationConfig
-    from data.pairs import PairsConfig
-    from data.tasks import load_questions
-    from dpo.evaluation import EvalConfig
-    from dpo.training import DPOTrainingConfig
-    from dpo.transfer import STAGES, TransferConfig, arms_table, run_transfer
+    from icm.data.candidates import GenerationConfig
+    from icm.data.pairs import PairsConfig
+    from icm.data.tasks import load_questions
+    from icm.dpo.evaluation import EvalConfig
+    from icm.dpo.training import DPOTrainingConfig
+    from icm.dpo.transfer import STAGES, TransferConfig, arms_table, run_transfer
+
     from icm.search import ICMConfig
 
     if sum(map(bool, (questions, task, dataset))) != 1:

@@ -12,11 +12,10 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-
-from data.answers import answers_match, check_extractor, closed_answers, extract_answer, extract_closed, whole_word
-from data.console import console
-from data.io import InputError, write_json, write_parquet
-from data.tasks import DEFAULT_INSTRUCTION, Question
+from icm.data.answers import answers_match, check_extractor, closed_answers, extract_answer, extract_closed, whole_word
+from icm.data.console import console
+from icm.data.io import InputError, write_json, write_parquet
+from icm.data.tasks import DEFAULT_INSTRUCTION, Question
 
 # Extra end-of-turn tokens some chat templates use besides the tokenizer's eos token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-
-from data.console import console, quiet_libraries, set_quiet
-from data.io import atomic_path
+from icm.data.console import console, quiet_libraries, set_quiet
+from icm.data.io import atomic_path
 
 RECIPE_FILE = "recipe.yaml"
 RUN_CONTROL = frozenset({"resume", "overwrite", "stop_after"})  # how to run, not what: never written
@@ -170,8 +169,7 @@ def resolved_recipe(command: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 def write_recipe(path: Path, command: Any, params: dict[str, Any]) -> None:
     import yaml
-
-    from data.console import version
+    from icm.data.console import version
 
     header = (f"# icm {command.name} recipe (icm {version()}): every option's value; rerun with\n"
               f"#   icm {command.name} --config {path}\n# Flags given with --config override these values.\n")
@@ -184,7 +182,7 @@ def _read_config(ctx: typer.Context, value: Path | None) -> Path | None:
     """``--config``: the recipe's values become defaults of this invocation (eager: before the other options)."""
     if value is None or ctx.resilient_parsing:
         return value
-    from data.console import error
+    from icm.data.console import error
 
     try:
         values = read_recipe(value, ctx)

@@ -8,7 +8,7 @@
 # Needs network for the Hub (models and `gsm8k`/`main`); a rerun skips finished stages. Rough cost on one H100:
 # generation 2000 x 8 candidates and 5 evaluations of 500 problems are minutes; ICM labelling of ~12k claims with
 # a 7B labeller dominates (plan it with `python bench/label_speed.py --cost-model`); each DPO arm is ~10 minutes.
-# Several GPUs: run with --stop-after pairs, train each arm with `accelerate launch -m cli dpo` (docs/multi-gpu.md),
+# Several GPUs: run with --stop-after pairs, train each arm with `accelerate launch -m icm dpo` (docs/multi-gpu.md),
 # then rerun this script to evaluate.
 #
 # Every setting can be overridden from the environment (QUESTIONS: a local questions file instead of the Hub

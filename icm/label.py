@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from data.answers import closed_answers
-from data.candidates import GenerationConfig, generate_candidates
-from data.claims import (
+from icm.data.answers import closed_answers
+from icm.data.candidates import GenerationConfig, generate_candidates
+from icm.data.claims import (
     AnswerClaims,
     Claim,
     ClaimFields,
@@ -28,9 +28,9 @@ from data.claims import (
     claims_from_records,
     gold_labels,
 )
-from data.console import console
-from data.io import InputError, read_parquet_metadata, read_records, write_json, write_parquet
-from data.tasks import load_questions
+from icm.data.console import console
+from icm.data.io import InputError, read_parquet_metadata, read_records, write_json, write_parquet
+from icm.data.tasks import load_questions
 from icm.scoring import ClaimScorer, PromptTemplate
 from icm.search import ICMConfig, label_claims
 

@@ -19,13 +19,12 @@ import typer
 import yaml
 from conftest import ROOT
 from huggingface_hub.utils import are_progress_bars_disabled
+from icm.cli import app
+from icm.data.console import quiet_libraries
+from icm.data.recipes import read_recipe
+from icm.data.tasks import arithmetic_questions
 from transformers.utils import logging as hf_logging
 from typer.testing import CliRunner
-
-from cli import app
-from data.console import quiet_libraries
-from data.recipes import read_recipe
-from data.tasks import arithmetic_questions
 
 runner = CliRunner()
 
@@ -170,7 +169,7 @@ def test_third_party_bars_and_warnings_stay_out_of_the_console(tiny_model_dir, t
     pairs = tmp_path / "pairs.jsonl"  # ... and a real command, which triggers transformers' FutureWarnings,
     pairs.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?", "chosen": f"{i + 2}", "rejected": f"{i}"})
                              + "\n" for i in range(2)))  # its "Loading weights" bar and datasets' map bars
-    result = subprocess.run([sys.executable, "-m", "cli", "dpo", str(pairs), "-m", tiny_model_dir, "-o",
+    result = subprocess.run([sys.executable, "-m", "icm", "dpo", str(pairs), "-m", tiny_model_dir, "-o",
                              str(tmp_path / "policy"), "--max-steps", "1", "--batch-size", "2", "--max-length", "64",
                              "--precision", "fp32", "--save-steps", "0", "--gradient-checkpointing"], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
