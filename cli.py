@@ -170,6 +170,12 @@ def label(
     private: bool = typer.Option(False, help="Create the Hub repository private."),
     revision: str | None = typer.Option(None, help="Hub branch to push to."),
     license: str = typer.Option("unknown", help="License in the dataset card."),
+    iterative: bool = typer.Option(False, help="Iterative ICM: label --batches batches in input order, fine-tuning "
+                                   "the labeller (LoRA) on the labels found so far before each next batch."),
+    batches: int = typer.Option(4, min=1, help="--iterative: number of batches."),
+    finetune_steps: int = typer.Option(16, min=0, help="--iterative: LoRA steps per fine-tuning (0: plain "
+                                       "batch-by-batch labelling, no fine-tuning)."),
+    finetune_lr: float = typer.Option(2e-4, min=0, help="--iterative: learning rate of the fine-tuning."),
 ) -> None:
     """Label claims True/False with Internal Coherence Maximization (no gold label is read by the search).
 
@@ -179,11 +185,14 @@ def label(
     from data.answers import closed_answers
     from data.candidates import GenerationConfig
     from data.claims import ClaimFields
+    from icm.iterative import IterativeConfig
     from icm.label import label_file
     from icm.scoring import PromptTemplate
     from icm.search import ICMConfig
 
     try:
+        iterative_config = IterativeConfig(batches=batches, steps=finetune_steps, learning_rate=finetune_lr) \
+            if iterative else None
         config = ICMConfig(alpha=alpha, initial_labels=initial_labels, iterations=iterations,
                            polish_iterations=polish_iterations, batch_size=batch_size,
                            folds=folds, see_group=see_group, max_context_tokens=max_context_tokens,
@@ -200,7 +209,7 @@ def label(
     try:
         run = label_file(input, output, model, config, template=template, fields=fields, run_dir=run_dir,
                          resume=resume, dtype=dtype, generation=generation, claims=claims, answers=options,
-                         command=command)
+                         command=command, iterative=iterative_config)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the search state is saved; rerun with --resume to continue")
         raise typer.Exit(130) from None
