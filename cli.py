@@ -540,5 +540,20 @@ def transfer(
     console.print(f"{output_dir / 'transfer.json'}, {output_dir / 'transfer.png'}", highlight=False)
 
 
+@app.command()
+@cli_errors
+def report(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A label run directory (run.json), a pairs report "
+                                   "(NAME.report.json or NAME.parquet from `icm pairs`) or a transfer directory."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="HTML file to write [default: RUN_DIR/report.html, "
+                                       "or NAME.report.html for pairs]; its PNGs go next to it."),
+) -> None:
+    """Write a self-contained HTML page (plots inlined) for a label, pairs or transfer run."""
+    from dpo.report import write_report
+
+    kind, page, images = write_report(run_dir, output)
+    console.print(f"{kind} report: {page} ({len(images)} plots next to it)", highlight=False, soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()

@@ -109,9 +109,9 @@ def finetune_labeller(model, tokenizer, claims: list[Claim], labels: dict[int, b
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    summary = {"trained_on": len(items), "true_share": float(np.mean([y for _, y in items])) if items else 0.0,
-               "steps": config.steps, "loss_first": losses[0] if losses else None,
-               "loss_last": losses[-1] if losses else None}
+    summary = {"trained_on": len(items),
+               "trained_true_share": float(np.mean([y for _, y in items])) if items else 0.0, "steps": config.steps,
+               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
     if output is not None:
         _save_adapter(student, summary, output)
     merged = student.merge_and_unload()
