@@ -1,4 +1,6 @@
-"""icm report: one self-contained HTML page for a label run, a pairs file and a transfer run (tiny model)."""
+"""icm report: one self-contained HTML page for a label run, a pairs file and a transfer run (tiny model).
+
+The transfer report is checked on the run ``test_transfer.py`` makes anyway (:func:`check_transfer_report`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import shutil
 
 import numpy as np
 import pytest
-from test_transfer import ARGS
 from typer.testing import CliRunner
 
 from cli import app
@@ -19,13 +20,18 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def transfer_run(tiny_model_dir, tmp_path_factory):
-    """A finished tiny transfer run: it holds a label run (icm/) and a pairs report too."""
-    run = tmp_path_factory.mktemp("report") / "run"
-    result = runner.invoke(app, ["transfer", "--labeller", tiny_model_dir, "--policy", tiny_model_dir,
-                                 "--output-dir", str(run), *ARGS])
-    assert result.exit_code == 0, result.output
-    return run
+def label_run(tiny_model_dir, tmp_path_factory):
+    """labels.parquet with its run dir labels.run/, and pairs.parquet with pairs.report.json, from claims with gold."""
+    root = tmp_path_factory.mktemp("report")
+    rows = [{"question": f"What is {q} + 2?", "choice": f"The answer is {q + 2 + d}.", "consistency_id": q,
+             "answer": str(q + 2 + d), "label": d == 0} for q in range(6) for d in (0, 1, 3)]
+    (root / "claims.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for argv in (["label", str(root / "claims.jsonl"), "-o", str(root / "labels.parquet"), "--model", tiny_model_dir,
+                  "--dtype", "fp32", "--iterations", "12"],
+                 ["pairs", str(root / "labels.parquet"), "-o", str(root / "pairs.parquet")]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0, result.output
+    return root
 
 
 def sections(page: str) -> list[str]:
@@ -47,7 +53,8 @@ def report(path, *extra) -> str:
     return result.output
 
 
-def test_transfer_report(transfer_run, tmp_path):
+def check_transfer_report(transfer_run, tmp_path) -> None:
+    """Called by test_transfer.py on its finished run (a transfer run is the slowest thing to make)."""
     out = tmp_path / "page.html"
     assert "transfer report" in report(transfer_run, "--output", str(out))
     page = out.read_text()
@@ -64,10 +71,10 @@ def test_transfer_report(transfer_run, tmp_path):
         assert f"{entry['delta'] * 100:+.1f} [{ci['low'] * 100:+.1f}, {ci['high'] * 100:+.1f}]" in page
 
 
-def test_label_report_shows_search_acceptance_and_gold(transfer_run, tmp_path):
+def test_label_report_shows_search_acceptance_and_gold(label_run, tmp_path):
     run_dir = tmp_path / "icm"
-    shutil.copytree(transfer_run / "icm", run_dir)
-    shutil.copy(transfer_run / "labels.parquet", tmp_path / "labels.parquet")
+    shutil.copytree(label_run / "labels.run", run_dir)
+    shutil.copy(label_run / "labels.parquet", tmp_path / "labels.parquet")
     run = json.loads((run_dir / "run.json").read_text())
     (run_dir / "run.json").write_text(json.dumps(run | {"output": "elsewhere/labels.parquet"}))  # found by name
     report(run_dir)
@@ -84,9 +91,9 @@ def test_label_report_shows_search_acceptance_and_gold(transfer_run, tmp_path):
     assert sections(page) == ["summary", "search", "labels"] and "was not found" in page
 
 
-def test_pairs_report_from_the_file_or_its_directory(transfer_run, tmp_path):
+def test_pairs_report_from_the_file_or_its_directory(label_run, tmp_path):
     for name in ("pairs.parquet", "pairs.report.json"):
-        shutil.copy(transfer_run / name, tmp_path / name)
+        shutil.copy(label_run / name, tmp_path / name)
     for target in (tmp_path / "pairs.parquet", tmp_path / "pairs.report.json", tmp_path):
         assert detect(target) == ("pairs", tmp_path / "pairs.report.json")
     report(tmp_path)
