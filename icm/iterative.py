@@ -14,6 +14,7 @@ instead of trained again.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 import tempfile
@@ -74,10 +75,11 @@ def split_batches(claims: list[Claim], k: int) -> list[list[int]]:
 
 def finetune_labeller(model, tokenizer, claims: list[Claim], labels: dict[int, bool], config: IterativeConfig, *,
                       template: PromptTemplate | None = None, seed: int = 0,
-                      output: Path | None = None) -> tuple[Any, dict[str, Any]]:
+                      output: Path | None = None, key: str = "") -> tuple[Any, dict[str, Any]]:
     """A copy of ``model`` fine-tuned with LoRA on ``labels`` (claim index -> label): cross-entropy of the label
     token after the claim's prompt, exactly as :class:`ClaimScorer` writes it (no demonstrations). Returns the
-    merged model (``model`` is left as it was) and a summary; the adapter is saved to ``output`` when given."""
+    merged model (``model`` is left as it was) and a summary; the adapter is saved to ``output`` when given, with
+    the summary and ``key`` (what it was trained on, checked before a resume reuses it)."""
     from peft import LoraConfig, get_peft_model
 
     scorer = ClaimScorer(model, tokenizer, claims, template)  # the scorer's own prompt tokens and label ids
@@ -113,7 +115,7 @@ def finetune_labeller(model, tokenizer, claims: list[Claim], labels: dict[int, b
                "trained_true_share": float(np.mean([y for _, y in items])) if items else 0.0, "steps": config.steps,
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
     if output is not None:
-        _save_adapter(student, summary, output)
+        _save_adapter(student, summary | {"key": key}, output)
     merged = student.merge_and_unload()
     merged.eval()
     return merged, summary
@@ -152,22 +154,24 @@ def label_iteratively(claims: list[Claim], model, tokenizer, config: ICMConfig |
     iterative = iterative or IterativeConfig()
     batches = split_batches(claims, iterative.batches)
     labellers: dict[int, dict[str, Any]] = {}
+    settings = json.dumps(asdict(iterative), sort_keys=True)
 
     def labeller(b: int, done: dict[str, dict[str, Any]]):
         if b == 0 or iterative.steps == 0:
             labellers[b] = {"labeller": "base"}
             return model
         adapter = Path(run_dir) / f"labeller-{b}" if run_dir else None
-        if resume and adapter is not None and (adapter / FINETUNE_FILE).exists():
+        labels = {i: y for k in sorted(done, key=int) if int(k) < b for i, y in batch_labels(done[k]).items()}
+        key = hashlib.sha256(json.dumps([sorted(labels.items()), settings, config.seed + b]).encode()).hexdigest()[:16]
+        saved = adapter / FINETUNE_FILE if adapter is not None else None
+        if resume and saved is not None and saved.exists() and json.loads(saved.read_text()).get("key") == key:
             tuned, info = load_labeller(model, adapter)
-        else:
-            labels = {i: y for key in sorted(done, key=int) if int(key) < b for i, y in batch_labels(done[key]).items()}
+        else:  # (an adapter saved for other labels or settings is trained again)
             tuned, info = finetune_labeller(model, tokenizer, claims, labels, iterative, template=template,
-                                            seed=config.seed + b, output=adapter)
+                                            seed=config.seed + b, output=adapter, key=key)
         labellers[b] = {"labeller": f"labeller-{b}", **info}
         return tuned
 
-    settings = json.dumps(asdict(iterative), sort_keys=True)
     results, summary = label_claims(claims, model, tokenizer, config, template=template, run_dir=run_dir,
                                     resume=resume, model_name=f"{model_name} iterative {settings}",
                                     progress=progress, batches=batches, labeller=labeller)

@@ -50,9 +50,9 @@ def test_the_model_tuned_after_batch_j_labels_batch_j_plus_1(tiny, monkeypatch):
     tuned, used, trained_on = {}, {}, {}
     real_finetune, real_label = iterative_module.finetune_labeller, iterative_module.label_claims
 
-    def finetune(model_, tokenizer_, claims, labels, config, *, template=None, seed=0, output=None):
+    def finetune(model_, tokenizer_, claims, labels, config, *, template=None, seed=0, output=None, key=""):
         result = real_finetune(model_, tokenizer_, claims, labels, config, template=template, seed=seed,
-                               output=output)
+                               output=output, key=key)
         b = len(tuned) + 1
         tuned[b], trained_on[b] = result[0], dict(labels)
         return result
