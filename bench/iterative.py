@@ -27,8 +27,8 @@ from bench.claimsets import CLAIM_SETS  # noqa: E402
 from data.claims import ANSWER_CLAIM  # noqa: E402
 from data.io import write_json  # noqa: E402
 from data.tasks import get_task  # noqa: E402
-from icm.iterative import IterativeConfig  # noqa: E402
-from icm.label import label_records  # noqa: E402
+from icm.iterative import IterativeConfig, load_labeller  # noqa: E402
+from icm.label import label_records, zero_shot_records  # noqa: E402
 from icm.models import load_model  # noqa: E402
 from icm.search import ICMConfig  # noqa: E402
 
@@ -74,15 +74,28 @@ def main() -> None:
                                 "batches": batches}
         print(f"{name}: gold accuracy {summary['gold_accuracy']:.3f} in {time.monotonic() - started:.0f} s",
               flush=True)
+    # Did fine-tuning move the model's own judgement? Zero-shot accuracy (centered log-odds, no demonstrations) of
+    # the base model and of the labeller that searched each batch, on that batch.
+    for b, batch in enumerate(report["runs"]["iterative"]["batches"]):
+        members = summary["iterative"]["batches"][b]["members"]
+        batch["zero_shot_base"] = zero_shot_records([rows[i] for i in members], model, tokenizer)[1]["gold_accuracy"]
+        adapter = args.run_dir / "iterative" / f"labeller-{b}" if args.run_dir else None
+        if adapter is not None and adapter.is_dir():
+            tuned = load_labeller(model, adapter)[0]
+            batch["zero_shot_labeller"] = zero_shot_records([rows[i] for i in members], tuned, tokenizer)[1][
+                "gold_accuracy"]
     print(f"\n{args.claims}, {args.model}, {len(rows)} claims in {args.batches} batches "
           f"(gold True share {sum(r['label'] for r in rows) / len(rows):.2f})")
-    print("| batch | claims | plain | iterative | fine-tuned on | LoRA loss first -> last |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | claims | plain ICM | iterative ICM | fine-tuned on | LoRA loss first -> last | zero-shot: base / "
+          "labeller |")
+    print("|---|---|---|---|---|---|---|")
     for b, (plain, it) in enumerate(zip(report["runs"]["plain"]["batches"], report["runs"]["iterative"]["batches"])):
         tuned = f"{it['trained_on']} labels" if "trained_on" in it else "- (base)"
         loss = f"{it['loss_first']:.3f} -> {it['loss_last']:.3f}" if it.get("loss_first") is not None else "-"
+        zero = f"{it['zero_shot_base']:.1%} / " + (f"{it['zero_shot_labeller']:.1%}" if "zero_shot_labeller" in it
+                                                   else "-")
         print(f"| {b + 1} | {plain['claims']} | {plain['gold_accuracy']:.1%} | {it['gold_accuracy']:.1%} | "
-              f"{tuned} | {loss} |")
+              f"{tuned} | {loss} | {zero} |")
     if args.output:
         write_json(args.output, report)
         print(json.dumps({k: v["gold_accuracy"] for k, v in report["runs"].items()}))
