@@ -181,7 +181,7 @@ def label_iteratively(claims: list[Claim], model, tokenizer, config: ICMConfig |
             labellers[b] = {"labeller": "base"} if b == 0 or iterative.steps == 0 else \
                 {"labeller": f"labeller-{b}", **(json.loads(adapter.read_text()) if adapter.exists() else {})}
     summary["iterative"] = {"config": asdict(iterative), "batches": [
-        {"members": members, "claims": len(members),
-         "true_share": float(np.mean([results[i]["icm_label"] for i in members])), **labellers[b]}
+        {**labellers[b], "members": members, "claims": len(members),
+         "true_share": float(np.mean([results[i]["icm_label"] for i in members]))}
         for b, members in enumerate(batches)]}
     return results, summary
