@@ -235,8 +235,9 @@ def label_sections(page: Page, run_dir: Path, prefix: str = "", title: str = "")
         if 1 < len(trajectories) <= 8:
             axis.legend(fontsize=8)
     page.add(f"{prefix}search", f"{title}Search: U and acceptance", page.figure(fig, f"{prefix}search") + note
-             + "<p>Steps after the annealing are greedy polishing (T = 0); a flat U at the end means no single flip "
-               "improves it.</p>")
+             + "<p>Between exact steps (every <code>exact_every</code>-th, 8 by default) U is the approximate one, so "
+               "it can jump when an exact step catches up. Steps after the annealing are greedy polishing (T = 0); a "
+               "flat U at the end means no single flip improves it.</p>")
 
     labels_path = _labels_file(run_dir, run)
     if labels_path is None:
