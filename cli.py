@@ -215,6 +215,12 @@ def label(
     private: bool = typer.Option(False, help="Create the Hub repository private."),
     revision: str | None = typer.Option(None, help="Hub branch to push to."),
     license: str = typer.Option("unknown", help="License in the dataset card."),
+    iterative: bool = typer.Option(False, help="Iterative ICM: label --batches batches in input order, fine-tuning "
+                                   "the labeller (LoRA) on the labels found so far before each next batch."),
+    batches: int = typer.Option(4, min=1, help="--iterative: number of batches."),
+    finetune_steps: int = typer.Option(16, min=0, help="--iterative: LoRA steps per fine-tuning (0: plain "
+                                       "batch-by-batch labelling, no fine-tuning)."),
+    finetune_lr: float = typer.Option(2e-4, min=0, help="--iterative: learning rate of the fine-tuning."),
 ) -> None:
     """Label claims True/False with Internal Coherence Maximization (no gold label is read by the search).
 
@@ -225,11 +231,14 @@ def label(
     from icm.data.candidates import GenerationConfig
     from icm.data.claims import ClaimFields
 
+    from icm.iterative import IterativeConfig
     from icm.label import label_file, run_dir_for
     from icm.scoring import PromptTemplate
     from icm.search import ICMConfig
 
     try:
+        iterative_config = IterativeConfig(batches=batches, steps=finetune_steps, learning_rate=finetune_lr) \
+            if iterative else None
         config = ICMConfig(alpha=alpha, initial_labels=initial_labels, iterations=iterations,
                            polish_iterations=polish_iterations, batch_size=batch_size,
                            folds=folds, see_group=see_group, max_context_tokens=max_context_tokens,
@@ -246,7 +255,7 @@ def label(
     try:
         run = label_file(input, output, model, config, template=template, fields=fields, run_dir=run_dir,
                          resume=resume, dtype=dtype, generation=generation, claims=claims, answers=options,
-                         command=command)
+                         command=command, iterative=iterative_config)
     except KeyboardInterrupt:
         print_error("interrupted: the search state is saved; rerun with --resume to continue")
         raise typer.Exit(130) from None
@@ -590,6 +599,21 @@ def transfer(
                           f"{r['delta_ci']['high']:+.3f}])" for arm, r in report["arms"].items())
     result(f"held-out accuracy {report['accuracy_before']:.3f} before; after: {arms_line}; "
            f"{output_dir / 'transfer.json'}, {output_dir / 'transfer.png'}")
+
+
+@app.command()
+@cli_errors
+def report(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A label run directory (run.json), a pairs report "
+                                   "(NAME.report.json or NAME.parquet from `icm pairs`) or a transfer directory."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="HTML file to write [default: RUN_DIR/report.html, "
+                                       "or NAME.report.html for pairs]; its PNGs go next to it."),
+) -> None:
+    """Write a self-contained HTML page (plots inlined) for a label, pairs or transfer run."""
+    from icm.dpo.report import write_report
+
+    kind, page, images = write_report(run_dir, output)
+    console.print(f"{kind} report: {page} ({len(images)} plots next to it)", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ column, accuracy against it (computed after the search, and shown in the progres
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +32,7 @@ from icm.data.claims import (
 from icm.data.console import console
 from icm.data.io import InputError, read_parquet_metadata, read_records, write_json, write_parquet
 from icm.data.tasks import load_questions
+from icm.iterative import IterativeConfig, label_iteratively
 from icm.scoring import ClaimScorer, PromptTemplate
 from icm.search import ICMConfig, label_claims
 
@@ -49,9 +51,11 @@ def accuracy(labels: dict[int, bool] | list[bool], gold: list[bool | None]) -> f
 def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMConfig | None = None, *,
                   template: PromptTemplate | None = None, fields: ClaimFields | None = None,
                   run_dir: Path | None = None, resume: bool = False, model_name: str = "",
-                  source: str | Path = "<input>", show_progress: bool = True) -> tuple[list[dict[str, Any]], dict]:
+                  source: str | Path = "<input>", show_progress: bool = True,
+                  iterative: IterativeConfig | None = None) -> tuple[list[dict[str, Any]], dict]:
     """Label claim rows; returns the rows with ``icm_label``, ``icm_score``, ``icm_searched`` added, and a
-    summary. The gold column (``fields.label``) is read only to report accuracy after the fact."""
+    summary. The gold column (``fields.label``) is read only to report accuracy after the fact.
+    ``iterative`` labels batch by batch with a labeller fine-tuned as it goes (:mod:`icm.iterative`)."""
     fields = fields or ClaimFields()
     config = config or ICMConfig()
     claims: list[Claim] = claims_from_records(records, source, fields)
@@ -67,11 +71,14 @@ def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMCo
             text += f"  gold acc {acc:.0%}" if acc is not None else ""
         progress.update(task, completed=info["iteration"], total=info["iterations"], description=text)
 
+    search = label_claims if iterative is None else functools.partial(label_iteratively, iterative=iterative)
     with progress:
-        results, summary = label_claims(claims, model, tokenizer, config, template=template, run_dir=run_dir,
-                                        resume=resume, model_name=model_name, progress=on_progress)
+        results, summary = search(claims, model, tokenizer, config, template=template, run_dir=run_dir,
+                                  resume=resume, model_name=model_name, progress=on_progress)
     if gold is not None:
         labels = [r["icm_label"] for r in results]
+        for batch in summary.get("iterative", {}).get("batches", []):
+            batch["gold_accuracy"] = accuracy({i: labels[i] for i in batch["members"]}, gold)
         searched = {i: r["icm_label"] for i, r in enumerate(results) if r["icm_searched"]}
         summary["gold_accuracy"] = accuracy(labels, gold)
         summary["gold_accuracy_searched"] = accuracy(searched, gold)
@@ -128,7 +135,7 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
                run_dir: str | Path | None = None, resume: bool = False, dtype: str = "auto",
                generation: GenerationConfig | None = None, answer_field: str = "answer",
                claims: str = "candidates", answers: tuple[str, ...] | None = None,
-               command: str = "", zero_shot: bool = False) -> dict[str, Any]:
+               command: str = "", zero_shot: bool = False, iterative: IterativeConfig | None = None) -> dict[str, Any]:
     """Label a claims file end to end. Input is validated before the model loads; the output Parquet
     and run.json are written atomically at the end, so a failure never leaves a half-written file.
 
@@ -139,7 +146,8 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     candidates' final answers (``answers`` or ``pivot``, see :func:`data.claims.answer_claims`; ``answers`` is
     the closed answer set when there is one), whose labels are then copied back to the candidate rows.
 
-    ``zero_shot=True`` labels with :func:`zero_shot_records` (the baseline) instead of the ICM search."""
+    ``zero_shot=True`` labels with :func:`zero_shot_records` (the baseline) instead of the ICM search;
+    ``iterative`` with iterative ICM (:mod:`icm.iterative`)."""
     from icm.models import load_model
 
     config = config or ICMConfig()
@@ -175,7 +183,8 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
                                           fields=claim_fields, source=input_path)
     else:
         rows, summary = label_records(claim_records, model, tokenizer, config, template=template, fields=claim_fields,
-                                      run_dir=run_dir, resume=resume, model_name=model_spec, source=input_path)
+                                      run_dir=run_dir, resume=resume, model_name=model_spec, source=input_path,
+                                      iterative=iterative)
     if formulated:
         write_json(run_dir / "claims.json", rows)  # what was labelled, before the copy to the candidates
         rows = candidate_labels(records, formulated, rows)

@@ -131,6 +131,8 @@ class BatchState:
     """Exact proposals that were also decided with the approximate U."""
     disagreements: int = 0
     """Of those, how many the approximate U would have decided the other way."""
+    outcomes: list[int] = field(default_factory=list)
+    """Per step: 1 a proposal was accepted, 0 rejected, -1 no proposal (the label already matched)."""
 
 
 class ICMSearch:
@@ -244,6 +246,9 @@ class ICMSearch:
                     state.rejected = []
                 elif polishing:
                     state.rejected.append(i)
+                state.outcomes.append(int(accept))
+            else:
+                state.outcomes.append(-1)
             state.iteration, state.labels, state.log_odds = n, dict(labels), dict(log_odds)
             state.trajectory.append(u)
             state.rng_state = self.rng.bit_generator.state
@@ -296,13 +301,23 @@ class Checkpoint:
 
 def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None = None, *,
                  template=None, run_dir: Path | None = None, resume: bool = False, model_name: str = "",
-                 progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], dict]:
+                 progress: Callable[[dict[str, Any]], None] | None = None, batches: list[list[int]] | None = None,
+                 labeller: Callable[[int, dict[str, dict[str, Any]]], Any] | None = None,
+                 ) -> tuple[list[dict[str, Any]], dict]:
     """Label every claim with ICM. Returns one result per claim (``icm_label``, ``icm_score``,
-    ``icm_searched``) and a summary (U trajectories, acceptance, balance, token counts)."""
+    ``icm_searched``) and a summary (U trajectories, acceptance, balance, token counts).
+
+    ``batches`` replaces :func:`make_batches`; ``labeller(b, done)`` gives the model that searches batch ``b``
+    given the finished batches ``done`` (checkpoint entries by batch number), e.g. one fine-tuned on their labels
+    (iterative ICM, ``icm.iterative``); by default ``model`` searches every batch."""
     config = config or ICMConfig()
-    scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens, config.scoring_batch_size,
-                         prefix_versions=2 if config.reuse_scores else 1)
-    batches = make_batches(claims, config.batch_size, config.seed)
+
+    def make_scorer(m) -> ClaimScorer:
+        return ClaimScorer(m, tokenizer, claims, template, config.max_context_tokens, config.scoring_batch_size,
+                           prefix_versions=2 if config.reuse_scores else 1)
+
+    scorer = make_scorer(model)
+    batches = batches or make_batches(claims, config.batch_size, config.seed)
     checkpoint = Checkpoint(run_dir, _fingerprint(claims, config, model_name))
     if resume:
         checkpoint.load()
@@ -312,6 +327,9 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
     for b, members in enumerate(batches):
         if str(b) in checkpoint.done:
             continue
+        if labeller is not None:
+            scorer = make_scorer(labeller(b, checkpoint.done))
+        tokens = (scorer.forward_tokens, scorer.uncached_tokens)
         search = ICMSearch(scorer, members, config, batch_index=b)
         state = checkpoint.current[1] if checkpoint.current and checkpoint.current[0] == b else None
 
@@ -333,22 +351,27 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
             "trajectory": state.trajectory, "proposals": state.proposals, "accepted": state.accepted,
             "iterations": state.iteration, "inconsistencies": search.index.count(state.labels),
             "checks": state.checks, "disagreements": state.disagreements,
-            "constraints": len(search.index.constraints),
+            "constraints": len(search.index.constraints), "outcomes": state.outcomes,
+            "forward_tokens": scorer.forward_tokens - tokens[0], "uncached_tokens": scorer.uncached_tokens - tokens[1],
         }
         checkpoint.current = None
         checkpoint.save(force=True)
-    return _collect(claims, checkpoint.done, scorer, time.monotonic() - started)
+    return _collect(claims, checkpoint.done, time.monotonic() - started)
 
 
-def _collect(claims: list[Claim], done: dict[str, dict[str, Any]], scorer: ClaimScorer,
-             seconds: float) -> tuple[list[dict[str, Any]], dict]:
+def batch_labels(batch: dict[str, Any]) -> dict[int, bool]:
+    """Every member's label in a finished batch: searched claims keep their label, the rest get their prediction."""
+    return {int(i): bool(batch["labels"][i]) if i in batch["labels"] else z > 0 for i, z in batch["scores"].items()}
+
+
+def _collect(claims: list[Claim], done: dict[str, dict[str, Any]], seconds: float) -> tuple[list[dict[str, Any]], dict]:
     results: list[dict[str, Any]] = [{} for _ in claims]
     for batch in done.values():
-        for i, z in batch["scores"].items():
-            searched = i in batch["labels"]
-            label = batch["labels"][i] if searched else z > 0
-            results[int(i)] = {"icm_label": bool(label), "icm_score": float(z), "icm_searched": searched}
+        for i, label in batch_labels(batch).items():
+            results[i] = {"icm_label": label, "icm_score": float(batch["scores"][str(i)]),
+                          "icm_searched": str(i) in batch["labels"]}
     proposals = sum(b["proposals"] for b in done.values())
+    forward_tokens = sum(b.get("forward_tokens", 0) for b in done.values())
     labels = [r["icm_label"] for r in results]
     summary = {
         "claims": len(claims),
@@ -362,9 +385,10 @@ def _collect(claims: list[Claim], done: dict[str, dict[str, Any]], scorer: Claim
         "approximate_checks": sum(b["checks"] for b in done.values()),
         "approximate_disagreements": sum(b["disagreements"] for b in done.values()),
         "trajectories": [b["trajectory"] for b in done.values()],
+        "outcomes": [b.get("outcomes", []) for b in done.values()],
         "seconds": seconds,
-        "forward_tokens": scorer.forward_tokens,
-        "uncached_tokens": scorer.uncached_tokens,
-        "forward_tokens_per_claim": scorer.forward_tokens / max(len(claims), 1),
+        "forward_tokens": forward_tokens,
+        "uncached_tokens": sum(b.get("uncached_tokens", 0) for b in done.values()),
+        "forward_tokens_per_claim": forward_tokens / max(len(claims), 1),
     }
     return results, summary

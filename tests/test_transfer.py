@@ -17,6 +17,7 @@ from icm.dpo.evaluation import EvalConfig
 from icm.dpo.training import DPOTrainingConfig
 from icm.dpo.transfer import ARMS, TransferConfig, arms_table, random_labels, run_transfer, split_questions
 from rich.console import Console
+from test_report import check_transfer_report
 from typer.testing import CliRunner
 
 from icm.search import ICMConfig
@@ -90,6 +91,7 @@ def test_transfer_end_to_end_resumes_and_skips_finished_stages(tiny_model_dir, s
     assert len(rerun["skipped_this_run"]) == 6 and rerun["timings"] == report["timings"]
     assert rerun["accuracy_after"] == report["accuracy_after"]
     assert (run / "policy" / "icm_dpo.json").stat().st_mtime == mtime
+    check_transfer_report(run, tmp_path)  # icm report on this run (tests/test_report.py)
 
 
 def test_transfer_refuses_a_run_directory_made_for_other_questions(tiny_model_dir, tmp_path):
