@@ -22,7 +22,15 @@ from typing import Any
 import pyarrow as pa
 from rich.table import Table
 
-from data.io import InputError, read_parquet_metadata, read_records, require_fields, write_json, write_parquet
+from data.io import (
+    InputError,
+    read_parquet_metadata,
+    read_records,
+    require_fields,
+    text_value,
+    write_json,
+    write_parquet,
+)
 
 STRATEGIES = ("all", "best-margin")
 FORMATS = ("standard", "conversational")
@@ -103,6 +111,9 @@ def load_labels(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
         if not math.isfinite(score):
             raise InputError(path, f"expected a finite number, got {row['icm_score']!r}", row=i, field="icm_score")
         row["icm_score"] = score
+        row["choice"] = text_value(path, i, "choice", row["choice"])
+        for name in ("prompt", "question", "choice_2", "answer"):
+            text_value(path, i, name, row.get(name), required=False)
         if not _text(row.get("prompt")) and not _text(row.get("question")):
             raise InputError(path, "missing or empty (the prompt column is absent too)", row=i, field="question")
         if row.get("label") is not None and row.get("label") != "":

@@ -123,7 +123,9 @@ def mixed_precision(precision: str = "auto", device: torch.device | str | None =
 
 
 def _check_message_list(path: str, row: int, name: str, value: Any) -> None:
-    if not value or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
         raise InputError(path, "expected a string or a list of {role, content} messages", row=row, field=name)
 
 
