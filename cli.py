@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional  # noqa: F401  (typer needs real Optional at runtime on 3.10)
@@ -15,7 +16,7 @@ from typing import Optional  # noqa: F401  (typer needs real Optional at runtime
 import typer
 from rich.console import Console
 
-from data.io import InputError
+from data.io import InputError, OutputError
 from icm.models import DEFAULT_MODEL, ModelNotFoundError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -50,6 +51,8 @@ def cli_errors(fn):
             return fn(*args, **kwargs)
         except (InputError, ModelNotFoundError, FileNotFoundError) as error:
             fail(str(error).splitlines()[0] if str(error) else repr(error))
+        except (OutputError, OSError) as error:  # a full disk, a read-only directory: nothing half-written is left
+            fail(str(error).splitlines()[0] if str(error) else repr(error), code=1)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
@@ -58,7 +61,12 @@ def cli_errors(fn):
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also load model weights stored as "
+                                           "pickles (.bin/.pt), which can run code when loaded; default: "
+                                           "safetensors only.")) -> None:
+    if allow_pickle:
+        os.environ["ICM_ALLOW_PICKLE"] = "1"  # also seen by `accelerate launch` workers and TRL's model loading
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
 
@@ -104,10 +112,12 @@ def generate(
     """Sample candidate solutions from a model and write them as claims for `icm label`."""
     from data.answers import check_extractor
     from data.candidates import GenerationConfig, generate_file, report_path, report_table
+    from data.io import check_output
     from data.tasks import load_questions
 
     if sum(map(bool, (input, task, dataset))) != 1:
         fail("give exactly one of INPUT, --task or --dataset")
+    check_output(output, input)
     instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
     try:
         check_extractor(extractor)

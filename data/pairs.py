@@ -24,6 +24,7 @@ from rich.table import Table
 
 from data.io import (
     InputError,
+    check_output,
     read_parquet_metadata,
     read_records,
     require_fields,
@@ -348,6 +349,8 @@ def write_pairs(output: str | Path, pairs: list[dict[str, Any]], report: dict[st
     if not pairs:
         raise ValueError("no pairs to write")
     paths = split_paths(output)
+    for path in paths.values():
+        check_output(path, source)
     splits = split_pairs(pairs, config.test_size, config.seed) if config.test_size else {"train": pairs}
     report["splits"] = {name: {"pairs": len(rows), "questions": len({r["question_id"] for r in rows})}
                         for name, rows in splits.items()}

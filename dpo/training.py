@@ -20,8 +20,16 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from data.candidates import build_prompt
-from data.io import InputError, read_records, require_fields, write_json
-from icm.models import default_device, default_dtype, load_model, load_tokenizer, resolve_model
+from data.io import InputError, check_output, read_records, require_fields, write_json
+from icm.models import (
+    check_weights,
+    default_device,
+    default_dtype,
+    load_model,
+    load_tokenizer,
+    pickle_allowed,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +273,8 @@ def build_dpo_config(config: DPOTrainingConfig, output_dir: str | Path, **overri
         use_cpu=default_device().type == "cpu",
         report_to="none",
         disable_tqdm=True,
-        model_init_kwargs={"dtype": torch.float32, "trust_remote_code": config.trust_remote_code},
+        model_init_kwargs={"dtype": torch.float32, "trust_remote_code": config.trust_remote_code,
+                           "use_safetensors": None if pickle_allowed() else True},
         trust_remote_code=config.trust_remote_code,
     )
     kwargs.update(overrides)
@@ -324,18 +333,39 @@ def build_trainer(
 
 
 def _last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint in ``output_dir``. The Trainer writes ``trainer_state.json`` last, so a
+    checkpoint without a readable one was cut short by a kill: it is removed (with a warning) and the one
+    before it is used; training from there repeats the lost steps exactly."""
+    import shutil
 
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if not output_dir.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for step, path in reversed(steps):
+        try:
+            if json.loads((path / "trainer_state.json").read_text())["global_step"] == step:
+                return str(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        log.warning("%s is incomplete (interrupted while saving): removed, resuming from the one before", path)
+        shutil.rmtree(path)
+    return None
 
 
 def _final_train_metrics(log_history: list[dict]) -> dict[str, float]:
     """The last logged training metrics (loss, reward accuracy and margins, ...) and the run's mean loss."""
     last = next((entry for entry in reversed(log_history) if "loss" in entry), {})
     metrics = {k: last[k] for k in KEY_METRICS if k in last}
-    end = next((entry for entry in reversed(log_history) if "train_loss" in entry), {})
-    if "train_loss" in end:
-        metrics["train_loss"] = end["train_loss"]
+    # The run's mean loss from the logged losses, each weighted by the steps it covers. (The Trainer's own
+    # train_loss averages only the steps since the last resume, so it would differ after one.)
+    total, steps, last_step = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - last_step)
+            steps, last_step = entry["step"], entry["step"]
+    if steps:
+        metrics["train_loss"] = total / steps
     return metrics
 
 
@@ -376,6 +406,7 @@ def train_dpo(
     """
     config = config or DPOTrainingConfig()
     output_dir = Path(output_dir)
+    check_output(output_dir, *(p for p in (pairs, eval_pairs) if isinstance(p, (str, Path))), directory=True)
     if not (resume or overwrite) and output_dir.is_dir() and (
             (output_dir / SUMMARY_FILE).exists() or any(output_dir.glob("checkpoint-*"))):
         raise InputError(output_dir, "already holds a trained model or checkpoints (resume, or overwrite it)")
@@ -422,8 +453,8 @@ def train_dpo(
     if is_main:
         from dpo.card import write_model_card
 
-        write_json(output_dir / SUMMARY_FILE, summary)
         write_model_card(output_dir, summary, repo_id=push_to_hub)
+        write_json(output_dir / SUMMARY_FILE, summary)  # last: its presence says the directory is complete
         if push_to_hub:
             summary["pushed_to"] = push_model(output_dir, push_to_hub, private=private)
     return summary
@@ -466,6 +497,7 @@ def load_trained_model(spec: str, dtype: str | torch.dtype | None = "auto", devi
         return load_model(spec, dtype=dtype, device=device)
     from peft import PeftModel
 
+    check_weights(path)
     base = None
     if (path / SUMMARY_FILE).is_file():
         base = json.loads((path / SUMMARY_FILE).read_text()).get("base_model")

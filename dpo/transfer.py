@@ -34,7 +34,15 @@ from rich.table import Table
 from data.answers import closed_answers
 from data.candidates import GenerationConfig, generate_file
 from data.claims import check_claim_mode
-from data.io import InputError, atomic_path, read_parquet_metadata, read_records, write_json, write_parquet
+from data.io import (
+    InputError,
+    atomic_path,
+    check_output,
+    read_parquet_metadata,
+    read_records,
+    write_json,
+    write_parquet,
+)
 from data.pairs import PairsConfig, build_pairs, load_labels, split_paths, write_pairs
 from data.tasks import Question
 from dpo.evaluation import EvalConfig, evaluate_question_list, paired_bootstrap
@@ -223,7 +231,7 @@ def run_transfer(
     config = config or TransferConfig()
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got '{stop_after}'")
-    run_dir = Path(output_dir)
+    run_dir = check_output(output_dir, directory=True)
     for row, q in enumerate(questions, start=1):
         if q.reference is None:
             raise InputError(source, "no reference answer (needed for the evaluation)", row=row, field="answer")

@@ -29,7 +29,7 @@ from data.claims import (
     claims_from_records,
     gold_labels,
 )
-from data.io import InputError, read_parquet_metadata, read_records, write_json, write_parquet
+from data.io import InputError, check_output, read_parquet_metadata, read_records, write_json, write_parquet
 from data.tasks import load_questions
 from icm.scoring import ClaimScorer, PromptTemplate
 from icm.search import ICMConfig, label_claims
@@ -141,6 +141,9 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     template = template or PromptTemplate()
     fields = fields or ClaimFields()
     records = read_records(input_path)
+    check_output(output, input_path)
+    if run_dir is not None:
+        check_output(run_dir, input_path, directory=True)
     if answers is None and claims != "candidates" and Path(input_path).suffix == ".parquet":
         answers = closed_answers(read_parquet_metadata(input_path).get("config", {}).get("extractor", "auto"))
     try:
