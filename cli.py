@@ -295,6 +295,8 @@ def pairs(
                          + [str(x) for k, v in args.items() if v is not None for x in (k, v)])
     try:
         files = write_pairs(output, kept, report, config, labels_metadata=metadata, command=command, source=labels)
+    except InputError:
+        raise
     except ValueError as error:  # a test split that leaves one side empty
         fail(f"{labels}: {error}")
     console.print(report_table(report))

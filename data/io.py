@@ -195,7 +195,8 @@ def require_fields(path: str | Path, records: list[dict[str, Any]], fields: list
     """Fail on the first row that lacks one of ``fields`` or has it empty."""
     for i, record in enumerate(records, start=1):
         for field in fields:
-            if is_missing(record.get(field)):
+            value = record.get(field)
+            if value is None or (isinstance(value, str) and not value.strip()):
                 raise InputError(path, "missing or empty", row=i, field=field)
 
 

@@ -353,6 +353,12 @@ def _last_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
+def _finished(checkpoint: str, config: DPOTrainingConfig) -> bool:
+    """Whether ``checkpoint`` is the last step of the training that ``config`` asks for."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"] and config.max_steps in (-1, state["max_steps"])
+
+
 def _final_train_metrics(log_history: list[dict]) -> dict[str, float]:
     """The last logged training metrics (loss, reward accuracy and margins, ...) and the run's mean loss."""
     last = next((entry for entry in reversed(log_history) if "loss" in entry), {})
@@ -422,7 +428,16 @@ def train_dpo(
         log.info("no checkpoint in %s: starting from scratch", output_dir)
     start = time.perf_counter()
     start_step = trainer.state.global_step
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None and _finished(checkpoint, config):
+        # Resumed from the checkpoint of the last step, Trainer.train would still run one more step (transformers
+        # 5 checks max_steps only after a step), so the finished state is loaded instead of trained on.
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        start_step, train_metrics = trainer.state.global_step, {}
+    else:
+        train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     seconds = time.perf_counter() - start
     steps_run = max(trainer.state.global_step - start_step, 0)
     eval_after = _eval_metrics(trainer.evaluate()) if eval_rows else None
@@ -442,7 +457,7 @@ def train_dpo(
         "config": asdict(config) | {"learning_rate": config.lr, "precision": mixed_precision(config.precision)},
         "global_step": trainer.state.global_step,
         "resumed_from": checkpoint,
-        "metrics": _final_train_metrics(trainer.state.log_history) | {"train_runtime": train_output.metrics.get(
+        "metrics": _final_train_metrics(trainer.state.log_history) | {"train_runtime": train_metrics.get(
             "train_runtime")},
         "eval_before": eval_before,
         "eval_after": eval_after,

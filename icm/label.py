@@ -32,7 +32,7 @@ from data.claims import (
 from data.io import InputError, check_output, read_parquet_metadata, read_records, write_json, write_parquet
 from data.tasks import load_questions
 from icm.scoring import ClaimScorer, PromptTemplate
-from icm.search import ICMConfig, label_claims
+from icm.search import Checkpoint, ICMConfig, label_claims
 
 
 def accuracy(labels: dict[int, bool] | list[bool], gold: list[bool | None]) -> float | None:
@@ -158,6 +158,8 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         gold_labels(records, input_path, fields.label)
     output = Path(output)
     run_dir = Path(run_dir) if run_dir else output.with_suffix(".run")
+    if resume and not zero_shot:
+        Checkpoint.read(run_dir / "checkpoint.json")  # a damaged one is reported before the model loads
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     model, tokenizer = load_model(model_spec, dtype=dtype)

@@ -278,6 +278,10 @@ def checkpoint_seconds() -> float:
         raise InputError("ICM_CHECKPOINT_SECONDS", f"expected a number of seconds, got {raw!r}") from None
 
 
+def _restart(path: Path) -> str:
+    return f"delete {path} to start the search over, or use another --run-dir"
+
+
 class Checkpoint:
     """The search state on disk (``run_dir/checkpoint.json``), written atomically."""
 
@@ -289,20 +293,29 @@ class Checkpoint:
         self.current: tuple[int, BatchState] | None = None
         self._last = time.monotonic()
 
+    @staticmethod
+    def read(path: Path) -> dict[str, Any] | None:
+        """The checkpoint's content (None when there is none), refusing a damaged one or one of another format
+        with an :class:`InputError` that says what to do. Cheap: ``label_file`` calls it before loading a model."""
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_bytes())
+            version = data.get("format") if isinstance(data, dict) else None
+        except (OSError, ValueError) as error:
+            raise InputError(path, f"damaged checkpoint ({type(error).__name__}); {_restart(path)}") from None
+        if version != CHECKPOINT_FORMAT:
+            raise InputError(path, f"checkpoint of another icm version (format {version}, this one reads "
+                             f"{CHECKPOINT_FORMAT}); {_restart(path)}")
+        return data
+
     def load(self) -> None:
         """Read the checkpoint, if any. A damaged one, one of another format, or one made for other claims,
         model or settings is an :class:`InputError` that says what to do; nothing is guessed."""
-        if not self.path or not self.path.exists():
+        data = self.read(self.path) if self.path else None
+        if data is None:
             return
-        restart = f"delete {self.path} to start the search over, or use another --run-dir"
-        try:
-            data = json.loads(self.path.read_bytes())
-            version = data.get("format") if isinstance(data, dict) else None
-        except (OSError, ValueError) as error:
-            raise InputError(self.path, f"damaged checkpoint ({type(error).__name__}); {restart}") from None
-        if version != CHECKPOINT_FORMAT:
-            raise InputError(self.path, f"checkpoint of another icm version (format {version}, this one reads "
-                             f"{CHECKPOINT_FORMAT}); {restart}")
+        restart = _restart(self.path)
         if data.get("fingerprint") != self.fingerprint:
             raise InputError(self.path, f"checkpoint was made with other claims, model or settings; {restart}")
         try:
