@@ -2,7 +2,8 @@
 
 For each stage (label, generate, dpo, transfer) the harness runs the ``icm`` command once to completion (the
 reference), then runs it again in a fresh directory and SIGKILLs it after a seeded random delay drawn uniformly
-from [0, reference time], restarts the same command (which resumes), kills it again, and so on, until it finishes
+from [0.9 x the time the reference took to show progress on disk, reference time] (before that the process is
+importing libraries and loading the model, and a kill there tests nothing), restarts the same command (which resumes), kills it again, and so on, until it finishes
 on its own or ``--kills`` kills have landed; then it lets the command finish and compares the outputs with the
 reference. A kill *survived* when the run it interrupted ended with exactly the reference outputs (every kill
 of a chain shares the verdict of the chain's end). When a chain ends before enough kills have landed, a new
@@ -188,12 +189,30 @@ def _finish(stage: Stage, d: Path, env: dict[str, str], timeout: float) -> None:
     _check(proc, stage, d)
 
 
+def _reference(stage: Stage, d: Path, env: dict[str, str], timeout: float) -> tuple[float, float]:
+    """Run the command to completion in ``d``; returns its duration and when its progress first showed on disk
+    (imports and model loading come before: kills are drawn after 90% of that, where there is state to lose)."""
+    started = time.perf_counter()
+    proc = _start(stage, d, env)
+    initial, first = stage.progress(d), None
+    while proc.poll() is None:
+        if first is None and stage.progress(d) != initial:
+            first = time.perf_counter() - started
+        if time.perf_counter() - started > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    _check(proc, stage, d)
+    total = time.perf_counter() - started
+    return total, first if first is not None else 0.0
+
+
 @dataclass
 class Outcome:
     stage: str
     tried: int = 0
     survived: int = 0
     reference_seconds: float = 0.0
+    first_progress_seconds: float = 0.0
     kills: list[Json] = field(default_factory=list)
     compared: str = ""
 
@@ -208,12 +227,13 @@ def chaos(stage: Stage, work: Path, kills: int, seed: int, timeout: float = 1800
     ref = work / f"{stage.name}-ref"
     shutil.rmtree(ref, ignore_errors=True)
     ref.with_suffix(".log").unlink(missing_ok=True)
-    started = time.perf_counter()
-    _finish(stage, ref, env, timeout)
-    outcome = Outcome(stage.name, reference_seconds=time.perf_counter() - started, compared=stage.notes)
+    outcome = Outcome(stage.name, compared=stage.notes)
+    outcome.reference_seconds, outcome.first_progress_seconds = _reference(stage, ref, env, timeout)
     expected = stage.result(ref)
-    log(f"{stage.name}: reference run {outcome.reference_seconds:.1f} s")
+    log(f"{stage.name}: reference run {outcome.reference_seconds:.1f} s, first progress on disk after "
+        f"{outcome.first_progress_seconds:.1f} s")
     rng = random.Random(seed)
+    earliest = 0.9 * outcome.first_progress_seconds
     chain = 0
     while outcome.tried < kills:
         d = work / f"{stage.name}-chaos-{chain}"
@@ -221,7 +241,7 @@ def chaos(stage: Stage, work: Path, kills: int, seed: int, timeout: float = 1800
         d.with_suffix(".log").unlink(missing_ok=True)
         chain_kills: list[Json] = []
         while outcome.tried + len(chain_kills) < kills:
-            delay = rng.uniform(0.0, outcome.reference_seconds)
+            delay = rng.uniform(earliest, outcome.reference_seconds)
             proc = _start(stage, d, env)
             try:
                 proc.wait(timeout=delay)

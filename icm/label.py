@@ -32,7 +32,7 @@ from data.claims import (
 from data.io import InputError, check_output, read_parquet_metadata, read_records, write_json, write_parquet
 from data.tasks import load_questions
 from icm.scoring import ClaimScorer, PromptTemplate
-from icm.search import Checkpoint, ICMConfig, label_claims
+from icm.search import Checkpoint, ICMConfig, fingerprint, label_claims
 
 
 def accuracy(labels: dict[int, bool] | list[bool], gold: list[bool | None]) -> float | None:
@@ -158,8 +158,15 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         gold_labels(records, input_path, fields.label)
     output = Path(output)
     run_dir = Path(run_dir) if run_dir else output.with_suffix(".run")
-    if resume and not zero_shot:
-        Checkpoint.read(run_dir / "checkpoint.json")  # a damaged one is reported before the model loads
+    def formulate() -> tuple[AnswerClaims | None, list[dict[str, Any]], ClaimFields]:
+        formulated = answer_claims(records, claims, answers) if claims != "candidates" else None
+        return (formulated, formulated.rows, ClaimFields()) if formulated else (None, records, fields)
+
+    if questions is None:
+        formulated, claim_records, claim_fields = formulate()
+        if resume and not zero_shot:  # a damaged or mismatched checkpoint is reported before the model loads
+            Checkpoint(run_dir, fingerprint(claims_from_records(claim_records, input_path, claim_fields), config,
+                                            model_spec)).load()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     model, tokenizer = load_model(model_spec, dtype=dtype)
@@ -168,8 +175,7 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         generation = generation or GenerationConfig(seed=config.seed)
         records, generation_report = generate_candidates(questions, model, tokenizer, generation, model_spec)
         fields = ClaimFields()
-    formulated = answer_claims(records, claims, answers) if claims != "candidates" else None
-    claim_records, claim_fields = (formulated.rows, ClaimFields()) if formulated else (records, fields)
+        formulated, claim_records, claim_fields = formulate()
     if zero_shot:
         rows, summary = zero_shot_records(claim_records, model, tokenizer, config, template=template,
                                           fields=claim_fields, source=input_path)

@@ -256,7 +256,8 @@ class ICMSearch:
 
 # -- labelling a whole claims table, with checkpoints -------------------------------------------------------
 
-def _fingerprint(claims: list[Claim], config: ICMConfig, model_name: str) -> str:
+def fingerprint(claims: list[Claim], config: ICMConfig, model_name: str) -> str:
+    """What a search's result depends on: the claims, the settings and the model (a checkpoint must match)."""
     h = hashlib.sha256(json.dumps([asdict(config), model_name], sort_keys=True, default=str).encode())
     for c in claims:
         h.update(json.dumps([c.question, c.choice, c.choice_2, c.group, c.key]).encode())
@@ -351,7 +352,7 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
     scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens, config.scoring_batch_size,
                          prefix_versions=2 if config.reuse_scores else 1)
     batches = make_batches(claims, config.batch_size, config.seed)
-    checkpoint = Checkpoint(run_dir, _fingerprint(claims, config, model_name))
+    checkpoint = Checkpoint(run_dir, fingerprint(claims, config, model_name))
     if resume:
         checkpoint.load()
     elif run_dir and checkpoint.path.exists():
