@@ -3,11 +3,11 @@
 For each stage (label, generate, dpo, transfer) the harness runs the ``icm`` command once to completion (the
 reference), then runs it again in a fresh directory and SIGKILLs it after a seeded random delay drawn uniformly
 from [0.9 x the time the reference took to show progress on disk, reference time] (before that the process is
-importing libraries and loading the model, and a kill there tests nothing), restarts the same command (which resumes), kills it again, and so on, until it finishes
-on its own or ``--kills`` kills have landed; then it lets the command finish and compares the outputs with the
-reference. A kill *survived* when the run it interrupted ended with exactly the reference outputs (every kill
-of a chain shares the verdict of the chain's end). When a chain ends before enough kills have landed, a new
-chain starts in a new directory.
+importing libraries and loading the model, and a kill there tests nothing), restarts the same command (which
+resumes), kills it again, and so on, until it finishes on its own or ``--kills`` kills have landed; then it lets
+the command finish and compares the outputs with the reference. A kill *survived* when the run it interrupted
+ended with exactly the reference outputs (every kill of a chain shares the verdict of the chain's end). When a
+chain ends before enough kills have landed, a new chain starts in a new directory.
 
 What is compared, per stage (everything else a run writes is bookkeeping: timings, token counts):
 
