@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional  # noqa: F401  (typer needs real Optional at runtime on 3.10)
 
 import typer
+
 from icm.data.console import console, result, version
 from icm.data.console import error as print_error
 from icm.data.console import summary as summary_table
-from icm.data.io import InputError
+from icm.data.io import InputError, OutputError
 from icm.data.recipes import RECIPE_FILE, RecipeSpec, RecipeTyper
-
 from icm.models import DEFAULT_MODEL, ModelNotFoundError
 
 app = RecipeTyper(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0],
@@ -54,6 +55,8 @@ def cli_errors(fn):
             return fn(*args, **kwargs)
         except (InputError, ModelNotFoundError, FileNotFoundError) as problem:
             fail(str(problem).splitlines()[0] if str(problem) else repr(problem))
+        except (OutputError, OSError) as problem:  # a full disk, a read-only directory: nothing half-written is left
+            fail(str(problem).splitlines()[0] if str(problem) else repr(problem), code=1)
         except KeyboardInterrupt:
             print_error("interrupted")
             raise typer.Exit(130) from None
@@ -75,8 +78,12 @@ def main(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the final result line."),
     show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
                                       help="Print the version and exit."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also load model weights stored as pickles "
+                                      "(.bin/.pt), which can run code when loaded; default: safetensors only."),
 ) -> None:
     """Settings of every command: -v and -q here or after the command's name."""
+    if allow_pickle:
+        os.environ["ICM_ALLOW_PICKLE"] = "1"  # also seen by `accelerate launch` workers and TRL's model loading
     ctx.meta["icm.verbose"], ctx.meta["icm.quiet"] = verbose, quiet
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
@@ -149,10 +156,12 @@ def generate(
     """Sample candidate solutions from a model and write them as claims for `icm label`."""
     from icm.data.answers import check_extractor
     from icm.data.candidates import GenerationConfig, generate_file, report_path, report_table
+    from icm.data.io import check_output
     from icm.data.tasks import load_questions
 
     if sum(map(bool, (input, task, dataset))) != 1:
         fail("give exactly one of INPUT, --task or --dataset")
+    check_output(output, input)
     instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
     try:
         check_extractor(extractor)
@@ -230,7 +239,6 @@ def label(
     from icm.data.answers import closed_answers
     from icm.data.candidates import GenerationConfig
     from icm.data.claims import ClaimFields
-
     from icm.iterative import IterativeConfig
     from icm.label import label_file, run_dir_for
     from icm.scoring import PromptTemplate
@@ -345,6 +353,8 @@ def pairs(
                          + [str(x) for k, v in args.items() if v is not None for x in (k, v)])
     try:
         files = write_pairs(output, kept, report, config, labels_metadata=metadata, command=command, source=labels)
+    except InputError:
+        raise
     except ValueError as error:  # a test split that leaves one side empty
         fail(f"{labels}: {error}")
     console.print(report_table(report))
@@ -560,7 +570,6 @@ def transfer(
     from icm.dpo.evaluation import EvalConfig
     from icm.dpo.training import DPOTrainingConfig
     from icm.dpo.transfer import STAGES, TransferConfig, arms_table, run_transfer
-
     from icm.search import ICMConfig
 
     if sum(map(bool, (questions, task, dataset))) != 1:

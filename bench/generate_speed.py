@@ -9,7 +9,6 @@ import argparse
 
 from icm.data.candidates import DEFAULT_INSTRUCTION, GenerationStats, sample_completions, user_message
 from icm.data.tasks import arithmetic_questions
-
 from icm.models import DEFAULT_MODEL, load_model
 
 

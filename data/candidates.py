@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -12,9 +14,10 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+
 from icm.data.answers import answers_match, check_extractor, closed_answers, extract_answer, extract_closed, whole_word
 from icm.data.console import console
-from icm.data.io import InputError, write_json, write_parquet
+from icm.data.io import InputError, atomic_path, write_json, write_parquet
 from icm.data.tasks import DEFAULT_INSTRUCTION, Question
 
 # Extra end-of-turn tokens some chat templates use besides the tokenizer's eos token.
@@ -166,6 +169,7 @@ def sample_completions(
     on_batch: Callable[[list[Completion]], None] | None = None,
     stats: GenerationStats | None = None,
     description: str = "generating",
+    done_batches: dict[int, list[Completion]] | None = None,
 ) -> list[list[Completion]]:
     """Generate ``num_samples`` completions per user message, batched with left padding.
 
@@ -173,7 +177,9 @@ def sample_completions(
     batch ``i`` is seeded with ``seed + i``, so a batch's samples do not depend on what ran before it.
     Completions are cut at the first stop string and carry the number of tokens generated (up to and
     including the end-of-sequence token). ``on_batch`` receives each finished batch's completions;
-    ``description`` names the progress display."""
+    ``description`` names the progress display. ``done_batches`` (batch index -> its completions, from an
+    interrupted run) are used as they are instead of being generated again, so a resumed run gives exactly the
+    completions of an uninterrupted one."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     chat = use_chat_template and has_chat_template(tokenizer)
@@ -193,6 +199,11 @@ def sample_completions(
     with progress_bar(description, total=len(jobs), enabled=progress) as advance:
         for b, lo in enumerate(range(0, len(jobs), batch_size)):
             batch = jobs[lo:lo + batch_size]
+            if done_batches and b in done_batches:
+                for c in done_batches[b]:
+                    results[c.prompt_index].append(c)
+                advance(len(batch))
+                continue
             enc = tokenizer([texts[i] for i, _ in batch], return_tensors="pt", padding=True,
                             padding_side="left", add_special_tokens=not chat).to(model.device)
             torch.manual_seed(seed + b)
@@ -358,21 +369,47 @@ def report_path(output: str | Path) -> Path:
     return Path(output).with_suffix(".report.json")
 
 
-def _load_checkpoint(path: Path, prompts: dict[str, str], num_candidates: int) -> dict[str, list[Completion]]:
-    """Completions of the questions that a previous run finished (all samples there, same prompt)."""
-    found: dict[str, dict[int, Completion]] = {}
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the interruption
-                continue
-            qid = record.get("question_id")
-            if prompts.get(qid) == record.get("prompt"):
-                c = Completion(record["text"], record["num_tokens"], 0, record["sample_index"])
-                found.setdefault(qid, {})[c.sample_index] = c
-    return {qid: [s[j] for j in range(num_candidates)] for qid, s in found.items()
-            if all(j in s for j in range(num_candidates))}
+CHECKPOINT_FORMAT = 2
+"""Version of the lines in ``OUT.partial.jsonl``; lines of another format are refused, not misread."""
+
+
+def _fingerprint(model_spec: str, config: GenerationConfig, prompts: dict[str, str], dtype: str,
+                 device: str | None) -> str:
+    """What the sampled completions depend on: the model, the settings, and every question's id and prompt."""
+    h = hashlib.sha256(json.dumps([model_spec, asdict(config), dtype, device], default=str).encode())
+    h.update(json.dumps(list(prompts.items())).encode())
+    return h.hexdigest()[:16]
+
+
+def _load_checkpoint(path: Path, order: dict[str, int], config: GenerationConfig,
+                     fingerprint: str) -> tuple[dict[int, list[Completion]], list[str]]:
+    """The batches a previous run finished (every sample of the batch in the file), and their lines. A line cut
+    short by the interruption is skipped (its batch is generated again); a line of another icm version or of
+    other questions, model or settings is an error that says what to do."""
+    restart = "delete it to start over, or write to another output path"
+    found: dict[int, dict[tuple[int, int], tuple[Completion, str]]] = {}
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    except OSError as error:
+        raise InputError(path, f"cannot read the checkpoint ({error.strerror}); {restart}") from None
+    for line in lines:
+        try:
+            record = json.loads(line)
+            i, j = order[record["question_id"]], int(record["sample_index"])
+            c = Completion(str(record["text"]), int(record["num_tokens"]), i, j)
+            b, version = int(record["batch"]), record["format"]
+        except (ValueError, KeyError, TypeError):  # cut short, or damaged: that batch is generated again
+            continue
+        if version != CHECKPOINT_FORMAT or record.get("fingerprint") != fingerprint:
+            why = ("another icm version" if version != CHECKPOINT_FORMAT
+                   else "other questions, model or settings")
+            raise InputError(path, f"checkpoint written by {why}; {restart}")
+        found.setdefault(b, {})[(i, j)] = (c, line)
+    jobs = [(i, j) for i in range(len(order)) for j in range(config.num_candidates)]
+    done = {b: entries for b, entries in found.items()
+            if set(entries) == set(jobs[b * config.batch_size:(b + 1) * config.batch_size])}
+    return ({b: [entries[job][0] for job in sorted(entries)] for b, entries in done.items()},
+            [entries[job][1] for _, entries in sorted(done.items()) for job in sorted(entries)])
 
 
 def generate_file(
@@ -389,8 +426,9 @@ def generate_file(
 ) -> dict[str, Any]:
     """Generate candidates for ``questions`` with ``model_spec`` and write the claims Parquet ``output`` and
     its diversity report (``OUT.report.json``), both atomically. Finished samples are appended to
-    ``OUT.partial.jsonl`` as they come; with ``resume`` the questions completed there are not generated again
-    (their candidates are reused; the rest are sampled in a fresh seeded order). Returns the report."""
+    ``OUT.partial.jsonl`` as they come, a batch at a time; with ``resume`` the batches completed there are not
+    generated again, and since batch ``i`` is always seeded with ``seed + i``, the result is exactly that of an
+    uninterrupted run (a run killed at any moment included). Returns the report."""
     from icm.models import load_model
 
     output = Path(output)
@@ -402,30 +440,33 @@ def generate_file(
     ckpt = checkpoint_path(output)
     if ckpt.exists() and not resume:
         raise InputError(ckpt, "an interrupted run left this checkpoint: pass --resume to continue it, or delete it")
-    done = _load_checkpoint(ckpt, by_id, config.num_candidates) if resume and ckpt.exists() else {}
-    todo = [i for i, q in enumerate(questions) if q.id not in done]
+    fingerprint = _fingerprint(model_spec, config, by_id, dtype, device)
+    order = {q.id: i for i, q in enumerate(questions)}
+    done, lines = _load_checkpoint(ckpt, order, config, fingerprint) if resume and ckpt.exists() else ({}, [])
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ckpt) as tmp:  # only whole batches are kept: a line cut short by a kill goes
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     stats = GenerationStats()
-    with ckpt.open("a" if done else "w", encoding="utf-8") as f:
+    with ckpt.open("a", encoding="utf-8") as f:
         def save(batch: list[Completion]) -> None:
             for c in batch:
-                q = questions[todo[c.prompt_index]]
-                f.write(json.dumps({"question_id": q.id, "prompt": by_id[q.id], "sample_index": c.sample_index,
-                                    "text": c.text, "num_tokens": c.num_tokens}) + "\n")
+                q = questions[c.prompt_index]
+                f.write(json.dumps({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "question_id": q.id,
+                                    "batch": (c.prompt_index * config.num_candidates + c.sample_index)
+                                    // config.batch_size, "sample_index": c.sample_index, "text": c.text,
+                                    "num_tokens": c.num_tokens}) + "\n")
             f.flush()
 
-        new = sample_completions(
-            model, tokenizer, [prompts[i] for i in todo], num_samples=config.num_candidates,
+        completions = sample_completions(
+            model, tokenizer, prompts, num_samples=config.num_candidates,
             temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
             stop=config.stop, batch_size=config.batch_size, seed=config.seed,
-            use_chat_template=config.use_chat_template, progress=progress, on_batch=save, stats=stats)
-    completions = [done.get(q.id, []) for q in questions]
-    for i, group in zip(todo, new, strict=True):
-        completions[i] = group
+            use_chat_template=config.use_chat_template, progress=progress, on_batch=save, stats=stats,
+            done_batches=done)
+    from_checkpoint = Counter(c.prompt_index for batch in done.values() for c in batch)
     rows = candidate_rows(questions, prompts, completions, config, model_spec)
     report = diversity_report(rows, stats, config, sampled=sum(map(len, completions)))
-    report["resumed_questions"] = len(questions) - len(todo)
+    report["resumed_questions"] = sum(n == config.num_candidates for n in from_checkpoint.values())
     report["model"] = model_spec
     metadata = {"model": model_spec, "config": asdict(config), "seed": config.seed, "command": command,
                 "report": {k: v for k, v in report.items() if k != "config"}}

@@ -12,6 +12,7 @@ from datasets import DatasetInfo, Features
 from datasets.info import DatasetInfosDict
 from datasets.splits import SplitDict, SplitInfo
 from huggingface_hub import DatasetCardData
+
 from icm.data.hub import hub_path, scrub
 from icm.data.io import read_parquet_metadata
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from icm.data.answers import answers_match
-from icm.data.io import InputError, read_records
+from icm.data.io import InputError, read_records, text_value
 
 
 @dataclass
@@ -43,15 +43,6 @@ class Claim:
     """The group enumerates every allowed answer, so exactly one of its claims is True."""
 
 
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and value != value:  # NaN from CSV/pandas
-        return None
-    text = str(value)
-    return text if text.strip() else None
-
-
 def parse_label(value: Any) -> bool | None:
     """Gold label as bool: accepts bools, 0/1 and the strings true/false/yes/no."""
     if value is None or (isinstance(value, float) and value != value):
@@ -74,15 +65,12 @@ def claims_from_records(records: list[dict[str, Any]], path: str | Path = "<inpu
     f = fields or ClaimFields()
     key_field = f.consistency_key if any(f.consistency_key in r for r in records) else "answer"
     claims = []
+    required = (f.question, f.choice)
     for row, record in enumerate(records, start=1):
-        question, choice = _text(record.get(f.question)), _text(record.get(f.choice))
-        if question is None:
-            raise InputError(path, "missing or empty", row=row, field=f.question)
-        if choice is None:
-            raise InputError(path, "missing or empty", row=row, field=f.choice)
-        group = _text(record.get(f.consistency_id))
-        claims.append(Claim(question=question, choice=choice, choice_2=_text(record.get(f.choice_2)),
-                            group=group, key=_text(record.get(key_field)),
+        text = {name: text_value(path, row, name, record.get(name), name in required)
+                for name in (f.question, f.choice, f.choice_2, f.consistency_id, key_field)}
+        claims.append(Claim(question=text[f.question], choice=text[f.choice], choice_2=text[f.choice_2],
+                            group=text[f.consistency_id], key=text[key_field],
                             exactly_one=bool(record.get(f.exactly_one) or False)))
     return claims
 

@@ -6,31 +6,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 from huggingface_hub import CommitOperationAdd, HfApi
-from icm.data.io import InputError, read_parquet_metadata
 
-_TOKEN_OPTION = re.compile(r"(--(?:[\w-]*[-_])?token(?:=|\s+))(?:'[^']*'|\"[^\"]*\"|\S+)", re.IGNORECASE)
-_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9_]{4,}")
+from icm.data.io import InputError, read_parquet_metadata, scrub, scrub_all  # noqa: F401  (re-exported)
+
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def scrub(text: str) -> str:
-    """``text`` with the values of ``--token``-like options and any ``hf_...`` token replaced by ``***``."""
-    return _TOKEN_VALUE.sub("hf_***", _TOKEN_OPTION.sub(r"\1***", text))
-
-
-def scrub_all(obj: Any) -> Any:
-    """:func:`scrub` applied to every string inside nested dicts and lists."""
-    if isinstance(obj, str):
-        return scrub(obj)
-    if isinstance(obj, dict):
-        return {k: scrub_all(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [scrub_all(v) for v in obj]
-    return obj
 
 
 def check_repo_id(repo_id: str) -> str:

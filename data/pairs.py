@@ -20,8 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from icm.data.io import InputError, read_parquet_metadata, read_records, require_fields, write_json, write_parquet
 from rich.table import Table
+
+from icm.data.io import (
+    InputError,
+    check_output,
+    read_parquet_metadata,
+    read_records,
+    require_fields,
+    text_value,
+    write_json,
+    write_parquet,
+)
 
 STRATEGIES = ("all", "best-margin")
 FORMATS = ("standard", "conversational")
@@ -102,6 +112,9 @@ def load_labels(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
         if not math.isfinite(score):
             raise InputError(path, f"expected a finite number, got {row['icm_score']!r}", row=i, field="icm_score")
         row["icm_score"] = score
+        row["choice"] = text_value(path, i, "choice", row["choice"])
+        for name in ("prompt", "question", "choice_2", "answer"):
+            text_value(path, i, name, row.get(name), required=False)
         if not _text(row.get("prompt")) and not _text(row.get("question")):
             raise InputError(path, "missing or empty (the prompt column is absent too)", row=i, field="question")
         if row.get("label") is not None and row.get("label") != "":
@@ -336,6 +349,8 @@ def write_pairs(output: str | Path, pairs: list[dict[str, Any]], report: dict[st
     if not pairs:
         raise ValueError("no pairs to write")
     paths = split_paths(output)
+    for path in paths.values():
+        check_output(path, source)
     splits = split_pairs(pairs, config.test_size, config.seed) if config.test_size else {"train": pairs}
     report["splits"] = {name: {"pairs": len(rows), "questions": len({r["question_id"] for r in rows})}
                         for name, rows in splits.items()}

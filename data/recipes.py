@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
 from icm.data.console import console, quiet_libraries, set_quiet
 from icm.data.io import atomic_path
 
@@ -169,6 +170,7 @@ def resolved_recipe(command: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 def write_recipe(path: Path, command: Any, params: dict[str, Any]) -> None:
     import yaml
+
     from icm.data.console import version
 
     header = (f"# icm {command.name} recipe (icm {version()}): every option's value; rerun with\n"

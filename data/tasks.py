@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from icm.data.answers import extract_answer, normalize_answer
-from icm.data.io import InputError, read_records, require_fields
+from icm.data.io import InputError, read_records, require_fields, text_value
 
 DEFAULT_TASK_SIZE = 100
 DEFAULT_INSTRUCTION = (  # for open math questions; the default of ``icm generate`` and ``icm eval``
@@ -92,13 +92,13 @@ def load_questions(
     questions, seen = [], set()
     for i in order:
         record = records[i]
-        qid = str(record[id_field]) if id_field else str(i)
+        qid = text_value(source, i + 1, id_field, record[id_field]) if id_field else str(i)
         if qid in seen:
             raise InputError(source, f"duplicate id '{qid}'", row=i + 1, field=id_field)
         seen.add(qid)
-        raw = record.get(answer_field)
-        solution = None if raw is None or not str(raw).strip() else str(raw)
-        questions.append(Question(qid, str(record[question_field]).strip(), reference_answer(raw), solution))
+        solution = text_value(source, i + 1, answer_field, record.get(answer_field), required=False)
+        question = text_value(source, i + 1, question_field, record[question_field]).strip()
+        questions.append(Question(qid, question, reference_answer(solution), solution))
     return questions
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from icm.data.io import atomic_path
+from icm.data.io import atomic_path, scrub
 
 CARD_HYPERPARAMETERS = ("beta", "learning_rate", "num_train_epochs", "max_steps", "batch_size",
                         "gradient_accumulation_steps", "max_length", "loss_type", "precision", "lora", "lora_r",
@@ -80,5 +80,5 @@ def model_card(summary: dict[str, Any], repo_id: str | None = None) -> str:
 def write_model_card(output_dir: str | Path, summary: dict[str, Any], repo_id: str | None = None) -> Path:
     path = Path(output_dir) / "README.md"
     with atomic_path(path) as tmp:
-        tmp.write_text(model_card(summary, repo_id=repo_id), encoding="utf-8")
+        tmp.write_text(scrub(model_card(summary, repo_id=repo_id)), encoding="utf-8")
     return path

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from icm.data.answers import answers_match, check_extractor, extract_answer
 from icm.data.candidates import DEFAULT_INSTRUCTION, GenerationConfig, generate_texts, user_message
 from icm.data.claims import claims_from_records, gold_labels
-from icm.data.io import InputError, read_records, write_json
+from icm.data.io import InputError, check_output, read_records, write_json
 from icm.data.tasks import Question, load_questions
 
 
@@ -146,9 +147,13 @@ def evaluate(
     config = config or EvalConfig()
     source = str(input) if input is not None else f"task:{task}"
     records = read_records(input) if input is not None else None
-    model_obj, tokenizer = loaded or load_trained_model(model, dtype=dtype)
-    if records is not None and is_claims_file(records):
-        summary, items = evaluate_claims(records[:config.limit], model_obj, tokenizer, config, source=source)
+    for path in (output, items_output):
+        if path is not None:
+            check_output(path, input)
+    claims = records is not None and is_claims_file(records)
+    if claims:  # every input error is found before the model loads
+        claims_from_records(records, source)
+        gold_labels(records, source)
     else:
         questions = load_questions(str(input) if input is not None else None, task=task,
                                    question_field=question_field, answer_field=answer_field, id_field=id_field,
@@ -156,6 +161,10 @@ def evaluate(
         for row, q in enumerate(questions, start=1):
             if q.reference is None:
                 raise InputError(source, "no reference answer to compare with", row=row, field=answer_field)
+    model_obj, tokenizer = loaded or load_trained_model(model, dtype=dtype)
+    if claims:
+        summary, items = evaluate_claims(records[:config.limit], model_obj, tokenizer, config, source=source)
+    else:
         summary, items = evaluate_questions(questions, model_obj, tokenizer, config, progress=progress)
     return _write_report(summary, items, model, source, config, output, items_output)
 

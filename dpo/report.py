@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from icm.data.io import InputError, atomic_path, read_records
 from icm.data.pairs import split_paths
 

@@ -16,13 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from icm.data.candidates import build_prompt
-from icm.data.console import console
-from icm.data.io import InputError, read_records, require_fields, write_json
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from icm.models import default_device, default_dtype, load_model, load_tokenizer, resolve_model
+from icm.data.candidates import build_prompt
+from icm.data.console import console
+from icm.data.io import InputError, check_output, read_records, require_fields, write_json
+from icm.models import (
+    check_weights,
+    default_device,
+    default_dtype,
+    load_model,
+    load_tokenizer,
+    pickle_allowed,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +132,9 @@ def mixed_precision(precision: str = "auto", device: torch.device | str | None =
 
 
 def _check_message_list(path: str, row: int, name: str, value: Any) -> None:
-    if not value or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
         raise InputError(path, "expected a string or a list of {role, content} messages", row=row, field=name)
 
 
@@ -263,7 +273,8 @@ def build_dpo_config(config: DPOTrainingConfig, output_dir: str | Path, **overri
         use_cpu=default_device().type == "cpu",
         report_to="none",
         disable_tqdm=True,
-        model_init_kwargs={"dtype": torch.float32, "trust_remote_code": config.trust_remote_code},
+        model_init_kwargs={"dtype": torch.float32, "trust_remote_code": config.trust_remote_code,
+                           "use_safetensors": None if pickle_allowed() else True},
         trust_remote_code=config.trust_remote_code,
     )
     kwargs.update(overrides)
@@ -322,18 +333,45 @@ def build_trainer(
 
 
 def _last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint in ``output_dir``. The Trainer writes ``trainer_state.json`` last, so a
+    checkpoint without a readable one was cut short by a kill: it is removed (with a warning) and the one
+    before it is used; training from there repeats the lost steps exactly."""
+    import shutil
 
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if not output_dir.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for step, path in reversed(steps):
+        try:
+            if json.loads((path / "trainer_state.json").read_text())["global_step"] == step:
+                return str(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        log.warning("%s is incomplete (interrupted while saving): removed, resuming from the one before", path)
+        shutil.rmtree(path)
+    return None
+
+
+def _finished(checkpoint: str, config: DPOTrainingConfig) -> bool:
+    """Whether ``checkpoint`` is the last step of the training that ``config`` asks for."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"] and config.max_steps in (-1, state["max_steps"])
 
 
 def _final_train_metrics(log_history: list[dict]) -> dict[str, float]:
     """The last logged training metrics (loss, reward accuracy and margins, ...) and the run's mean loss."""
     last = next((entry for entry in reversed(log_history) if "loss" in entry), {})
     metrics = {k: last[k] for k in KEY_METRICS if k in last}
-    end = next((entry for entry in reversed(log_history) if "train_loss" in entry), {})
-    if "train_loss" in end:
-        metrics["train_loss"] = end["train_loss"]
+    # The run's mean loss from the logged losses, each weighted by the steps it covers. (The Trainer's own
+    # train_loss averages only the steps since the last resume, so it would differ after one.)
+    total, steps, last_step = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - last_step)
+            steps, last_step = entry["step"], entry["step"]
+    if steps:
+        metrics["train_loss"] = total / steps
     return metrics
 
 
@@ -374,6 +412,7 @@ def train_dpo(
     """
     config = config or DPOTrainingConfig()
     output_dir = Path(output_dir)
+    check_output(output_dir, *(p for p in (pairs, eval_pairs) if isinstance(p, (str, Path))), directory=True)
     if not (resume or overwrite) and output_dir.is_dir() and (
             (output_dir / SUMMARY_FILE).exists() or any(output_dir.glob("checkpoint-*"))):
         raise InputError(output_dir, "already holds a trained model or checkpoints (resume, or overwrite it)")
@@ -389,7 +428,16 @@ def train_dpo(
         log.info("no checkpoint in %s: starting from scratch", output_dir)
     start = time.perf_counter()
     start_step = trainer.state.global_step
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None and _finished(checkpoint, config):
+        # Resumed from the checkpoint of the last step, Trainer.train would still run one more step (transformers
+        # 5 checks max_steps only after a step), so the finished state is loaded instead of trained on.
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        start_step, train_metrics = trainer.state.global_step, {}
+    else:
+        train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     seconds = time.perf_counter() - start
     steps_run = max(trainer.state.global_step - start_step, 0)
     eval_after = _eval_metrics(trainer.evaluate()) if eval_rows else None
@@ -409,7 +457,7 @@ def train_dpo(
         "config": asdict(config) | {"learning_rate": config.lr, "precision": mixed_precision(config.precision)},
         "global_step": trainer.state.global_step,
         "resumed_from": checkpoint,
-        "metrics": _final_train_metrics(trainer.state.log_history) | {"train_runtime": train_output.metrics.get(
+        "metrics": _final_train_metrics(trainer.state.log_history) | {"train_runtime": train_metrics.get(
             "train_runtime")},
         "eval_before": eval_before,
         "eval_after": eval_after,
@@ -420,8 +468,8 @@ def train_dpo(
     if is_main:
         from icm.dpo.card import write_model_card
 
-        write_json(output_dir / SUMMARY_FILE, summary)
         write_model_card(output_dir, summary, repo_id=push_to_hub)
+        write_json(output_dir / SUMMARY_FILE, summary)  # last: its presence says the directory is complete
         if push_to_hub:
             summary["pushed_to"] = push_model(output_dir, push_to_hub, private=private)
     return summary
@@ -434,6 +482,7 @@ class PushError(RuntimeError):
 def push_model(output_dir: str | Path, repo_id: str, private: bool = False, api=None) -> str:
     """Upload the saved model directory (checkpoints excluded) to a Hub model repo; returns its URL."""
     from huggingface_hub import HfApi
+
     from icm.data.hub import check_repo_id, scrub
 
     api = api or HfApi()
@@ -463,6 +512,7 @@ def load_trained_model(spec: str, dtype: str | torch.dtype | None = "auto", devi
         return load_model(spec, dtype=dtype, device=device)
     from peft import PeftModel
 
+    check_weights(path)
     base = None
     if (path / SUMMARY_FILE).is_file():
         base = json.loads((path / SUMMARY_FILE).read_text()).get("base_model")

@@ -28,17 +28,25 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from rich.table import Table
+
 from icm.data.answers import closed_answers
 from icm.data.candidates import GenerationConfig, generate_file
 from icm.data.claims import check_claim_mode
 from icm.data.console import console
-from icm.data.io import InputError, atomic_path, read_parquet_metadata, read_records, write_json, write_parquet
+from icm.data.io import (
+    InputError,
+    atomic_path,
+    check_output,
+    read_parquet_metadata,
+    read_records,
+    write_json,
+    write_parquet,
+)
 from icm.data.pairs import PairsConfig, build_pairs, load_labels, split_paths, write_pairs
 from icm.data.tasks import Question
 from icm.dpo.evaluation import EvalConfig, evaluate_question_list, paired_bootstrap
 from icm.dpo.training import SUMMARY_FILE, DPOTrainingConfig, train_dpo
-from rich.table import Table
-
 from icm.label import label_file
 from icm.search import ICMConfig
 
@@ -222,7 +230,7 @@ def run_transfer(
     config = config or TransferConfig()
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got '{stop_after}'")
-    run_dir = Path(output_dir)
+    run_dir = check_output(output_dir, directory=True)
     for row, q in enumerate(questions, start=1):
         if q.reference is None:
             raise InputError(source, "no reference answer (needed for the evaluation)", row=row, field="answer")

@@ -30,11 +30,11 @@ from icm.data.claims import (
     gold_labels,
 )
 from icm.data.console import console
-from icm.data.io import InputError, read_parquet_metadata, read_records, write_json, write_parquet
+from icm.data.io import InputError, check_output, read_parquet_metadata, read_records, write_json, write_parquet
 from icm.data.tasks import load_questions
 from icm.iterative import IterativeConfig, label_iteratively
 from icm.scoring import ClaimScorer, PromptTemplate
-from icm.search import ICMConfig, label_claims
+from icm.search import Checkpoint, ICMConfig, fingerprint, label_claims
 
 
 def run_dir_for(output: str | Path, run_dir: str | Path | None = None) -> Path:
@@ -154,6 +154,9 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     template = template or PromptTemplate()
     fields = fields or ClaimFields()
     records = read_records(input_path)
+    check_output(output, input_path)
+    if run_dir is not None:
+        check_output(run_dir, input_path, directory=True)
     if answers is None and claims != "candidates" and Path(input_path).suffix == ".parquet":
         answers = closed_answers(read_parquet_metadata(input_path).get("config", {}).get("extractor", "auto"))
     try:
@@ -168,6 +171,16 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         gold_labels(records, input_path, fields.label)
     output = Path(output)
     run_dir = run_dir_for(output, run_dir)
+
+    def formulate() -> tuple[AnswerClaims | None, list[dict[str, Any]], ClaimFields]:
+        formulated = answer_claims(records, claims, answers) if claims != "candidates" else None
+        return (formulated, formulated.rows, ClaimFields()) if formulated else (None, records, fields)
+
+    if questions is None:
+        formulated, claim_records, claim_fields = formulate()
+        if resume and not zero_shot and iterative is None:  # a damaged checkpoint: reported before the model loads
+            Checkpoint(run_dir, fingerprint(claims_from_records(claim_records, input_path, claim_fields), config,
+                                            model_spec)).load()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     model, tokenizer = load_model(model_spec, dtype=dtype)
@@ -176,8 +189,7 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         generation = generation or GenerationConfig(seed=config.seed)
         records, generation_report = generate_candidates(questions, model, tokenizer, generation, model_spec)
         fields = ClaimFields()
-    formulated = answer_claims(records, claims, answers) if claims != "candidates" else None
-    claim_records, claim_fields = (formulated.rows, ClaimFields()) if formulated else (records, fields)
+        formulated, claim_records, claim_fields = formulate()
     if zero_shot:
         rows, summary = zero_shot_records(claim_records, model, tokenizer, config, template=template,
                                           fields=claim_fields, source=input_path)

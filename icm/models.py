@@ -135,10 +135,30 @@ def resolve_model(spec: str) -> str:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{spec}: directory has no config.json")
+        check_weights(path)
         return str(path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelNotFoundError(f"{spec}: not a model directory, .gguf file or alias ({', '.join(ALIASES)})")
     return spec  # a Hub id: from_pretrained downloads it where there is network
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickle_allowed() -> bool:
+    """Whether pickled weights may be loaded (``icm --allow-pickle``, i.e. ``$ICM_ALLOW_PICKLE=1``). Off by
+    default: unpickling a file can run any code it carries; safetensors files hold only tensors."""
+    return os.environ.get("ICM_ALLOW_PICKLE", "") == "1"
+
+
+def check_weights(path: Path) -> None:
+    """Refuse a local model (or adapter) directory whose weights are only pickles, unless pickles are allowed."""
+    if pickle_allowed() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
+    if pickles:
+        raise ModelNotFoundError(f"{path}: weights only as pickle ({pickles[0]}), which can run code when loaded; "
+                                 "convert them to safetensors, or pass `icm --allow-pickle` if you trust the file")
 
 
 def default_device() -> torch.device:
@@ -193,6 +213,7 @@ def load_model(
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     path = resolve_model(spec)
     tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=None if pickle_allowed() else True)
     model.to(device).eval()
     return model, tokenizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
 from icm.data.claims import Claim
-from icm.data.io import write_json
+from icm.data.io import InputError, write_json
 from icm.scoring import ClaimScorer, MutualPredictor
 
 
@@ -260,42 +261,90 @@ class ICMSearch:
 
 # -- labelling a whole claims table, with checkpoints -------------------------------------------------------
 
-def _fingerprint(claims: list[Claim], config: ICMConfig, model_name: str) -> str:
+def fingerprint(claims: list[Claim], config: ICMConfig, model_name: str) -> str:
+    """What a search's result depends on: the claims, the settings and the model (a checkpoint must match)."""
     h = hashlib.sha256(json.dumps([asdict(config), model_name], sort_keys=True, default=str).encode())
     for c in claims:
         h.update(json.dumps([c.question, c.choice, c.choice_2, c.group, c.key]).encode())
     return h.hexdigest()[:16]
 
 
+DONE_KEYS = {"labels", "scores", "trajectory", "proposals", "accepted", "iterations", "inconsistencies", "checks",
+             "disagreements", "constraints"}
+CHECKPOINT_FORMAT = 2
+"""Version of ``checkpoint.json``'s layout; a checkpoint of another format is refused, not misread."""
+
+
+def checkpoint_seconds() -> float:
+    """Seconds between checkpoints of the search (``$ICM_CHECKPOINT_SECONDS``, default 10; 0 = every step)."""
+    raw = os.environ.get("ICM_CHECKPOINT_SECONDS", "10")
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        raise InputError("ICM_CHECKPOINT_SECONDS", f"expected a number of seconds, got {raw!r}") from None
+
+
+def _restart(path: Path) -> str:
+    return f"delete {path} to start the search over, or use another --run-dir"
+
+
 class Checkpoint:
     """The search state on disk (``run_dir/checkpoint.json``), written atomically."""
 
-    def __init__(self, run_dir: Path | None, fingerprint: str, every_seconds: float = 10.0):
+    def __init__(self, run_dir: Path | None, fingerprint: str, every_seconds: float | None = None):
         self.path = run_dir / "checkpoint.json" if run_dir else None
-        self.fingerprint, self.every = fingerprint, every_seconds
+        self.fingerprint = fingerprint
+        self.every = checkpoint_seconds() if every_seconds is None else every_seconds
         self.done: dict[str, dict[str, Any]] = {}
         self.current: tuple[int, BatchState] | None = None
         self._last = time.monotonic()
 
+    @staticmethod
+    def read(path: Path) -> dict[str, Any] | None:
+        """The checkpoint's content (None when there is none), refusing a damaged one or one of another format
+        with an :class:`InputError` that says what to do. Cheap: ``label_file`` calls it before loading a model."""
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_bytes())
+            version = data.get("format") if isinstance(data, dict) else None
+        except (OSError, ValueError) as error:
+            raise InputError(path, f"damaged checkpoint ({type(error).__name__}); {_restart(path)}") from None
+        if version != CHECKPOINT_FORMAT:
+            raise InputError(path, f"checkpoint of another icm version (format {version}, this one reads "
+                             f"{CHECKPOINT_FORMAT}); {_restart(path)}")
+        return data
+
     def load(self) -> None:
-        if not self.path or not self.path.exists():
+        """Read the checkpoint, if any. A damaged one, one of another format, or one made for other claims,
+        model or settings is an :class:`InputError` that says what to do; nothing is guessed."""
+        data = self.read(self.path) if self.path else None
+        if data is None:
             return
-        data = json.loads(self.path.read_text())
-        if data["fingerprint"] != self.fingerprint:
-            raise ValueError(f"{self.path}: checkpoint was made with other claims, model or settings; "
-                             "remove it or use another --run-dir")
-        self.done = data["done"]
-        if data.get("current"):
-            b, s = data["current"]
-            s["labels"] = {int(k): v for k, v in s["labels"].items()}
-            s["log_odds"] = {int(k): v for k, v in s["log_odds"].items()}
-            self.current = (b, BatchState(**s))
+        restart = _restart(self.path)
+        if data.get("fingerprint") != self.fingerprint:
+            raise InputError(self.path, f"checkpoint was made with other claims, model or settings; {restart}")
+        try:
+            done = {str(b): dict(batch) for b, batch in data["done"].items()}
+            for batch in done.values():
+                if missing := DONE_KEYS - set(batch):
+                    raise KeyError(", ".join(sorted(missing)))
+            current = None
+            if data.get("current"):
+                b, s = data["current"]
+                s = dict(s, labels={int(k): bool(v) for k, v in s["labels"].items()},
+                         log_odds={int(k): float(v) for k, v in s["log_odds"].items()})
+                current = (int(b), BatchState(**s))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise InputError(self.path, f"damaged checkpoint ({type(error).__name__}: {error}); {restart}") from None
+        self.done, self.current = done, current
 
     def save(self, force: bool = False) -> None:
         if not self.path or (not force and time.monotonic() - self._last < self.every):
             return
         current = [self.current[0], asdict(self.current[1])] if self.current else None
-        write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done, "current": current})
+        write_json(self.path, {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "done": self.done,
+                               "current": current})
         self._last = time.monotonic()
 
 
@@ -318,7 +367,7 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
 
     scorer = make_scorer(model)
     batches = batches or make_batches(claims, config.batch_size, config.seed)
-    checkpoint = Checkpoint(run_dir, _fingerprint(claims, config, model_name))
+    checkpoint = Checkpoint(run_dir, fingerprint(claims, config, model_name))
     if resume:
         checkpoint.load()
     elif run_dir and checkpoint.path.exists():

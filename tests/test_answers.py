@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from icm.data.answers import (
     EXTRACTORS,
     answers_match,

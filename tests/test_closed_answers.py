@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from typer.testing import CliRunner
+
 from icm.cli import app
+from icm.consistency import build_constraints
 from icm.data.answers import check_extractor, closed_answers, extract_answer
 from icm.data.candidates import GenerationConfig, candidate_rows, enumerated_answers, swap_answer
 from icm.data.claims import answer_claims, claims_from_records
 from icm.data.io import read_records
 from icm.data.tasks import SENTIMENT_FILE, get_task, load_questions
-from typer.testing import CliRunner
-
-from icm.consistency import build_constraints
 from icm.label import candidate_labels
 
 OPTIONS = ("positive", "negative")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-from icm.data.claims import Claim
 
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
+from icm.data.claims import Claim
 from icm.search import ICMConfig, metropolis_accept, temperature
 
 

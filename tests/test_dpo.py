@@ -12,6 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from typer.testing import CliRunner
+
 from icm.cli import app
 from icm.data.io import InputError, write_parquet
 from icm.dpo.training import (
@@ -23,8 +25,6 @@ from icm.dpo.training import (
     push_model,
     train_dpo,
 )
-from typer.testing import CliRunner
-
 from icm.models import load_model, resolve_model
 
 PAIRS = [

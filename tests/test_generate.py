@@ -7,6 +7,8 @@ import re
 
 import pytest
 from conftest import SHARED
+from typer.testing import CliRunner
+
 from icm.cli import app
 from icm.data.answers import extract_answer
 from icm.data.candidates import (
@@ -26,7 +28,6 @@ from icm.data.candidates import (
 )
 from icm.data.io import InputError, read_parquet_metadata, read_records
 from icm.data.tasks import Question, arithmetic_questions, load_questions, reference_answer
-from typer.testing import CliRunner
 
 CLAIM_COLUMNS = {"question", "choice", "answer", "consistency_id", "label", "prompt", "reference",
                  "candidate_index", "generator", "num_tokens"}

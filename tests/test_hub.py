@@ -13,11 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from huggingface_hub import HfApi
+from typer.testing import CliRunner
+
 from icm.cli import app
 from icm.data.card import dataset_card
 from icm.data.hub import push_to_hub, scrub, split_files
 from icm.data.io import InputError, write_parquet
-from typer.testing import CliRunner
 
 runner = CliRunner()
 SECRET = "hf_secretTOKEN1234567890abcdef"

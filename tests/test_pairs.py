@@ -8,6 +8,8 @@ import math
 
 import pyarrow as pa
 import pytest
+from typer.testing import CliRunner
+
 from icm.cli import app
 from icm.data.io import InputError, read_parquet_metadata, write_parquet
 from icm.data.pairs import (
@@ -25,7 +27,6 @@ from icm.data.pairs import (
     split_pairs,
     write_pairs,
 )
-from typer.testing import CliRunner
 
 runner = CliRunner()
 LABELS_META = {"model": "smollm2-135m", "template": "Claim: {choice}\nI think this claim is",

@@ -19,12 +19,13 @@ import typer
 import yaml
 from conftest import ROOT
 from huggingface_hub.utils import are_progress_bars_disabled
+from transformers.utils import logging as hf_logging
+from typer.testing import CliRunner
+
 from icm.cli import app
 from icm.data.console import quiet_libraries
 from icm.data.recipes import read_recipe
 from icm.data.tasks import arithmetic_questions
-from transformers.utils import logging as hf_logging
-from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -11,9 +11,10 @@ import shutil
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
 from icm.cli import app
 from icm.dpo.report import calibration, detect, rolling_acceptance
-from typer.testing import CliRunner
 
 runner = CliRunner()
 

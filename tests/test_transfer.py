@@ -8,6 +8,10 @@ import shutil
 import pyarrow as pa
 import pytest
 from conftest import build_tiny_model
+from rich.console import Console
+from test_report import check_transfer_report
+from typer.testing import CliRunner
+
 from icm.cli import app
 from icm.data.candidates import GenerationConfig
 from icm.data.io import read_parquet_metadata, read_records, write_parquet
@@ -16,10 +20,6 @@ from icm.data.tasks import arithmetic_questions, load_questions
 from icm.dpo.evaluation import EvalConfig
 from icm.dpo.training import DPOTrainingConfig
 from icm.dpo.transfer import ARMS, TransferConfig, arms_table, random_labels, run_transfer, split_questions
-from rich.console import Console
-from test_report import check_transfer_report
-from typer.testing import CliRunner
-
 from icm.search import ICMConfig
 
 ARGS = ["--task", "arithmetic", "--limit", "5", "--eval-size", "2", "--num-candidates", "3", "--temperature", "1.0",
