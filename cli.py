@@ -1,7 +1,8 @@
-"""The ``icm`` command line: generate -> label -> pairs -> dpo -> eval (and transfer, push).
+"""The icm command line: generate -> label -> pairs -> dpo -> eval (and transfer, push).
 
-Each command parses its options and calls into ``data/``, ``icm/`` or ``dpo/``; no logic lives here.
-Bad input is reported on one line (file, row, field) with exit code 2.
+Each command parses its options and calls into data/, icm/ or dpo/; no logic lives here.
+Bad input is reported on one line (file, row, field) with exit code 2. Every command takes
+--config FILE.yaml (data/recipes.py) and -q/-v (data/console.py).
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ from pathlib import Path
 from typing import Optional  # noqa: F401  (typer needs real Optional at runtime on 3.10)
 
 import typer
-from rich.console import Console
+from icm.data.console import console, result, version
+from icm.data.console import error as print_error
+from icm.data.console import summary as summary_table
+from icm.data.io import InputError
+from icm.data.recipes import RECIPE_FILE, RecipeSpec, RecipeTyper
 
-from data.io import InputError
 from icm.models import DEFAULT_MODEL, ModelNotFoundError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-console = Console(stderr=True)
+app = RecipeTyper(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0],
+                  rich_markup_mode=None)  # plain help: "[default: ...]" in option help is text, not markup
 
 MODEL_HELP = "Hub id, local HF directory, .gguf file, or alias (smollm2-135m, gemma3-270m)."
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 
@@ -33,7 +37,7 @@ def task_settings(task: str | None, instruction: str | None, extractor: str | No
                   max_new_tokens: int | None) -> tuple[str, str, int]:
     """Instruction, answer extractor and answer length: the command line's, else the built-in task's, else the
     defaults for open math questions."""
-    from data.tasks import DEFAULT_INSTRUCTION, get_task
+    from icm.data.tasks import DEFAULT_INSTRUCTION, get_task
 
     spec = get_task(task) if task else None
     return (instruction if instruction is not None else spec.instruction if spec else DEFAULT_INSTRUCTION,
@@ -48,32 +52,73 @@ def cli_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (InputError, ModelNotFoundError, FileNotFoundError) as error:
-            fail(str(error).splitlines()[0] if str(error) else repr(error))
+        except (InputError, ModelNotFoundError, FileNotFoundError) as problem:
+            fail(str(problem).splitlines()[0] if str(problem) else repr(problem))
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
+            print_error("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"icm {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+def main(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging; the libraries' progress bars, "
+                                 "logs and warnings are shown."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the final result line."),
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                      help="Print the version and exit."),
+) -> None:
+    """Settings of every command: -v and -q here or after the command's name."""
+    ctx.meta["icm.verbose"], ctx.meta["icm.quiet"] = verbose, quiet
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def output_sibling(key: str) -> RecipeSpec:
+    """Recipe written next to the output file ``--KEY``: ``NAME.recipe.yaml`` (nowhere without one)."""
+    return RecipeSpec(path=lambda p: Path(f"{Path(p[key]).with_suffix('')}.recipe.yaml") if p.get(key) else None)
+
+
+def in_directory(key: str) -> RecipeSpec:
+    return RecipeSpec(path=lambda p: Path(p[key]) / RECIPE_FILE)
+
+
+def label_run_dir(params: dict) -> Path:
+    from icm.label import run_dir_for
+
+    return run_dir_for(params["output"], params["run_dir"]) / RECIPE_FILE
+
+
+# transfer's options per stage in a recipe: {section: {key in the section: option}}
+TRANSFER_SECTIONS = {
+    "generate": {"generator": "generator", "num_candidates": "num_candidates", "temperature": "temperature",
+                 "enumerate_answers": "enumerate_answers", "batch_size": "generation_batch_size"},
+    "label": {"claims": "claims", "iterations": "icm_iterations", "polish_iterations": "polish_iterations",
+              "batch_size": "icm_batch_size", "alpha": "alpha"},
+    "pairs": {"strategy": "pairs_strategy", "max_per_question": "max_per_question"},
+    "dpo": {"lora": "lora", "beta": "beta", "learning_rate": "learning_rate", "epochs": "epochs",
+            "max_steps": "max_steps", "batch_size": "batch_size", "max_length": "max_length"},
+}
 
 
 # ---- icm generate (issue 3) -------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(recipe=output_sibling("output"))
 @cli_errors
 def generate(
     input: Path | None = typer.Argument(None, help="Questions file (JSONL/JSON/CSV/Parquet)."),
     output: Path = typer.Option(..., "--output", "-o", help="Claims Parquet file to write."),
     task: str | None = typer.Option(None, help="Built-in offline task instead of INPUT: arithmetic."),
     dataset: str | None = typer.Option(None, help="Hub dataset instead of INPUT, e.g. gsm8k (needs network)."),
-    config: str | None = typer.Option(None, "--config", help="Hub dataset configuration, e.g. main."),
+    dataset_config: str | None = typer.Option(None, help="Hub dataset configuration, e.g. main."),
     split: str = typer.Option("train", help="Hub dataset split."),
     question_field: str = typer.Option("question", help="Field holding the question."),
     answer_field: str = typer.Option("answer", help="Field holding the reference answer (optional in the data)."),
@@ -102,9 +147,9 @@ def generate(
     resume: bool = typer.Option(False, help="Reuse questions finished in OUT.partial.jsonl by an interrupted run."),
 ) -> None:
     """Sample candidate solutions from a model and write them as claims for `icm label`."""
-    from data.answers import check_extractor
-    from data.candidates import GenerationConfig, generate_file, report_path, report_table
-    from data.tasks import load_questions
+    from icm.data.answers import check_extractor
+    from icm.data.candidates import GenerationConfig, generate_file, report_path, report_table
+    from icm.data.tasks import load_questions
 
     if sum(map(bool, (input, task, dataset))) != 1:
         fail("give exactly one of INPUT, --task or --dataset")
@@ -114,7 +159,7 @@ def generate(
     except ValueError as error:
         fail(str(error))
     questions = load_questions(
-        str(input) if input else None, task=task, dataset=dataset, config=config, split=split,
+        str(input) if input else None, task=task, dataset=dataset, config=dataset_config, split=split,
         question_field=question_field, answer_field=answer_field, id_field=id_field, limit=limit, seed=seed,
         shuffle=shuffle)
     defaults = GenerationConfig()
@@ -126,12 +171,12 @@ def generate(
     report = generate_file(questions, output, model, gen_config, dtype=dtype, device=device, resume=resume,
                            command=" ".join(["icm", *sys.argv[1:]]))
     console.print(report_table(report))
-    console.print(f"wrote {report['claims']} claims to {output} (report: {report_path(output)})")
+    result(f"wrote {report['claims']} claims to {output} (report: {report_path(output)})")
 
 # ---- icm label (issue 2) ----------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(recipe=RecipeSpec(path=label_run_dir))
 @cli_errors
 def label(
     input: Path = typer.Argument(..., help="Claims: JSONL, JSON list, CSV or Parquet (the ICM paper's format)."),
@@ -182,11 +227,12 @@ def label(
     Given questions without a choice column, candidates are sampled first (as `icm generate` does)."""
     import shlex
 
-    from data.answers import closed_answers
-    from data.candidates import GenerationConfig
-    from data.claims import ClaimFields
+    from icm.data.answers import closed_answers
+    from icm.data.candidates import GenerationConfig
+    from icm.data.claims import ClaimFields
+
     from icm.iterative import IterativeConfig
-    from icm.label import label_file
+    from icm.label import label_file, run_dir_for
     from icm.scoring import PromptTemplate
     from icm.search import ICMConfig
 
@@ -211,12 +257,17 @@ def label(
                          resume=resume, dtype=dtype, generation=generation, claims=claims, answers=options,
                          command=command, iterative=iterative_config)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: the search state is saved; rerun with --resume to continue")
+        print_error("interrupted: the search state is saved; rerun with --resume to continue")
         raise typer.Exit(130) from None
     gold = run.get("gold_accuracy")
-    console.print(f"labelled {run['claims']} claims ({run['searched']} searched), True share {run['true_share']:.0%}, "
-                  f"inconsistencies {run['inconsistencies']}, acceptance {run['acceptance_rate']:.0%}"
-                  + (f", gold accuracy {gold:.1%}" if gold is not None else "") + f" -> {output}", highlight=False)
+    console.print(summary_table("icm label", {
+        "model": run["model"], "claims": f"{run['claims']} ({run['searched']} searched)",
+        "labels": f"{run['true_share']:.0%} True", "inconsistencies": run["inconsistencies"],
+        "acceptance": f"{run['acceptance_rate']:.0%}", "gold accuracy": f"{gold:.1%}" if gold is not None else None,
+        "time": f"{run['seconds']:.0f} s", "labels file": output, "run directory": run_dir_for(output, run_dir)}))
+    result(f"labelled {run['claims']} claims ({run['searched']} searched), True share {run['true_share']:.0%}, "
+           f"inconsistencies {run['inconsistencies']}, acceptance {run['acceptance_rate']:.0%}"
+           + (f", gold accuracy {gold:.1%}" if gold is not None else "") + f" -> {output}")
     if push_to_hub:
         _push_or_exit({"train": output}, push_to_hub, private=private, revision=revision, license=license,
                       source=output)
@@ -231,8 +282,8 @@ def _push_or_exit(files: dict[str, Path], repo: str, *, private: bool, revision:
     """Upload ``files`` with a generated card; on failure keep the local files and say which command to rerun."""
     import shlex
 
-    from data.card import dataset_card
-    from data.hub import check_repo_id, push_to_hub, scrub
+    from icm.data.card import dataset_card
+    from icm.data.hub import check_repo_id, push_to_hub, scrub
 
     try:
         check_repo_id(repo)
@@ -246,10 +297,10 @@ def _push_or_exit(files: dict[str, Path], repo: str, *, private: bool, revision:
     except Exception as error:  # network, auth, permissions: the local files stay, the user reruns the push
         reason = scrub(f"{type(error).__name__}: {error}".splitlines()[0])
         fail(f"upload to {repo} failed ({reason}); local files kept; rerun: {rerun}", code=1)
-    console.print(f"pushed {', '.join(files)} to {url}", highlight=False)
+    result(f"pushed {', '.join(files)} to {url}")
 
 
-@app.command()
+@app.command(recipe=output_sibling("output"))
 @cli_errors
 def pairs(
     labels: Path = typer.Argument(..., help="Labels file from `icm label` (Parquet; JSONL/CSV with the same columns)."),
@@ -272,8 +323,8 @@ def pairs(
     """Turn ICM labels into DPO preference pairs (TRL format, zstd Parquet) with a pair quality report."""
     import shlex
 
-    from data.hub import check_repo_id
-    from data.pairs import PairsConfig, build_pairs, load_labels, report_table, split_paths, write_pairs
+    from icm.data.hub import check_repo_id
+    from icm.data.pairs import PairsConfig, build_pairs, load_labels, report_table, split_paths, write_pairs
 
     try:
         config = PairsConfig(strategy=strategy, max_per_question=max_per_question, min_margin=min_margin,
@@ -297,8 +348,8 @@ def pairs(
     except ValueError as error:  # a test split that leaves one side empty
         fail(f"{labels}: {error}")
     console.print(report_table(report))
-    console.print(f"wrote {report['pairs']} pairs: {', '.join(map(str, files.values()))}, "
-                  f"report {split_paths(output)['report']}", highlight=False, soft_wrap=True)
+    result(f"wrote {report['pairs']} pairs: {', '.join(map(str, files.values()))}, "
+           f"report {split_paths(output)['report']}")
     if push_to_hub:
         _push_or_exit(files, push_to_hub, private=private, revision=revision, license=license, source=output)
 
@@ -314,14 +365,14 @@ def push(
     license: str = typer.Option("unknown", help="License in the dataset card (Hub license id)."),
 ) -> None:
     """Publish an existing labels or pairs file as a Hub dataset (data/train-00000-of-00001.parquet + README.md)."""
-    from data.hub import split_files
+    from icm.data.hub import split_files
 
     _push_or_exit(split_files(path), repo, private=private, revision=revision, license=license, source=path)
 
 # ---- icm dpo / icm eval / icm transfer (issue 5) -----------------------------------------------------
 
 
-@app.command()
+@app.command(recipe=in_directory("output_dir"))
 @cli_errors
 def dpo(
     pairs: str = typer.Argument(..., help="Pairs from `icm pairs` (Parquet/JSONL/JSON/CSV) or a Hub dataset id."),
@@ -357,7 +408,7 @@ def dpo(
     """Train a model with DPO on preference pairs (TRL), LoRA or full; works under `accelerate launch`."""
     import shlex
 
-    from dpo.training import DPOTrainingConfig, PushError, train_dpo
+    from icm.dpo.training import DPOTrainingConfig, PushError, train_dpo
 
     try:
         config = DPOTrainingConfig(beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
@@ -369,7 +420,7 @@ def dpo(
                                    gradient_checkpointing=gradient_checkpointing, save_steps=save_steps,
                                    split=split, seed=seed)
         if push_to_hub:
-            from data.hub import check_repo_id
+            from icm.data.hub import check_repo_id
 
             check_repo_id(push_to_hub)
     except ValueError as error:
@@ -385,12 +436,18 @@ def dpo(
     if not PartialState().is_main_process:  # under `accelerate launch`, one summary line
         return
     metrics = summary["metrics"]
-    console.print(f"trained {summary['global_step']} steps on {summary['num_pairs']} pairs: loss "
-                  f"{metrics.get('loss', float('nan')):.4f}, reward accuracy "
-                  f"{metrics.get('rewards/accuracies', float('nan')):.2f}; saved to {output_dir}", highlight=False)
+    console.print(summary_table("icm dpo", {
+        "policy": model, "pairs": summary["num_pairs"], "steps": summary["global_step"],
+        "loss": f"{metrics.get('loss', float('nan')):.4f}",
+        "reward accuracy": f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
+        "seconds per step": f"{summary['seconds_per_step']:.2f}" if summary.get("seconds_per_step") else None,
+        "saved to": output_dir}))
+    result(f"trained {summary['global_step']} steps on {summary['num_pairs']} pairs: loss "
+           f"{metrics.get('loss', float('nan')):.4f}, reward accuracy "
+           f"{metrics.get('rewards/accuracies', float('nan')):.2f}; saved to {output_dir}")
 
 
-@app.command("eval")
+@app.command("eval", recipe=output_sibling("output"))
 @cli_errors
 def eval_(
     input: str | None = typer.Argument(None, help="Questions with reference answers (JSONL/JSON/CSV/Parquet), or "
@@ -418,7 +475,7 @@ def eval_(
     """Accuracy of a model on held-out questions (greedy, `icm generate`'s extractors) or on labelled claims."""
     import json
 
-    from dpo.evaluation import EvalConfig, evaluate
+    from icm.dpo.evaluation import EvalConfig, evaluate
 
     if (input is None) == (task is None):
         fail("give exactly one of INPUT or --task")
@@ -431,12 +488,13 @@ def eval_(
         fail(str(error))
     report = evaluate(model, input, task=task, config=config, output=output, items_output=items,
                       question_field=question_field, answer_field=answer_field, id_field=id_field, dtype=dtype)
-    print(json.dumps({k: v for k, v in report.items() if k not in ("results", "config")}, indent=2))
-    console.print(f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['n']} {report['kind']})"
-                  + (f"; report: {output}" if output else ""), highlight=False)
+    if not console.quiet:
+        print(json.dumps({k: v for k, v in report.items() if k not in ("results", "config")}, indent=2))
+    result(f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['n']} {report['kind']})"
+           + (f"; report: {output}" if output else ""))
 
 
-@app.command()
+@app.command(recipe=RecipeSpec(path=lambda p: Path(p["output_dir"]) / RECIPE_FILE, sections=TRANSFER_SECTIONS))
 @cli_errors
 def transfer(
     questions: str | None = typer.Argument(None, help="Questions with reference answers (JSONL/JSON/CSV/Parquet)."),
@@ -496,12 +554,13 @@ def transfer(
     for each arm of labels (--arms icm,gold,random,zero_shot compares them on the same candidates)."""
     import shlex
 
-    from data.candidates import GenerationConfig
-    from data.pairs import PairsConfig
-    from data.tasks import load_questions
-    from dpo.evaluation import EvalConfig
-    from dpo.training import DPOTrainingConfig
-    from dpo.transfer import STAGES, TransferConfig, arms_table, run_transfer
+    from icm.data.candidates import GenerationConfig
+    from icm.data.pairs import PairsConfig
+    from icm.data.tasks import load_questions
+    from icm.dpo.evaluation import EvalConfig
+    from icm.dpo.training import DPOTrainingConfig
+    from icm.dpo.transfer import STAGES, TransferConfig, arms_table, run_transfer
+
     from icm.search import ICMConfig
 
     if sum(map(bool, (questions, task, dataset))) != 1:
@@ -533,11 +592,13 @@ def transfer(
     report = run_transfer(items, labeller, policy, output_dir, config, source=source,
                           command=shlex.join(["icm", *sys.argv[1:]]), stop_after=stop_after)
     if "stopped_after" in report:
-        console.print(f"stopped after {stop_after}; rerun the same command without --stop-after to continue",
-                      highlight=False)
+        result(f"stopped after {stop_after}; continue with: icm transfer --config {output_dir / RECIPE_FILE}")
         return
     console.print(arms_table(report))
-    console.print(f"{output_dir / 'transfer.json'}, {output_dir / 'transfer.png'}", highlight=False)
+    arms_line = ", ".join(f"{arm} {r['accuracy_after']:.3f} ({r['delta']:+.3f} [{r['delta_ci']['low']:+.3f}, "
+                          f"{r['delta_ci']['high']:+.3f}])" for arm, r in report["arms"].items())
+    result(f"held-out accuracy {report['accuracy_before']:.3f} before; after: {arms_line}; "
+           f"{output_dir / 'transfer.json'}, {output_dir / 'transfer.png'}")
 
 
 @app.command()
@@ -549,10 +610,10 @@ def report(
                                        "or NAME.report.html for pairs]; its PNGs go next to it."),
 ) -> None:
     """Write a self-contained HTML page (plots inlined) for a label, pairs or transfer run."""
-    from dpo.report import write_report
+    from icm.dpo.report import write_report
 
     kind, page, images = write_report(run_dir, output)
-    console.print(f"{kind} report: {page} ({len(images)} plots next to it)", highlight=False, soft_wrap=True)
+    result(f"{kind} report: {page} ({len(images)} plots next to it)")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import tempfile
 import time
 
 import torch
+from icm.data.tasks import arithmetic_questions
+from icm.dpo.training import DPOTrainingConfig, mixed_precision, train_dpo
 
-from data.tasks import arithmetic_questions
-from dpo.training import DPOTrainingConfig, mixed_precision, train_dpo
 from icm.models import DEFAULT_MODEL, default_device, load_tokenizer, resolve_model
 
 

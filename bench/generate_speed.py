@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from data.candidates import DEFAULT_INSTRUCTION, GenerationStats, sample_completions, user_message
-from data.tasks import arithmetic_questions
+from icm.data.candidates import DEFAULT_INSTRUCTION, GenerationStats, sample_completions, user_message
+from icm.data.tasks import arithmetic_questions
+
 from icm.models import DEFAULT_MODEL, load_model
 
 

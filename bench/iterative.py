@@ -23,10 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from icm.data.claims import ANSWER_CLAIM  # noqa: E402
+from icm.data.io import write_json  # noqa: E402
+from icm.data.tasks import get_task  # noqa: E402
+
 from bench.claimsets import CLAIM_SETS  # noqa: E402
-from data.claims import ANSWER_CLAIM  # noqa: E402
-from data.io import write_json  # noqa: E402
-from data.tasks import get_task  # noqa: E402
 from icm.iterative import IterativeConfig, load_labeller  # noqa: E402
 from icm.label import label_records, zero_shot_records  # noqa: E402
 from icm.models import load_model  # noqa: E402

@@ -7,6 +7,7 @@ labellings.
     python bench/label_accuracy.py capitals --model gemma3-270m -n 128
     python bench/label_accuracy.py capitals-groups --model gemma3-270m -n 128 --hide-group
     python bench/label_accuracy.py path/to/claims.jsonl --model M
+    python bench/label_accuracy.py sentiment-groups -n 64 --no-baselines --no-unguarded --compare-exact
 
 The many-shot baselines score each claim with the other claims as demonstrations (same folds and token
 budget as ICM), so they differ from ICM only in where the labels come from. They are reported with the
@@ -26,9 +27,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from icm.data.claims import claims_from_records, gold_labels  # noqa: E402
+from icm.data.io import read_records  # noqa: E402
+
 from bench.claimsets import CLAIM_SETS  # noqa: E402
-from data.claims import claims_from_records, gold_labels  # noqa: E402
-from data.io import read_records  # noqa: E402
 from icm.label import accuracy  # noqa: E402
 from icm.models import load_model  # noqa: E402
 from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate  # noqa: E402
@@ -67,6 +69,10 @@ def main() -> None:
     parser.add_argument("--exact-subset", type=int, default=0, help="also compare exact LOO on this many claims")
     parser.add_argument("--no-unguarded", action="store_true", help="skip the balance=none ICM run")
     parser.add_argument("--baselines-only", action="store_true", help="only zero-shot and many-shot ICL")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the many-shot ICL baselines")
+    parser.add_argument("--compare-exact", action="store_true",
+                        help="also run ICM with the exact U at every step (exact_every=1) beside the default "
+                             f"approximate U (exact every {ICMConfig.exact_every} steps)")
     parser.add_argument("--output", type=Path, help="write the results as JSON")
     args = parser.parse_args()
 
@@ -97,7 +103,8 @@ def main() -> None:
     print(f"{args.model} on {args.claims}: {n} claims, {np.mean(gold):.0%} True", file=sys.stderr)
     timed("zero-shot", lambda: accuracy({i: z > 0 for i, z in enumerate(scorer.score(list(range(n))))}, gold))
     random_labels = {i: bool(rng.random() < 0.5) for i in range(n)}
-    for name, labels in (("gold-label", dict(enumerate(gold))), ("random-label", random_labels)):
+    for name, labels in () if args.no_baselines else (("gold-label", dict(enumerate(gold))),
+                                                      ("random-label", random_labels)):
         start = time.monotonic()
         both = icl_accuracy(scorer, labels, gold, config)
         for rule, value in zip(("argmax", "centered"), both):
@@ -114,6 +121,8 @@ def main() -> None:
 
     if not args.baselines_only:
         timed("ICM", lambda: icm("ICM", config))
+    if args.compare_exact and not args.baselines_only:
+        timed("ICM, exact U every step", lambda: icm("ICM, exact U every step", replace(config, exact_every=1)))
     if not args.no_unguarded and not args.baselines_only:
         timed("ICM, no collapse guard", lambda: icm("ICM, no collapse guard", replace(config, balance="none")))
     if args.exact_subset:

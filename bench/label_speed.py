@@ -25,9 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from icm.data.claims import claims_from_records, gold_labels  # noqa: E402
+from icm.data.io import read_records  # noqa: E402
+
 from bench.claimsets import CLAIM_SETS  # noqa: E402
-from data.claims import claims_from_records, gold_labels  # noqa: E402
-from data.io import read_records  # noqa: E402
 from icm.label import accuracy  # noqa: E402
 from icm.models import load_model  # noqa: E402
 from icm.search import ICMConfig, label_claims  # noqa: E402

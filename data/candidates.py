@@ -12,10 +12,10 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-
-from data.answers import answers_match, check_extractor, closed_answers, extract_answer, extract_closed, whole_word
-from data.io import InputError, write_json, write_parquet
-from data.tasks import DEFAULT_INSTRUCTION, Question
+from icm.data.answers import answers_match, check_extractor, closed_answers, extract_answer, extract_closed, whole_word
+from icm.data.console import console
+from icm.data.io import InputError, write_json, write_parquet
+from icm.data.tasks import DEFAULT_INSTRUCTION, Question
 
 # Extra end-of-turn tokens some chat templates use besides the tokenizer's eos token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
@@ -100,7 +100,6 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -112,7 +111,7 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -166,13 +165,15 @@ def sample_completions(
     progress: bool = True,
     on_batch: Callable[[list[Completion]], None] | None = None,
     stats: GenerationStats | None = None,
+    description: str = "generating",
 ) -> list[list[Completion]]:
     """Generate ``num_samples`` completions per user message, batched with left padding.
 
     Each prompt is repeated ``num_samples`` times and the flat list is cut into batches of ``batch_size``;
     batch ``i`` is seeded with ``seed + i``, so a batch's samples do not depend on what ran before it.
     Completions are cut at the first stop string and carry the number of tokens generated (up to and
-    including the end-of-sequence token). ``on_batch`` receives each finished batch's completions."""
+    including the end-of-sequence token). ``on_batch`` receives each finished batch's completions;
+    ``description`` names the progress display."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     chat = use_chat_template and has_chat_template(tokenizer)
@@ -189,7 +190,7 @@ def sample_completions(
     results: list[list[Completion]] = [[] for _ in prompts]
     stats = stats if stats is not None else GenerationStats()
     start = time.perf_counter()
-    with progress_bar("generating", total=len(jobs), enabled=progress) as advance:
+    with progress_bar(description, total=len(jobs), enabled=progress) as advance:
         for b, lo in enumerate(range(0, len(jobs), batch_size)):
             batch = jobs[lo:lo + batch_size]
             enc = tokenizer([texts[i] for i, _ in batch], return_tensors="pt", padding=True,

@@ -12,9 +12,8 @@ from datasets import DatasetInfo, Features
 from datasets.info import DatasetInfosDict
 from datasets.splits import SplitDict, SplitInfo
 from huggingface_hub import DatasetCardData
-
-from data.hub import hub_path, scrub
-from data.io import read_parquet_metadata
+from icm.data.hub import hub_path, scrub
+from icm.data.io import read_parquet_metadata
 
 PAIR_COLUMNS = {
     "prompt": "the question as the model sees it (a user turn in the conversational format)",

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.answers import answers_match
-from data.io import InputError, read_records
+from icm.data.answers import answers_match
+from icm.data.io import InputError, read_records
 
 
 @dataclass

@@ -10,8 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 from huggingface_hub import CommitOperationAdd, HfApi
-
-from data.io import InputError, read_parquet_metadata
+from icm.data.io import InputError, read_parquet_metadata
 
 _TOKEN_OPTION = re.compile(r"(--(?:[\w-]*[-_])?token(?:=|\s+))(?:'[^']*'|\"[^\"]*\"|\S+)", re.IGNORECASE)
 _TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9_]{4,}")

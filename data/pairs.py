@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from icm.data.io import InputError, read_parquet_metadata, read_records, require_fields, write_json, write_parquet
 from rich.table import Table
-
-from data.io import InputError, read_parquet_metadata, read_records, require_fields, write_json, write_parquet
 
 STRATEGIES = ("all", "best-margin")
 FORMATS = ("standard", "conversational")
@@ -332,7 +331,7 @@ def write_pairs(output: str | Path, pairs: list[dict[str, Any]], report: dict[st
     """Write the pairs (split by question when ``config.test_size`` is set) and the report JSON; returns
     split name -> Parquet path. Each file's ``icm`` metadata holds the labels file's metadata (``labels``), the
     pairs config, the report, the command line and the split layout."""
-    from data.hub import scrub_all  # no token may reach the file, even through the labels' command line
+    from icm.data.hub import scrub_all  # no token may reach the file, even through the labels' command line
 
     if not pairs:
         raise ValueError("no pairs to write")

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.answers import extract_answer, normalize_answer
-from data.io import InputError, read_records, require_fields
+from icm.data.answers import extract_answer, normalize_answer
+from icm.data.io import InputError, read_records, require_fields
 
 DEFAULT_TASK_SIZE = 100
 DEFAULT_INSTRUCTION = (  # for open math questions; the default of ``icm generate`` and ``icm eval``

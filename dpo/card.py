@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from data.io import atomic_path
+from icm.data.io import atomic_path
 
 CARD_HYPERPARAMETERS = ("beta", "learning_rate", "num_train_epochs", "max_steps", "batch_size",
                         "gradient_accumulation_steps", "max_length", "loss_type", "precision", "lora", "lora_r",

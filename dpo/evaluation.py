@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from data.answers import answers_match, check_extractor, extract_answer
-from data.candidates import DEFAULT_INSTRUCTION, GenerationConfig, generate_texts, user_message
-from data.claims import claims_from_records, gold_labels
-from data.io import InputError, read_records, write_json
-from data.tasks import Question, load_questions
+from icm.data.answers import answers_match, check_extractor, extract_answer
+from icm.data.candidates import DEFAULT_INSTRUCTION, GenerationConfig, generate_texts, user_message
+from icm.data.claims import claims_from_records, gold_labels
+from icm.data.io import InputError, read_records, write_json
+from icm.data.tasks import Question, load_questions
 
 
 @dataclass
@@ -58,7 +57,7 @@ def evaluate_questions(questions: list[Question], model, tokenizer, config: Eval
     start = time.perf_counter()
     texts = generate_texts(model, tokenizer, prompts, temperature=0.0, max_new_tokens=config.max_new_tokens,
                            stop=GenerationConfig().stop, batch_size=config.batch_size,
-                           use_chat_template=config.use_chat_template, progress=progress)
+                           use_chat_template=config.use_chat_template, progress=progress, description="evaluating")
     items = []
     for q, group in zip(questions, texts, strict=True):
         answer = extract_answer(group[0], config.extractor)
@@ -142,7 +141,7 @@ def evaluate(
     ``items_output`` (JSONL) when given; returns the report, whose ``results`` list each item's correctness.
     ``loaded`` is an already loaded ``(model, tokenizer)`` to use instead of loading ``model``.
     """
-    from dpo.training import load_trained_model
+    from icm.dpo.training import load_trained_model
 
     config = config or EvalConfig()
     source = str(input) if input is not None else f"task:{task}"
@@ -166,7 +165,7 @@ def evaluate_question_list(questions: list[Question], model: str, config: EvalCo
                            items_output: str | Path | None = None, dtype: str = "auto",
                            progress: bool = True) -> dict[str, Any]:
     """:func:`evaluate` for questions already loaded (``icm transfer``'s held-out split)."""
-    from dpo.training import load_trained_model
+    from icm.dpo.training import load_trained_model
 
     config = config or EvalConfig()
     model_obj, tokenizer = load_trained_model(model, dtype=dtype)
@@ -189,7 +188,7 @@ def _write_report(summary: dict[str, Any], items: list[dict[str, Any]], model: s
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     import json
 
-    from data.io import atomic_path
+    from icm.data.io import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows), encoding="utf-8")

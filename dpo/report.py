@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from data.io import InputError, atomic_path, read_records
-from data.pairs import split_paths
+from icm.data.io import InputError, atomic_path, read_records
+from icm.data.pairs import split_paths
 
 KINDS = ("label", "pairs", "transfer")
 NOT_A_RUN = ("not a label run directory (run.json), a pairs report (NAME.report.json from icm pairs) or a "
@@ -357,7 +356,7 @@ def pairs_sections(page: Page, report_path: Path, prefix: str = "", title: str =
 
 def transfer_sections(page: Page, run_dir: Path) -> None:
     """Held-out accuracy before and after, per arm with its CI, then the ICM arm's label run and pairs."""
-    from dpo.transfer import plot_transfer
+    from icm.dpo.transfer import plot_transfer
 
     report = json.loads((run_dir / "transfer.json").read_text())
     questions = report.get("questions") or {}

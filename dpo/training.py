@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from icm.data.candidates import build_prompt
+from icm.data.console import console
+from icm.data.io import InputError, read_records, require_fields, write_json
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from data.candidates import build_prompt
-from data.io import InputError, read_records, require_fields, write_json
 from icm.models import default_device, default_dtype, load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -205,12 +206,11 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                                 console=Console(stderr=True), transient=False)
+                                 console=console, transient=False)
         self.progress.start()
         self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step,
                                            status="")
@@ -339,7 +339,7 @@ def _final_train_metrics(log_history: list[dict]) -> dict[str, float]:
 
 def _labeller(pairs: str | Path | list[dict]) -> str | None:
     """The ICM labeller recorded by ``icm pairs`` in a local Parquet file's metadata, if any."""
-    from data.io import read_parquet_metadata
+    from icm.data.io import read_parquet_metadata
 
     if isinstance(pairs, list) or Path(pairs).suffix != ".parquet" or not Path(pairs).is_file():
         return None
@@ -418,7 +418,7 @@ def train_dpo(
         "command": command,
     }
     if is_main:
-        from dpo.card import write_model_card
+        from icm.dpo.card import write_model_card
 
         write_json(output_dir / SUMMARY_FILE, summary)
         write_model_card(output_dir, summary, repo_id=push_to_hub)
@@ -434,8 +434,7 @@ class PushError(RuntimeError):
 def push_model(output_dir: str | Path, repo_id: str, private: bool = False, api=None) -> str:
     """Upload the saved model directory (checkpoints excluded) to a Hub model repo; returns its URL."""
     from huggingface_hub import HfApi
-
-    from data.hub import check_repo_id, scrub
+    from icm.data.hub import check_repo_id, scrub
 
     api = api or HfApi()
     try:

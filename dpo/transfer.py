@@ -28,23 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from rich.console import Console
+from icm.data.answers import closed_answers
+from icm.data.candidates import GenerationConfig, generate_file
+from icm.data.claims import check_claim_mode
+from icm.data.console import console
+from icm.data.io import InputError, atomic_path, read_parquet_metadata, read_records, write_json, write_parquet
+from icm.data.pairs import PairsConfig, build_pairs, load_labels, split_paths, write_pairs
+from icm.data.tasks import Question
+from icm.dpo.evaluation import EvalConfig, evaluate_question_list, paired_bootstrap
+from icm.dpo.training import SUMMARY_FILE, DPOTrainingConfig, train_dpo
 from rich.table import Table
 
-from data.answers import closed_answers
-from data.candidates import GenerationConfig, generate_file
-from data.claims import check_claim_mode
-from data.io import InputError, atomic_path, read_parquet_metadata, read_records, write_json, write_parquet
-from data.pairs import PairsConfig, build_pairs, load_labels, split_paths, write_pairs
-from data.tasks import Question
-from dpo.evaluation import EvalConfig, evaluate_question_list, paired_bootstrap
-from dpo.training import SUMMARY_FILE, DPOTrainingConfig, train_dpo
 from icm.label import label_file
 from icm.search import ICMConfig
 
 STAGES = ("eval_before", "generate", "label", "pairs", "dpo", "eval_after")  # in the order they run
 ARMS = ("icm", "gold", "random", "zero_shot")
-console = Console(stderr=True)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from itertools import combinations
 
 import numpy as np
 
-from data.claims import Claim
+from icm.data.claims import Claim
 
 #: For each rule, the label assignments of a pair (i, j) that satisfy it.
 ALLOWED: dict[str, tuple[tuple[bool, bool], ...]] = {

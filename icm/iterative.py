@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.claims import Claim
-from data.io import write_json
+from icm.data.claims import Claim
+from icm.data.io import write_json
 from icm.scoring import ClaimScorer, PromptTemplate
 from icm.search import ICMConfig, batch_labels, label_claims
 

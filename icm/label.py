@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from data.answers import closed_answers
-from data.candidates import GenerationConfig, generate_candidates
-from data.claims import (
+from icm.data.answers import closed_answers
+from icm.data.candidates import GenerationConfig, generate_candidates
+from icm.data.claims import (
     AnswerClaims,
     Claim,
     ClaimFields,
@@ -30,11 +29,17 @@ from data.claims import (
     claims_from_records,
     gold_labels,
 )
-from data.io import InputError, read_parquet_metadata, read_records, write_json, write_parquet
-from data.tasks import load_questions
+from icm.data.console import console
+from icm.data.io import InputError, read_parquet_metadata, read_records, write_json, write_parquet
+from icm.data.tasks import load_questions
 from icm.iterative import IterativeConfig, label_iteratively
 from icm.scoring import ClaimScorer, PromptTemplate
 from icm.search import ICMConfig, label_claims
+
+
+def run_dir_for(output: str | Path, run_dir: str | Path | None = None) -> Path:
+    """The run directory of a labels file: ``run_dir`` when given, else ``OUTPUT.run`` next to it."""
+    return Path(run_dir) if run_dir else Path(output).with_suffix(".run")
 
 
 def accuracy(labels: dict[int, bool] | list[bool], gold: list[bool | None]) -> float | None:
@@ -56,7 +61,7 @@ def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMCo
     claims: list[Claim] = claims_from_records(records, source, fields)
     gold = gold_labels(records, source, fields.label)
     progress = Progress(TextColumn("[bold]ICM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                        TimeElapsedColumn(), disable=not show_progress, console=Console(stderr=True))
+                        TimeElapsedColumn(), disable=not show_progress, console=console)
     task = progress.add_task("", total=None)
 
     def on_progress(info: dict[str, Any]) -> None:
@@ -162,7 +167,7 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         claims_from_records(records, input_path, fields)  # fail fast, before loading a model
         gold_labels(records, input_path, fields.label)
     output = Path(output)
-    run_dir = Path(run_dir) if run_dir else output.with_suffix(".run")
+    run_dir = run_dir_for(output, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     model, tokenizer = load_model(model_spec, dtype=dtype)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from data.claims import Claim
+from icm.data.claims import Claim
 
 
 @dataclass

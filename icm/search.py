@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from data.claims import Claim
-from data.io import write_json
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
+from icm.data.claims import Claim
+from icm.data.io import write_json
 from icm.scoring import ClaimScorer, MutualPredictor
 
 

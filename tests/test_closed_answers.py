@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from icm.cli import app
+from icm.data.answers import check_extractor, closed_answers, extract_answer
+from icm.data.candidates import GenerationConfig, candidate_rows, enumerated_answers, swap_answer
+from icm.data.claims import answer_claims, claims_from_records
+from icm.data.io import read_records
+from icm.data.tasks import SENTIMENT_FILE, get_task, load_questions
 from typer.testing import CliRunner
 
-from cli import app
-from data.answers import check_extractor, closed_answers, extract_answer
-from data.candidates import GenerationConfig, candidate_rows, enumerated_answers, swap_answer
-from data.claims import answer_claims, claims_from_records
-from data.io import read_records
-from data.tasks import SENTIMENT_FILE, get_task, load_questions
 from icm.consistency import build_constraints
 from icm.label import candidate_labels
 
@@ -54,8 +54,8 @@ def test_enumerated_answers_swap_the_answer_word_and_keep_its_case():
 
 
 def _candidates(enumerate_answers: bool) -> list[dict]:
-    from data.candidates import Completion
-    from data.tasks import Question
+    from icm.data.candidates import Completion
+    from icm.data.tasks import Question
 
     questions = [Question("a", "Great phone?", "positive"), Question("b", "Broke in a day?", "negative")]
     completions = [[Completion("Positive.", 2, 0, 0), Completion("Positive.", 2, 0, 1)],

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
+from icm.data.claims import Claim
 
-from data.claims import Claim
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
 from icm.search import ICMConfig, metropolis_accept, temperature
 

@@ -12,11 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from cli import app
-from data.io import InputError, write_parquet
-from dpo.training import (
+from icm.cli import app
+from icm.data.io import InputError, write_parquet
+from icm.dpo.training import (
     DPOTrainingConfig,
     PushError,
     build_trainer,
@@ -25,6 +23,8 @@ from dpo.training import (
     push_model,
     train_dpo,
 )
+from typer.testing import CliRunner
+
 from icm.models import load_model, resolve_model
 
 PAIRS = [
@@ -262,7 +262,7 @@ def test_accelerate_launch_two_processes_shares_the_epoch(tiny_model_dir, tmp_pa
     launcher = Path(sys.executable).with_name("accelerate")
     result = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-                             "-m", "cli", "dpo", str(pairs_path), "--model", tiny_model_dir, "--output-dir", str(out),
+                             "-m", "icm", "dpo", str(pairs_path), "--model", tiny_model_dir, "--output-dir", str(out),
                              "--batch-size", "2", "--max-length", "64", "--precision", "fp32", "--save-steps", "0"],
                             capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
                             env=os.environ | {"OMP_NUM_THREADS": "1"})

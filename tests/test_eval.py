@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
+import icm.dpo.evaluation as evaluation
 import pytest
 import torch
+from icm.cli import app
+from icm.data.candidates import DEFAULT_INSTRUCTION
+from icm.dpo.evaluation import EvalConfig, evaluate, paired_bootstrap
 from typer.testing import CliRunner
 
-import dpo.evaluation as evaluation
-from cli import app
-from data.candidates import DEFAULT_INSTRUCTION
-from dpo.evaluation import EvalConfig, evaluate, paired_bootstrap
 from icm.models import load_model
 
 QUESTIONS = [

@@ -7,11 +7,9 @@ import re
 
 import pytest
 from conftest import SHARED
-from typer.testing import CliRunner
-
-from cli import app
-from data.answers import extract_answer
-from data.candidates import (
+from icm.cli import app
+from icm.data.answers import extract_answer
+from icm.data.candidates import (
     Completion,
     GenerationConfig,
     GenerationStats,
@@ -26,8 +24,9 @@ from data.candidates import (
     truncate_at_stop,
     user_message,
 )
-from data.io import InputError, read_parquet_metadata, read_records
-from data.tasks import Question, arithmetic_questions, load_questions, reference_answer
+from icm.data.io import InputError, read_parquet_metadata, read_records
+from icm.data.tasks import Question, arithmetic_questions, load_questions, reference_answer
+from typer.testing import CliRunner
 
 CLAIM_COLUMNS = {"question", "choice", "answer", "consistency_id", "label", "prompt", "reference",
                  "candidate_index", "generator", "num_tokens"}
@@ -195,7 +194,7 @@ def test_generate_file_round_trip_and_resume(tiny_model_dir, tmp_path, monkeypat
     assert not checkpoint_path(out).exists()
 
     # An interrupted run leaves its finished samples in the checkpoint; --resume reuses them.
-    import data.candidates as candidates
+    import icm.data.candidates as candidates
 
     out2 = tmp_path / "resumed.parquet"
     monkeypatch.setattr(candidates, "claims_table", lambda rows: (_ for _ in ()).throw(KeyboardInterrupt))

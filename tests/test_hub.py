@@ -13,12 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from huggingface_hub import HfApi
+from icm.cli import app
+from icm.data.card import dataset_card
+from icm.data.hub import push_to_hub, scrub, split_files
+from icm.data.io import InputError, write_parquet
 from typer.testing import CliRunner
-
-from cli import app
-from data.card import dataset_card
-from data.hub import push_to_hub, scrub, split_files
-from data.io import InputError, write_parquet
 
 runner = CliRunner()
 SECRET = "hf_secretTOKEN1234567890abcdef"
@@ -146,7 +145,7 @@ def test_push_to_hub_commits_hub_layout(tmp_path):
 
 def test_cli_pairs_push_to_hub_keeps_token_out_of_everything(tmp_path, monkeypatch):
     api = mock_api()
-    monkeypatch.setattr("data.hub.HfApi", lambda: api)
+    monkeypatch.setattr("icm.data.hub.HfApi", lambda: api)
     labels = labels_file(tmp_path / "labels.parquet")
     out = tmp_path / "pairs.parquet"
     result = runner.invoke(app, ["pairs", str(labels), "-o", str(out), "--push-to-hub", "me/icm-pairs"])
@@ -166,7 +165,7 @@ def test_cli_pairs_push_to_hub_keeps_token_out_of_everything(tmp_path, monkeypat
 
 def test_cli_failed_upload_keeps_files_and_prints_rerun(tmp_path, monkeypatch):
     api = mock_api(fail=OSError(f"503 Service Unavailable for token {SECRET}"))
-    monkeypatch.setattr("data.hub.HfApi", lambda: api)
+    monkeypatch.setattr("icm.data.hub.HfApi", lambda: api)
     labels = labels_file(tmp_path / "labels.parquet")
     out = tmp_path / "pairs.parquet"
     result = runner.invoke(app, ["pairs", str(labels), "-o", str(out), "--push-to-hub", "me/icm-pairs",
@@ -179,7 +178,7 @@ def test_cli_failed_upload_keeps_files_and_prints_rerun(tmp_path, monkeypatch):
     assert out.is_file() and pq.read_metadata(out).num_rows == 5 and (tmp_path / "pairs.report.json").is_file()
     # the printed rerun command works once the Hub is back
     api2 = mock_api()
-    monkeypatch.setattr("data.hub.HfApi", lambda: api2)
+    monkeypatch.setattr("icm.data.hub.HfApi", lambda: api2)
     result = runner.invoke(app, last.split("rerun: icm ")[1].split())
     assert result.exit_code == 0, result.output
     assert set(committed(api2)) == {"data/train-00000-of-00001.parquet", "README.md"}
@@ -188,7 +187,7 @@ def test_cli_failed_upload_keeps_files_and_prints_rerun(tmp_path, monkeypatch):
 
 def test_cli_push_labels_file_and_bad_inputs(tmp_path, monkeypatch):
     api = mock_api()
-    monkeypatch.setattr("data.hub.HfApi", lambda: api)
+    monkeypatch.setattr("icm.data.hub.HfApi", lambda: api)
     labels = labels_file(tmp_path / "labels.parquet")
     result = runner.invoke(app, ["push", str(labels), "me/icm-labels", "--license", "cc-by-4.0"])
     assert result.exit_code == 0, result.output

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from icm.cli import app
+from icm.data.claims import claims_from_records
 from typer.testing import CliRunner
 
 import icm.iterative as iterative_module
-from cli import app
-from data.claims import claims_from_records
 from icm.iterative import IterativeConfig, label_iteratively, split_batches
 from icm.models import load_model
 from icm.search import ICMConfig, batch_labels

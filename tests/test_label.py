@@ -3,11 +3,11 @@ import random
 
 import pyarrow.parquet as pq
 import pytest
+from icm.cli import app
+from icm.data.claims import claims_from_records
+from icm.data.io import read_parquet_metadata
 from typer.testing import CliRunner
 
-from cli import app
-from data.claims import claims_from_records
-from data.io import read_parquet_metadata
 from icm.label import label_file, zero_shot_records
 from icm.models import load_model
 from icm.scoring import ClaimScorer

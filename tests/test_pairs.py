@@ -8,11 +8,9 @@ import math
 
 import pyarrow as pa
 import pytest
-from typer.testing import CliRunner
-
-from cli import app
-from data.io import InputError, read_parquet_metadata, write_parquet
-from data.pairs import (
+from icm.cli import app
+from icm.data.io import InputError, read_parquet_metadata, write_parquet
+from icm.data.pairs import (
     BELOW_MARGIN,
     CONTRADICTORY,
     DUPLICATE,
@@ -27,6 +25,7 @@ from data.pairs import (
     split_pairs,
     write_pairs,
 )
+from typer.testing import CliRunner
 
 runner = CliRunner()
 LABELS_META = {"model": "smollm2-135m", "template": "Claim: {choice}\nI think this claim is",

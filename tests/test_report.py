@@ -11,10 +11,9 @@ import shutil
 
 import numpy as np
 import pytest
+from icm.cli import app
+from icm.dpo.report import calibration, detect, rolling_acceptance
 from typer.testing import CliRunner
-
-from cli import app
-from dpo.report import calibration, detect, rolling_acceptance
 
 runner = CliRunner()
 

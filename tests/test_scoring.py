@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from icm.data.claims import Claim
 
-from data.claims import Claim
 from icm.models import load_model
 from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate, resolve_label_tokens
 

@@ -1,8 +1,8 @@
 """The search's speed options: the approximate U can be switched off, and exact score reuse changes nothing."""
 
 import pytest
+from icm.data.claims import claims_from_records
 
-from data.claims import claims_from_records
 from icm.models import load_model
 from icm.scoring import ClaimScorer
 from icm.search import ICMConfig, ICMSearch, label_claims

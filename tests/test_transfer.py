@@ -8,18 +8,18 @@ import shutil
 import pyarrow as pa
 import pytest
 from conftest import build_tiny_model
+from icm.cli import app
+from icm.data.candidates import GenerationConfig
+from icm.data.io import read_parquet_metadata, read_records, write_parquet
+from icm.data.pairs import PairsConfig
+from icm.data.tasks import arithmetic_questions, load_questions
+from icm.dpo.evaluation import EvalConfig
+from icm.dpo.training import DPOTrainingConfig
+from icm.dpo.transfer import ARMS, TransferConfig, arms_table, random_labels, run_transfer, split_questions
 from rich.console import Console
 from test_report import check_transfer_report
 from typer.testing import CliRunner
 
-from cli import app
-from data.candidates import GenerationConfig
-from data.io import read_parquet_metadata, read_records, write_parquet
-from data.pairs import PairsConfig
-from data.tasks import arithmetic_questions, load_questions
-from dpo.evaluation import EvalConfig
-from dpo.training import DPOTrainingConfig
-from dpo.transfer import ARMS, TransferConfig, arms_table, random_labels, run_transfer, split_questions
 from icm.search import ICMConfig
 
 ARGS = ["--task", "arithmetic", "--limit", "5", "--eval-size", "2", "--num-candidates", "3", "--temperature", "1.0",
