@@ -622,7 +622,7 @@ def report(
     from icm.dpo.report import write_report
 
     kind, page, images = write_report(run_dir, output)
-    console.print(f"{kind} report: {page} ({len(images)} plots next to it)", highlight=False, soft_wrap=True)
+    result(f"{kind} report: {page} ({len(images)} plots next to it)")
 
 
 if __name__ == "__main__":
