@@ -113,7 +113,7 @@ def test_gsm8k_gpu_recipe_runs_at_toy_size_and_its_recipe_reruns_it(tiny_model_d
     questions = tmp_path / "gsm8k.jsonl"  # GSM8K's shape: a worked answer ending in "#### N"
     questions.write_text("".join(json.dumps({"question": q.question, "answer": f"{q.solution}\n#### {q.reference}"})
                                  + "\n" for q in arithmetic_questions(5, seed=2)))
-    env = {**os.environ, "ICM": f"{sys.executable} -m cli", "QUESTIONS": str(questions), "LABELLER": tiny_model_dir,
+    env = {**os.environ, "ICM": f"{sys.executable} -m icm", "QUESTIONS": str(questions), "LABELLER": tiny_model_dir,
            "POLICY": tiny_model_dir, "LIMIT": "5", "EVAL_SIZE": "2", "ARMS": "icm,random", "NUM_CANDIDATES": "2",
            "MAX_NEW_TOKENS": "8", "ICM_ITERATIONS": "4", "MAX_STEPS": "1", "BATCH_SIZE": "2", "MAX_LENGTH": "384",
            "DTYPE": "fp32", "OMP_NUM_THREADS": "1"}
