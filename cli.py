@@ -519,8 +519,11 @@ def transfer(
     split: str = typer.Option("train", help="Hub dataset split."),
     limit: int | None = typer.Option(None, min=2, help="Use N questions (the built-in task defaults to 100)."),
     eval_size: float = typer.Option(0.25, help="Held-out questions: fraction (0-1) or count."),
+    train_size: int | None = typer.Option(None, min=1, help="Train on at most N of the other questions (the "
+                                          "held-out ones stay the same) [default: all]."),
     generator: str = typer.Option("policy", help="Who samples the candidates: policy or labeller."),
-    num_candidates: int = typer.Option(4, min=2, help="Candidates sampled per training question."),
+    num_candidates: int = typer.Option(4, min=1, help="Candidates sampled per training question (1 is enough "
+                                        "with --enumerate-answers: the sample and its swapped answer)."),
     temperature: float = typer.Option(0.8, help="Sampling temperature of the candidates."),
     max_new_tokens: int | None = typer.Option(None, min=1, help="Tokens per candidate and per evaluation answer "
                                               "[default: the task's, else 256]."),
@@ -577,7 +580,8 @@ def transfer(
     instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
     try:
         config = TransferConfig(
-            eval_size=eval_size, generator=generator, bootstrap_samples=bootstrap_samples, seed=seed, dtype=dtype,
+            eval_size=eval_size, train_size=train_size, generator=generator, bootstrap_samples=bootstrap_samples,
+            seed=seed, dtype=dtype,
             claims=claims,
             generation=GenerationConfig(num_candidates=num_candidates, temperature=temperature,
                                         max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,

@@ -269,7 +269,8 @@ def generate_candidates(
 
 def candidate_rows(questions: list[Question], prompts: list[str], completions: list[list[Completion]],
                    config: GenerationConfig, generator_name: str = "") -> list[dict]:
-    """Claims rows for sampled completions (plus the reference solutions when asked), duplicates removed."""
+    """Claims rows for sampled completions (plus the reference solutions when asked), duplicates and empty
+    completions (nothing to label or to train on) removed."""
     rows = []
     for cid, (q, prompt, group) in enumerate(zip(questions, prompts, completions, strict=True)):
         candidates = [(c.text, c.sample_index, c.num_tokens, generator_name) for c in group]
@@ -280,7 +281,7 @@ def candidate_rows(questions: list[Question], prompts: list[str], completions: l
                 [c.text for c in group], options)]
         seen: set[str] = set()
         for text, index, num_tokens, generator in candidates:
-            if text in seen:
+            if not text or text in seen:
                 continue
             seen.add(text)
             answer = extract_answer(text, config.extractor)

@@ -60,6 +60,9 @@ class TransferConfig:
 
     Args:
         eval_size: held-out questions for the before/after evaluation: a fraction (0 < f < 1) or a count.
+        train_size: train on at most this many of the other questions (the first of the seeded split's
+            training part; ``None``: all of them). The held-out set does not depend on it, so runs that train on
+            fewer questions are scored on the same held-out questions.
         generator: who samples the candidates: ``policy`` (on-policy pairs, the default) or ``labeller``.
         claims: what ICM labels: ``candidates``, ``answers`` or ``pivot`` (``icm.label.label_file``).
         bootstrap_samples: resamples of the held-out questions for the CI of the accuracy change.
@@ -76,6 +79,7 @@ class TransferConfig:
     """
 
     eval_size: float = 0.25
+    train_size: int | None = None
     generator: str = "policy"
     claims: str = "candidates"
     bootstrap_samples: int = 2000
@@ -100,10 +104,13 @@ class TransferConfig:
             raise ValueError(f"generator must be 'policy' or 'labeller', got '{self.generator}'")
         if not (0 < self.eval_size < 1 or (self.eval_size >= 1 and float(self.eval_size).is_integer())):
             raise ValueError(f"eval_size must be a fraction in (0, 1) or a whole count, got {self.eval_size}")
+        if self.train_size is not None and self.train_size < 1:
+            raise ValueError(f"train_size must be at least 1, got {self.train_size}")
 
 
-def split_questions(questions: list[Question], eval_size: float, seed: int) -> tuple[list[Question], list[Question]]:
-    """Seeded (train, held-out) split of the questions."""
+def split_questions(questions: list[Question], eval_size: float, seed: int,
+                    train_size: int | None = None) -> tuple[list[Question], list[Question]]:
+    """Seeded (train, held-out) split of the questions; ``train_size`` keeps the first ones of the training part."""
     n_eval = int(eval_size) if eval_size >= 1 else round(len(questions) * eval_size)
     n_eval = max(1, n_eval)
     if n_eval >= len(questions):
@@ -111,7 +118,8 @@ def split_questions(questions: list[Question], eval_size: float, seed: int) -> t
     order = list(range(len(questions)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    return ([q for i, q in enumerate(questions) if i not in held], [q for i, q in enumerate(questions) if i in held])
+    train = [q for i, q in enumerate(questions) if i not in held]
+    return train[:train_size], [q for i, q in enumerate(questions) if i in held]
 
 
 def _free() -> None:
@@ -235,7 +243,7 @@ def run_transfer(
         if q.reference is None:
             raise InputError(source, "no reference answer (needed for the evaluation)", row=row, field="answer")
     try:
-        train, heldout = split_questions(questions, config.eval_size, config.seed)
+        train, heldout = split_questions(questions, config.eval_size, config.seed, config.train_size)
     except ValueError as error:
         raise InputError(source, str(error)) from None
     split = {"train": [q.id for q in train], "heldout": [q.id for q in heldout],

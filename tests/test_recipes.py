@@ -178,3 +178,32 @@ def test_third_party_bars_and_warnings_stay_out_of_the_console(tiny_model_dir, t
     console = result.stdout + result.stderr
     assert "trained 1 steps on 2 pairs" in console and "recipe:" in console
     assert not THIRD_PARTY.findall(console), console
+
+
+def test_sentiment_demo_recipe_gives_one_answer_swapped_pair_per_training_question(tiny_model_dir, tmp_path):
+    """The README's recipe on a questions file in the task's shape (the demo's second argument), at toy size:
+    the policy's greedy answer and the same text with the other label word, so each training question gives
+    exactly one pair, and the pair differs only in the answer."""
+    from icm.data.tasks import sentiment_questions
+
+    questions = tmp_path / "reviews.jsonl"
+    questions.write_text("".join(json.dumps({"question": q.question, "answer": q.reference}) + "\n"
+                                 for q in sentiment_questions(9, seed=3)))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["transfer", "--config", str(ROOT / "examples" / "sentiment-demo.yaml"),
+                                 str(questions), "--task", "", "--extractor", "positive|negative",
+                                 "--labeller", tiny_model_dir, "--policy", tiny_model_dir, "-o", str(out),
+                                 "--limit", "9", "--eval-size", "3", "--train-size", "4", "--max-new-tokens", "6",
+                                 "--arms", "gold", "--dtype", "fp32", "--stop-after", "pairs"])
+    assert result.exit_code == 0, result.output
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) == 4 and len(split["heldout"]) == 3
+    pairs = pq.read_table(out / "arms" / "gold" / "pairs.parquet").to_pylist()
+    answerable = {r["consistency_id"] for r in pq.read_table(out / "candidates.parquet").to_pylist()
+                  if r["answer"]}  # a greedy answer with no label word has nothing to swap
+    assert sorted(p["question_id"] for p in pairs) == sorted(str(cid) for cid in answerable)
+    for pair in pairs:
+        assert {pair["chosen_answer"], pair["rejected_answer"]} == {"positive", "negative"}
+        assert pair["chosen_is_correct"] and not pair["rejected_is_correct"]
+        swapped = re.sub("(?i)positive|negative", "X", pair["chosen"])
+        assert swapped == re.sub("(?i)positive|negative", "X", pair["rejected"])

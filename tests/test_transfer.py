@@ -116,6 +116,15 @@ def test_split_questions_is_seeded_and_disjoint():
         split_questions(questions[:2], 2, seed=0)
 
 
+def test_train_size_keeps_the_held_out_questions():
+    questions = arithmetic_questions(10, seed=0)
+    train, held = split_questions(questions, 0.3, seed=4)
+    fewer, same = split_questions(questions, 0.3, seed=4, train_size=4)
+    assert [q.id for q in same] == [q.id for q in held] and [q.id for q in fewer] == [q.id for q in train[:4]]
+    with pytest.raises(ValueError, match="train_size"):
+        TransferConfig(train_size=0)
+
+
 @pytest.fixture(scope="module")
 def arms_run(tiny_model_dir, strong_model_dir, tmp_path_factory):
     """A gold-only run, then all four arms in the same directory (the gold arm is finished by then), then a rerun."""
