@@ -162,18 +162,25 @@ class ServerBackend(Backend):
                                  f"{', '.join(served)}); pass one of these as --model")
 
     def probe(self) -> None:
-        """Whether the servers take prompts as token ids (one test request)."""
+        """Whether the servers take prompts as token ids: a one-token completion of a token-id prompt, and if the
+        server rejects it (llama-cpp-python's answers 500, others 400/422), of the same text, which must work."""
         import openai
 
-        probe = self.tokenizer.encode("Hello", add_special_tokens=False)
-        try:
-            self._loop.run(self.clients[0].with_options(max_retries=1).completions.create(
-                model=self.config.model, prompt=probe, max_tokens=1, temperature=0.0))
-            self.token_prompts = True
-        except (openai.BadRequestError, openai.UnprocessableEntityError):
-            self.token_prompts = False  # e.g. llama-cpp-python's server: prompts must be text
-        except openai.APIError as error:
-            raise InputError(self.config.base_urls[0], f"a test completion failed ({_describe(error)})") from None
+        text = "Hello"
+        client = self.clients[0].with_options(max_retries=0, timeout=120.0)
+        for prompt in (self.tokenizer.encode(text, add_special_tokens=False), text):
+            try:
+                self._loop.run(client.completions.create(model=self.config.model, prompt=prompt, max_tokens=1,
+                                                         temperature=0.0))
+            except openai.APIStatusError as error:
+                if isinstance(prompt, str):
+                    raise InputError(self.config.base_urls[0], f"a test completion failed ({_describe(error)})") \
+                        from None
+                continue
+            except openai.APIError as error:
+                raise InputError(self.config.base_urls[0], f"a test completion failed ({_describe(error)})") from None
+            self.token_prompts = not isinstance(prompt, str)
+            return
 
     def close(self) -> None:
         self._loop.close()

@@ -28,6 +28,6 @@ if ! .venv/bin/python -c "import llama_cpp.server.app" 2>/dev/null; then
     CMAKE_ARGS="-DGGML_NATIVE=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
       .venv/bin/python -m pip wheel -q --disable-pip-version-check --no-cache-dir --no-deps "$LLAMA_CPP" -w "$WHEELS"
   fi
-  pip install --prefer-binary --find-links "$WHEELS" "$LLAMA_CPP" "llama-cpp-python[server]"
+  pip install --no-warn-conflicts --prefer-binary --find-links "$WHEELS" "$LLAMA_CPP" "llama-cpp-python[server]"
   .venv/bin/python -c "import llama_cpp.server.app"
 fi

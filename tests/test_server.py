@@ -30,11 +30,11 @@ API_KEY = "sk-planted-server-key-0123456789abcdefghij"
 COUNTRIES = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
              ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Russia", "Moscow")]
 SERVER_CONTEXT = 1024  # the server's n_ctx; the label runs below pack demonstrations into 512 tokens
-SCORE_TOLERANCE = 1.0
-"""Largest |server - in-process| log-odds difference accepted. Measured on these claims: see
-test_server_scores_match_in_process (the server's llama.cpp kernels run the Q4_1 weights with 8-bit quantized
-activations, the in-process model their fp32 dequantization; and llama-cpp-python's server takes text, which it
-tokenizes itself)."""
+SCORE_TOLERANCE = 0.75
+"""Largest |server - in-process| log-odds difference accepted. Measured on these claims (8 targets, with no
+demonstrations and with 8 gold-labelled ones): at most 0.27 and 0.40. The server's llama.cpp kernels run the Q4_1
+weights with 8-bit quantized activations, the in-process model their fp32 dequantization; and llama-cpp-python's
+server takes text, which it tokenizes itself."""
 
 
 def capital_claims() -> list[dict]:
@@ -60,40 +60,48 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    """llama-cpp-python's OpenAI-compatible server on a free local port, serving SmolLM2 as 'smollm2-135m'."""
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    port = free_port()
+def start_server(port: int, log: Path) -> subprocess.Popen:
+    """llama-cpp-python's OpenAI-compatible server on 127.0.0.1:``port``, serving SmolLM2 as 'smollm2-135m', ready."""
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(_alias_gguf(MODEL)), "--model_alias", MODEL,
                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(SERVER_CONTEXT), "--n_threads", "1",
                "--n_threads_batch", "1", "--verbose", "False"]
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 180
-    try:
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited ({server.returncode}): {log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/models", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server did not start in 180 s: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"llama_cpp.server exited ({server.returncode}): {log.read_text()[-2000:]}")
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(server)
+            pytest.fail(f"llama_cpp.server did not start in 180 s: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    """The URL of a llama.cpp server started for this module."""
+    port = free_port()
+    server = start_server(port, tmp_path_factory.mktemp("llama-server") / "server.log")
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +110,10 @@ def in_process():
 
 
 def test_server_scores_match_in_process(llama_server, in_process):
-    """The same claims and demonstrations, scored in-process and through the server: same sign, close values."""
+    """The same claims and demonstrations, scored in-process and through the server: close log-odds, and the same
+    sign wherever the in-process score is clear of the tolerance."""
     claims = claims_from_records(capital_claims(), "capitals")
-    backend, tokenizer = connect(ServerConfig(base_urls=(llama_server,), model=MODEL))
+    backend, tokenizer = connect(ServerConfig(base_urls=(llama_server,), model=MODEL, concurrency=4))
     try:
         assert not backend.token_prompts  # llama-cpp-python's server takes text prompts only
         remote = backend.scorer(claims, PromptTemplate(), 512, 16)
@@ -114,42 +123,43 @@ def test_server_scores_match_in_process(llama_server, in_process):
         for context in ((), demos):
             ours, theirs = local.score(targets, context), remote.score(targets, context)
             assert np.max(np.abs(ours - theirs)) <= SCORE_TOLERANCE, (ours, theirs)
-            assert np.mean(np.sign(ours) == np.sign(theirs)) >= 0.85, (ours, theirs)
+            clear = np.abs(ours) > SCORE_TOLERANCE
+            assert np.all(np.sign(ours[clear]) == np.sign(theirs[clear])), (ours, theirs)
         report = backend.report()
-        assert report["requests"] >= 16 and report["label_words_missing"] == 0
+        assert report["requests"] == 16 and report["label_words_missing"] == 0
     finally:
         backend.close()
 
 
 def test_label_and_generate_through_server(llama_server, tmp_path, monkeypatch):
-    """`icm label` and `icm generate` with --base-url: the output schema of an in-process run, labels that agree
-    with it, and the API key in no file written."""
+    """`icm label` and `icm generate` with --base-url write what in-process runs write, run.json says how the
+    server was used, and the API key is in no file written."""
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
-    common = ["--seed", "0", "--iterations", "16", "--polish-iterations", "4", "--max-context-tokens", "512"]
-    served, local = tmp_path / "served.parquet", tmp_path / "local.parquet"
-    result = runner.invoke(app, ["label", str(src), "--output", str(served), "--base-url", llama_server,
-                                 "--model", MODEL, "--concurrency", "4", *common])
+    rows = capital_claims()
+    src = write_jsonl(tmp_path / "capitals.jsonl", rows)
+    out = tmp_path / "labels.parquet"
+    result = runner.invoke(app, ["label", str(src), "--output", str(out), "--base-url", llama_server, "--model", MODEL,
+                                 "--concurrency", "4", "--seed", "0", "--iterations", "8", "--polish-iterations", "2",
+                                 "--max-context-tokens", "256"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["label", str(src), "--output", str(local), "--model", MODEL, "--dtype", "fp32",
-                                 *common])
-    assert result.exit_code == 0, result.output
-    a, b = pq.read_table(served), pq.read_table(local)
-    assert a.schema.names == b.schema.names
-    agreement = np.mean([x == y for x, y in zip(a.column("icm_label").to_pylist(), b.column("icm_label").to_pylist())])
-    assert agreement >= 0.75, agreement
-    run = json.loads((tmp_path / "served.run" / "run.json").read_text())
-    assert run["backend"]["backend"] == "server" and run["backend"]["requests"] > 0
-    assert run["backend"]["servers"] == [llama_server] and run["backend"]["api_key_env"] == "OPENAI_API_KEY"
+    table = pq.read_table(out)
+    assert table.schema.names == [*rows[0], "icm_label", "icm_score", "icm_searched"]
+    assert table.column("choice").to_pylist() == [r["choice"] for r in rows]
+    assert {type(y) for y in table.column("icm_label").to_pylist()} == {bool}
+    run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
+    backend = run["backend"]
+    assert backend["backend"] == "server" and backend["servers"] == [llama_server] and backend["requests"] > 0
+    assert backend["api_key_env"] == "OPENAI_API_KEY" and backend["prompts_as"] == "text"
+    assert run["model"] == MODEL and run["claims"] == 16 and run["gold_accuracy"] is not None
 
     out = tmp_path / "candidates.parquet"
     result = runner.invoke(app, ["generate", "--task", "sentiment", "--limit", "2", "--num-candidates", "2",
                                  "--temperature", "0.7", "--max-new-tokens", "12", "--output", str(out),
                                  "--base-url", llama_server, "--model", MODEL])
     assert result.exit_code == 0, result.output
-    rows = pq.read_table(out).to_pylist()
-    assert {r["question_id"] for r in rows} and all(r["generator"] == MODEL for r in rows)
-    assert all(r["choice"] for r in rows)
+    candidates = pq.read_table(out).to_pylist()
+    assert {r["consistency_id"] for r in candidates} == {0, 1} and all(r["generator"] == MODEL for r in candidates)
+    assert all(r["choice"] for r in candidates)
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert API_KEY.encode() not in path.read_bytes(), path
@@ -175,3 +185,36 @@ def test_server_not_serving_the_model_says_what_it_serves(llama_server, tmp_path
     assert result.exit_code == 2, result.output
     assert "serves smollm2-135m" in " ".join(result.output.split())
     assert not (tmp_path / "out.parquet").exists() and not (tmp_path / "out.run").exists()
+
+
+def test_server_killed_and_restarted_mid_run_the_run_waits_and_finishes(tmp_path):
+    """SIGKILL the server while `icm label` runs through it and start it again: the client's retries (with
+    backoff) carry the run over the gap, and it finishes with the labels of an uninterrupted run."""
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}/v1", tmp_path / "server.log"
+    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
+    args = [sys.executable, "-m", "icm", "-q", "label", str(src), "--base-url", url, "--model", MODEL, "--seed", "1",
+            "--iterations", "12", "--polish-iterations", "0", "--max-context-tokens", "256"]
+    env = {**os.environ, "ICM_CHECKPOINT_SECONDS": "0", "OMP_NUM_THREADS": "1"}
+    server = start_server(port, log)
+    try:
+        label = subprocess.Popen([*args, "--output", str(tmp_path / "killed.parquet")], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "killed.run" / "checkpoint.json").exists() and label.poll() is None:
+            assert time.monotonic() < deadline, "the search never checkpointed"
+            time.sleep(0.2)
+        server.kill()
+        server.wait()
+        time.sleep(1)
+        server = start_server(port, log)
+        output, _ = label.communicate(timeout=600)
+        assert label.returncode == 0, output.decode()
+        whole = subprocess.run([*args, "--output", str(tmp_path / "whole.parquet")], env=env, capture_output=True,
+                               timeout=600)
+        assert whole.returncode == 0, whole.stdout.decode() + whole.stderr.decode()
+    finally:
+        stop_server(server)
+    killed, uninterrupted = (pq.read_table(tmp_path / f"{name}.parquet").column("icm_label").to_pylist()
+                             for name in ("killed", "whole"))
+    assert killed == uninterrupted
