@@ -194,7 +194,7 @@ def test_server_killed_and_restarted_mid_run_the_run_waits_and_finishes(tmp_path
     url, log = f"http://127.0.0.1:{port}/v1", tmp_path / "server.log"
     src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
     args = [sys.executable, "-m", "icm", "-q", "label", str(src), "--base-url", url, "--model", MODEL, "--seed", "1",
-            "--iterations", "12", "--polish-iterations", "0", "--max-context-tokens", "256"]
+            "--iterations", "8", "--polish-iterations", "0", "--max-context-tokens", "192"]
     env = {**os.environ, "ICM_CHECKPOINT_SECONDS": "0", "OMP_NUM_THREADS": "1"}
     server = start_server(port, log)
     try:
