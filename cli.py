@@ -19,7 +19,7 @@ import typer
 from icm.data.console import console, result, version
 from icm.data.console import error as print_error
 from icm.data.console import summary as summary_table
-from icm.data.io import InputError, OutputError
+from icm.data.io import InputError, OutputError, ServerError
 from icm.data.recipes import RECIPE_FILE, RecipeSpec, RecipeTyper
 from icm.models import DEFAULT_MODEL, ModelNotFoundError
 
@@ -27,6 +27,12 @@ app = RecipeTyper(add_completion=False, no_args_is_help=True, help=__doc__.split
                   rich_markup_mode=None)  # plain help: "[default: ...]" in option help is text, not markup
 
 MODEL_HELP = "Hub id, local HF directory, .gguf file, or alias (smollm2-135m, gemma3-270m)."
+BASE_URL_HELP = ("OpenAI-compatible server (vLLM, SGLang, llama.cpp) to use instead of loading the model here, e.g. "
+                 "http://127.0.0.1:8000/v1; repeatable (requests are spread over the servers); --model names the "
+                 "served model. API key: $OPENAI_API_KEY or --api-key-env.")
+TOKENIZER_HELP = "With --base-url: the served model's tokenizer (alias, directory or Hub id) [default: --model]."
+API_KEY_ENV_HELP = "With --base-url: environment variable holding the API key (its value is never written)."
+CONCURRENCY_HELP = "With --base-url: requests in flight per server."
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -46,6 +52,20 @@ def task_settings(task: str | None, instruction: str | None, extractor: str | No
             max_new_tokens or (spec.max_new_tokens if spec else 256))
 
 
+def server_config(base_urls: list[str] | None, model: str, tokenizer: str | None, api_key_env: str,
+                  concurrency: int):
+    """The ``icm.server.ServerConfig`` of the --base-url options, or None without them (the model runs here)."""
+    if not base_urls:
+        return None
+    from icm.server import ServerConfig
+
+    try:
+        return ServerConfig(base_urls=tuple(base_urls), model=model, tokenizer=tokenizer, api_key_env=api_key_env,
+                            concurrency=concurrency)
+    except ValueError as error:
+        fail(str(error))
+
+
 def cli_errors(fn):
     """Turn known user errors into a one-line message and exit code 2."""
 
@@ -55,7 +75,7 @@ def cli_errors(fn):
             return fn(*args, **kwargs)
         except (InputError, ModelNotFoundError, FileNotFoundError) as problem:
             fail(str(problem).splitlines()[0] if str(problem) else repr(problem))
-        except (OutputError, OSError) as problem:  # a full disk, a read-only directory: nothing half-written is left
+        except (OutputError, OSError, ServerError) as problem:  # a full disk, a server gone: nothing half-written
             fail(str(problem).splitlines()[0] if str(problem) else repr(problem), code=1)
         except KeyboardInterrupt:
             print_error("interrupted")
@@ -133,6 +153,10 @@ def generate(
     limit: int | None = typer.Option(None, min=1, help="Use at most this many questions."),
     shuffle: bool = typer.Option(False, help="Pick the --limit questions at random (with --seed)."),
     model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    base_url: list[str] | None = typer.Option(None, "--base-url", metavar="URL", help=BASE_URL_HELP),
+    tokenizer: str | None = typer.Option(None, help=TOKENIZER_HELP),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help=API_KEY_ENV_HELP),
+    concurrency: int = typer.Option(16, min=1, help=CONCURRENCY_HELP),
     num_candidates: int = typer.Option(4, min=1, help="Solutions sampled per question."),
     temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling threshold."),
@@ -177,8 +201,9 @@ def generate(
         stop=tuple(stop) if stop else defaults.stop, instruction=instruction, use_chat_template=not raw_prompt,
         batch_size=batch_size, seed=seed, extractor=extractor, include_reference=include_reference,
         enumerate_answers=enumerate_answers)
+    server = server_config(base_url, model, tokenizer, api_key_env, concurrency)
     report = generate_file(questions, output, model, gen_config, dtype=dtype, device=device, resume=resume,
-                           command=" ".join(["icm", *sys.argv[1:]]))
+                           command=" ".join(["icm", *sys.argv[1:]]), server=server)
     console.print(report_table(report))
     result(f"wrote {report['claims']} claims to {output} (report: {report_path(output)})")
 
@@ -191,6 +216,10 @@ def label(
     input: Path = typer.Argument(..., help="Claims: JSONL, JSON list, CSV or Parquet (the ICM paper's format)."),
     output: Path = typer.Option(..., "--output", "-o", help="Labels Parquet file to write."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    base_url: list[str] | None = typer.Option(None, "--base-url", metavar="URL", help=BASE_URL_HELP),
+    tokenizer: str | None = typer.Option(None, help=TOKENIZER_HELP),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help=API_KEY_ENV_HELP),
+    concurrency: int = typer.Option(16, min=1, help=CONCURRENCY_HELP),
     seed: int = typer.Option(0, help="Seed of the search (same seed, same labels)."),
     iterations: int | None = typer.Option(None, min=0, help="Search steps per batch [default: 4 x batch claims]."),
     polish_iterations: int | None = typer.Option(None, min=0,
@@ -263,7 +292,8 @@ def label(
     try:
         run = label_file(input, output, model, config, template=template, fields=fields, run_dir=run_dir,
                          resume=resume, dtype=dtype, generation=generation, claims=claims, answers=options,
-                         command=command, iterative=iterative_config)
+                         command=command, iterative=iterative_config,
+                         server=server_config(base_url, model, tokenizer, api_key_env, concurrency))
     except KeyboardInterrupt:
         print_error("interrupted: the search state is saved; rerun with --resume to continue")
         raise typer.Exit(130) from None

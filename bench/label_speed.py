@@ -10,6 +10,13 @@ Variants: ``previous`` is the search before the speed-up (every proposal scored 
 re-scored whenever one is added, one prefix cache per fold: ``ICMConfig(exact_every=1, reuse_scores=False)``);
 ``exact`` adds score reuse (same labels as ``previous`` up to float rounding); ``default`` is ``ICMConfig()``
 (approximate U between exact steps).
+
+``--backend server --base-url URL [--base-url URL2 ...]`` labels through OpenAI-compatible servers serving
+``--model`` instead (the default variant only): requests/s, prompt tokens/s, mean request latency, the share of
+prompt tokens served from the server's prefix cache (when the server reports it), and with ``--compare`` the
+agreement of labels and scores with the in-process model on the same claims and seed:
+
+    python bench/label_speed.py --backend server --base-url http://127.0.0.1:8080/v1 --claims capitals -n 64 --compare
 """
 
 from __future__ import annotations
@@ -69,11 +76,18 @@ def main() -> None:
     parser.add_argument("--throughputs", type=float, nargs="+", default=[2e3, 2e4, 1e5],
                         help="forward throughputs (tokens/s) for the cost model, e.g. a GPU's")
     parser.add_argument("--memory", action="store_true", help="track RSS at every step of the default variant")
+    parser.add_argument("--backend", default="in-process", choices=["in-process", "server"])
+    parser.add_argument("--base-url", action="append", help="--backend server: an OpenAI-compatible endpoint")
+    parser.add_argument("--concurrency", type=int, default=16, help="--backend server: requests in flight per server")
+    parser.add_argument("--max-context-tokens", type=int, default=2048)
+    parser.add_argument("--compare", action="store_true", help="--backend server: also label in-process and compare")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     records = CLAIM_SETS[args.claims](args.n, 0) if args.claims in CLAIM_SETS else read_records(args.claims)[:args.n]
     claims, gold = claims_from_records(records, args.claims), gold_labels(records, args.claims)
+    if args.backend == "server":
+        return bench_server(args, claims, gold)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     n = len(claims)
     raw = [raw_throughput(model)]
@@ -127,6 +141,51 @@ def main() -> None:
         print(f"\nMemory (default variant, {n} claims): peak RSS {peak:,.0f} MB; RSS after step {len(trace) // 4} "
               f"{quarter:,.0f} MB, after the last step ({len(trace)}) {trace[-1]:,.0f} MB "
               f"(growth {trace[-1] - quarter:+,.0f} MB)")
+
+
+def bench_server(args: argparse.Namespace, claims: list, gold: list | None) -> None:
+    """The default search through servers: throughput, latency, prefix-cache share, agreement with in-process."""
+    from icm.server import ServerConfig, connect
+
+    if not args.base_url:
+        raise SystemExit("--backend server needs --base-url")
+    backend, tokenizer = connect(ServerConfig(base_urls=tuple(args.base_url), model=args.model,
+                                              concurrency=args.concurrency))
+    config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
+                       max_context_tokens=args.max_context_tokens)
+    start = time.perf_counter()
+    results, summary = label_claims(claims, backend, tokenizer, config)
+    seconds = time.perf_counter() - start
+    report, n = backend.report(), len(claims)
+    labels = [r["icm_label"] for r in results]
+    cached = report["cached_prompt_tokens"]
+    print(f"\n{args.model} through {len(args.base_url)} server(s) ({report['prompts_as']} prompts, concurrency "
+          f"{args.concurrency}), {args.claims}, {n} claims, folds={args.folds}\n")
+    print("| s / claim | requests / claim | requests/s | prompt tokens/s | mean request latency | prefix-cache share |"
+          " label word missing (one / both) | accuracy |")
+    print("|---|---|---|---|---|---|---|---|")
+    acc = accuracy(labels, gold) if gold else None
+    print(f"| {seconds / n:.2f} | {report['requests'] / n:,.1f} | {report['requests'] / seconds:,.1f} | "
+          f"{report['prompt_tokens'] / seconds:,.0f} | {report['mean_request_seconds']:.3f} s | "
+          + (f"{cached / max(report['prompt_tokens'], 1):.1%}" if cached is not None else "not reported")
+          + f" | {report['label_word_missing']} / {report['label_words_missing']} | "
+          + (f"{acc:.1%}" if acc is not None else "-") + " |")
+    per_claim = report["requests"] / n
+    print(f"\nCost model: {per_claim:,.1f} requests and {report['prompt_tokens'] / n:,.0f} prompt tokens per claim "
+          f"(batches of {n}); hours for 10k / 50k claims at the measured {report['requests'] / seconds:,.1f} "
+          f"requests/s: {per_claim * 1e4 / (report['requests'] / seconds) / 3600:,.1f} / "
+          f"{per_claim * 5e4 / (report['requests'] / seconds) / 3600:,.1f}")
+    backend.close()
+    if args.compare:
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        local, _ = label_claims(claims, model, tokenizer, config)
+        same = sum(a == r["icm_label"] for a, r in zip(labels, local)) / n
+        diffs = [abs(a["icm_score"] - b["icm_score"]) for a, b in zip(results, local)]
+        signs = sum((a["icm_score"] > 0) == (b["icm_score"] > 0) for a, b in zip(results, local)) / n
+        local_acc = accuracy([r["icm_label"] for r in local], gold) if gold else None
+        print(f"\nIn-process, same claims and seed: {same:.1%} of labels equal; icm_score |server - in-process| "
+              f"max {max(diffs):.2f}, median {sorted(diffs)[n // 2]:.2f}; score signs equal {signs:.1%}"
+              + (f"; in-process accuracy {local_acc:.1%}" if local_acc is not None else ""))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 import torch
@@ -19,6 +19,9 @@ from icm.data.answers import answers_match, check_extractor, closed_answers, ext
 from icm.data.console import console
 from icm.data.io import InputError, atomic_path, write_json, write_parquet
 from icm.data.tasks import DEFAULT_INSTRUCTION, Question
+
+if TYPE_CHECKING:
+    from icm.server import ServerConfig
 
 # Extra end-of-turn tokens some chat templates use besides the tokenizer's eos token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
@@ -137,6 +140,14 @@ def build_prompt(tokenizer, user_message: str, use_chat_template: bool) -> str:
     return f"{user_message}\nAnswer:"
 
 
+@runtime_checkable
+class Sampler(Protocol):
+    """A model that samples by itself (an ``icm.backends.Backend``, e.g. a served one) rather than a transformers
+    model: :func:`sample_completions` hands it the work."""
+
+    def sample_completions(self, prompts: list[str], **kwargs: Any) -> list[list[Completion]]: ...
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -180,6 +191,11 @@ def sample_completions(
     ``description`` names the progress display. ``done_batches`` (batch index -> its completions, from an
     interrupted run) are used as they are instead of being generated again, so a resumed run gives exactly the
     completions of an uninterrupted one."""
+    if isinstance(model, Sampler):  # e.g. a model served elsewhere (icm.server.ServerBackend)
+        return model.sample_completions(
+            prompts, num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            stop=stop, batch_size=batch_size, seed=seed, use_chat_template=use_chat_template, progress=progress,
+            on_batch=on_batch, stats=stats, description=description, done_batches=done_batches)
     from transformers import GenerationConfig as HFGenerationConfig
 
     chat = use_chat_template and has_chat_template(tokenizer)
@@ -424,13 +440,15 @@ def generate_file(
     resume: bool = False,
     command: str = "",
     progress: bool = True,
+    server: ServerConfig | None = None,
 ) -> dict[str, Any]:
     """Generate candidates for ``questions`` with ``model_spec`` and write the claims Parquet ``output`` and
     its diversity report (``OUT.report.json``), both atomically. Finished samples are appended to
     ``OUT.partial.jsonl`` as they come, a batch at a time; with ``resume`` the batches completed there are not
     generated again, and since batch ``i`` is always seeded with ``seed + i``, the result is exactly that of an
-    uninterrupted run (a run killed at any moment included). Returns the report."""
-    from icm.models import load_model
+    uninterrupted run (a run killed at any moment included). ``server`` samples through OpenAI-compatible
+    servers serving ``model_spec`` (``icm.server``), checked before anything is written. Returns the report."""
+    from icm.backends import load_backend
 
     output = Path(output)
     if output.suffix != ".parquet":
@@ -444,7 +462,7 @@ def generate_file(
     fingerprint = _fingerprint(model_spec, config, by_id, dtype, device)
     order = {q.id: i for i, q in enumerate(questions)}
     done, lines = _load_checkpoint(ckpt, order, config, fingerprint) if resume and ckpt.exists() else ({}, [])
-    model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
+    model, tokenizer = load_backend(model_spec, server, dtype=dtype, device=device)
     with atomic_path(ckpt) as tmp:  # only whole batches are kept: a line cut short by a kill goes
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     stats = GenerationStats()

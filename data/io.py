@@ -49,6 +49,11 @@ class OutputError(RuntimeError):
     """A file could not be written (disk full, read-only, ...); the file it replaces is unchanged."""
 
 
+class ServerError(RuntimeError):
+    """An inference server failed mid-run, after the client's retries (``icm.server``); one line: which server
+    and what happened."""
+
+
 class _Object(dict):
     """A JSON object that remembers its first duplicate key (``json`` keeps the last value silently)."""
 

@@ -12,12 +12,13 @@ import functools
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from icm.backends import as_backend
 from icm.data.answers import closed_answers
 from icm.data.candidates import GenerationConfig, generate_candidates
 from icm.data.claims import (
@@ -33,8 +34,11 @@ from icm.data.console import console
 from icm.data.io import InputError, check_output, read_parquet_metadata, read_records, write_json, write_parquet
 from icm.data.tasks import load_questions
 from icm.iterative import IterativeConfig, label_iteratively
-from icm.scoring import ClaimScorer, PromptTemplate
+from icm.scoring import PromptTemplate
 from icm.search import Checkpoint, ICMConfig, fingerprint, label_claims
+
+if TYPE_CHECKING:
+    from icm.server import ServerConfig
 
 
 def run_dir_for(output: str | Path, run_dir: str | Path | None = None) -> Path:
@@ -115,7 +119,7 @@ def zero_shot_records(records: list[dict[str, Any]], model, tokenizer, config: I
     claims = claims_from_records(records, source, fields)
     gold = gold_labels(records, source, fields.label)
     started = time.monotonic()
-    scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens, config.scoring_batch_size)
+    scorer = as_backend(model, tokenizer).scorer(claims, template, config.max_context_tokens, config.scoring_batch_size)
     scores = scorer.score(list(range(len(claims))), demos=())
     if config.balance == "center" and len(scores):
         scores = scores - scores.mean()
@@ -135,7 +139,8 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
                run_dir: str | Path | None = None, resume: bool = False, dtype: str = "auto",
                generation: GenerationConfig | None = None, answer_field: str = "answer",
                claims: str = "candidates", answers: tuple[str, ...] | None = None,
-               command: str = "", zero_shot: bool = False, iterative: IterativeConfig | None = None) -> dict[str, Any]:
+               command: str = "", zero_shot: bool = False, iterative: IterativeConfig | None = None,
+               server: ServerConfig | None = None) -> dict[str, Any]:
     """Label a claims file end to end. Input is validated before the model loads; the output Parquet
     and run.json are written atomically at the end, so a failure never leaves a half-written file.
 
@@ -147,8 +152,10 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     the closed answer set when there is one), whose labels are then copied back to the candidate rows.
 
     ``zero_shot=True`` labels with :func:`zero_shot_records` (the baseline) instead of the ICM search;
-    ``iterative`` with iterative ICM (:mod:`icm.iterative`)."""
-    from icm.models import load_model
+    ``iterative`` with iterative ICM (:mod:`icm.iterative`). ``server`` scores (and samples) through
+    OpenAI-compatible servers serving ``model_spec`` (:mod:`icm.server`) instead of loading the model here;
+    the servers are checked before anything is written."""
+    from icm.backends import load_backend
 
     config = config or ICMConfig()
     template = template or PromptTemplate()
@@ -181,9 +188,11 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         if resume and not zero_shot and iterative is None:  # a damaged checkpoint: reported before the model loads
             Checkpoint(run_dir, fingerprint(claims_from_records(claim_records, input_path, claim_fields), config,
                                             model_spec)).load()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if server is not None and iterative is not None:
+        raise InputError("--iterative", "fine-tunes the labeller in this process; it cannot run with --base-url")
     started = time.time()
-    model, tokenizer = load_model(model_spec, dtype=dtype)
+    model, tokenizer = load_backend(model_spec, server, dtype=dtype)
+    run_dir.mkdir(parents=True, exist_ok=True)
     generation_report = None
     if questions is not None:
         generation = generation or GenerationConfig(seed=config.seed)
@@ -209,7 +218,8 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
            "claims_mode": claims,
            "generation": generation_report,
            "template": asdict(template), "config": asdict(config), "seed": config.seed,
-           "gold_accuracy": summary.get("gold_accuracy"), "seconds": time.time() - started, **summary}
+           "gold_accuracy": summary.get("gold_accuracy"), "seconds": time.time() - started,
+           "backend": as_backend(model, tokenizer).report(), **summary}
     metadata = {k: run[k] for k in ("model", "template", "config", "seed", "command", "gold_accuracy")}
     metadata["true_share"] = summary["true_share"]
     try:

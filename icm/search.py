@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from icm.backends import Scorer, as_backend
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
 from icm.data.claims import Claim
 from icm.data.io import InputError, write_json
@@ -361,9 +362,9 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
     (iterative ICM, ``icm.iterative``); by default ``model`` searches every batch."""
     config = config or ICMConfig()
 
-    def make_scorer(m) -> ClaimScorer:
-        return ClaimScorer(m, tokenizer, claims, template, config.max_context_tokens, config.scoring_batch_size,
-                           prefix_versions=2 if config.reuse_scores else 1)
+    def make_scorer(m) -> Scorer:  # m: a transformers model or an icm.backends.Backend (e.g. a server)
+        return as_backend(m, tokenizer).scorer(claims, template, config.max_context_tokens, config.scoring_batch_size,
+                                               prefix_versions=2 if config.reuse_scores else 1)
 
     scorer = make_scorer(model)
     batches = batches or make_batches(claims, config.batch_size, config.seed)
@@ -392,7 +393,7 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
 
         try:
             state, z = search.run(state, on_step)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, a server gone: the last finished step is kept for --resume
             checkpoint.save(force=True)
             raise
         checkpoint.done[str(b)] = {

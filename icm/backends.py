@@ -1,0 +1,94 @@
+"""One model interface for the two things ICM asks of a model: scoring and sampling.
+
+- **Scoring**: the log-odds of the True vs the False label token after a context of labelled demonstrations
+  (:meth:`Backend.scorer` returns a :class:`Scorer`, used by the search through ``MutualPredictor``).
+- **Sampling**: n completions per prompt with temperature / top-p / max tokens / stop / seed
+  (:meth:`Backend.sample_completions`, used by ``icm generate`` and by ``icm label`` on a questions file).
+
+Two implementations: :class:`InProcessBackend`, the transformers model in this process (the default: a plain
+model passed anywhere a model is expected is wrapped in it by :func:`as_backend`), and
+``icm.server.ServerBackend``, an OpenAI-compatible inference server (vLLM, SGLang, llama.cpp).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from icm.data.candidates import Completion, sample_completions
+from icm.data.claims import Claim
+from icm.scoring import ClaimScorer, PromptTemplate
+
+if TYPE_CHECKING:
+    from icm.server import ServerConfig
+
+
+class Scorer(Protocol):
+    """What the search needs from a scorer (``icm.scoring.ClaimScorer`` is the in-process one)."""
+
+    claims: list[Claim]
+    batch_size: int
+
+    @property
+    def forward_tokens(self) -> int: ...
+
+    @property
+    def uncached_tokens(self) -> int: ...
+
+    def score(self, targets: list[int], demos: Iterable[tuple[int, bool]] = (),
+              slot: Hashable | None = None) -> np.ndarray:
+        """Log-odds (True minus False) of each target claim after ``demos`` as (claim index, label) pairs."""
+        ...
+
+
+class Backend(ABC):
+    """A model that scores claims and samples completions."""
+
+    @abstractmethod
+    def scorer(self, claims: list[Claim], template: PromptTemplate | None, max_context_tokens: int | None,
+               batch_size: int, prefix_versions: int = 2) -> Scorer:
+        """A scorer of ``claims`` written with ``template``, demonstrations packed into ``max_context_tokens``."""
+
+    @abstractmethod
+    def sample_completions(self, prompts: list[str], **kwargs: Any) -> list[list[Completion]]:
+        """Completions of each user message; the keyword arguments of ``data.candidates.sample_completions``."""
+
+    def report(self) -> dict[str, Any]:
+        """What run files record about the backend (never a secret)."""
+        return {"backend": "in-process"}
+
+
+class InProcessBackend(Backend):
+    """The transformers model in this process (today's code paths, unchanged)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def scorer(self, claims: list[Claim], template: PromptTemplate | None, max_context_tokens: int | None,
+               batch_size: int, prefix_versions: int = 2) -> ClaimScorer:
+        return ClaimScorer(self.model, self.tokenizer, claims, template, max_context_tokens, batch_size,
+                           prefix_versions=prefix_versions)
+
+    def sample_completions(self, prompts: list[str], **kwargs: Any) -> list[list[Completion]]:
+        return sample_completions(self.model, self.tokenizer, prompts, **kwargs)
+
+
+def as_backend(model, tokenizer) -> Backend:
+    """``model`` itself when it is a :class:`Backend`, else the in-process backend of a transformers model."""
+    return model if isinstance(model, Backend) else InProcessBackend(model, tokenizer)
+
+
+def load_backend(model_spec: str, server: ServerConfig | None = None, *, dtype: str = "auto",
+                 device: str | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: ``model_spec`` loaded in this process, or, with ``server``, the checked
+    ``icm.server.ServerBackend`` of the model it serves (no weights are loaded here, only the tokenizer)."""
+    if server is None:
+        from icm.models import load_model
+
+        return load_model(model_spec, dtype=dtype, device=device)
+    from icm.server import connect
+
+    return connect(server)

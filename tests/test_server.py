@@ -1,0 +1,220 @@
+"""Label and generate through a real OpenAI-compatible server: llama-cpp-python's server (installed by
+scripts/setup.sh) started on 127.0.0.1 with the embedded SmolLM2 GGUF, the same weights the in-process backend
+dequantizes. No mock stands in for the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from icm.cli import app
+from icm.data.claims import claims_from_records
+from icm.models import _alias_gguf, load_model
+from icm.scoring import ClaimScorer, PromptTemplate
+from icm.server import ServerConfig, connect
+
+runner = CliRunner()
+MODEL = "smollm2-135m"
+API_KEY = "sk-planted-server-key-0123456789abcdefghij"
+COUNTRIES = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+             ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Russia", "Moscow")]
+SERVER_CONTEXT = 1024  # the server's n_ctx; the label runs below pack demonstrations into 512 tokens
+SCORE_TOLERANCE = 0.75
+"""Largest |server - in-process| log-odds difference accepted. Measured on these claims (8 targets, with no
+demonstrations and with 8 gold-labelled ones): at most 0.27 and 0.40. The server's llama.cpp kernels run the Q4_1
+weights with 8-bit quantized activations, the in-process model their fp32 dequantization; and llama-cpp-python's
+server takes text, which it tokenizes itself."""
+
+
+def capital_claims() -> list[dict]:
+    """16 claims, two per country: the true capital and another country's (a consistency group each)."""
+    rows = []
+    for k, (country, city) in enumerate(COUNTRIES):
+        wrong = COUNTRIES[(k + 3) % len(COUNTRIES)][1]
+        for choice, label in ((city, True), (wrong, False)):
+            rows.append({"question": f"What is the capital of {country}?",
+                         "choice": f"The capital of {country} is {choice}.", "consistency_id": k,
+                         "consistency_key": choice, "label": label})
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def start_server(port: int, log: Path) -> subprocess.Popen:
+    """llama-cpp-python's OpenAI-compatible server on 127.0.0.1:``port``, serving SmolLM2 as 'smollm2-135m', ready."""
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(_alias_gguf(MODEL)), "--model_alias", MODEL,
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(SERVER_CONTEXT), "--n_threads", "1",
+               "--n_threads_batch", "1", "--verbose", "False"]
+    with log.open("ab") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 180
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"llama_cpp.server exited ({server.returncode}): {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(server)
+            pytest.fail(f"llama_cpp.server did not start in 180 s: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    """The URL of a llama.cpp server started for this module."""
+    port = free_port()
+    server = start_server(port, tmp_path_factory.mktemp("llama-server") / "server.log")
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    return load_model(MODEL, dtype="fp32")
+
+
+def test_server_scores_match_in_process(llama_server, in_process):
+    """The same claims and demonstrations, scored in-process and through the server: close log-odds, and the same
+    sign wherever the in-process score is clear of the tolerance."""
+    claims = claims_from_records(capital_claims(), "capitals")
+    backend, tokenizer = connect(ServerConfig(base_urls=(llama_server,), model=MODEL, concurrency=4))
+    try:
+        assert not backend.token_prompts  # llama-cpp-python's server takes text prompts only
+        remote = backend.scorer(claims, PromptTemplate(), 512, 16)
+        local = ClaimScorer(*in_process, claims, PromptTemplate(), 512, 16)
+        demos = [(i, claims[i].key == COUNTRIES[i // 2][1]) for i in range(8, 16)]  # the last four countries, gold
+        targets = list(range(8))
+        for context in ((), demos):
+            ours, theirs = local.score(targets, context), remote.score(targets, context)
+            assert np.max(np.abs(ours - theirs)) <= SCORE_TOLERANCE, (ours, theirs)
+            clear = np.abs(ours) > SCORE_TOLERANCE
+            assert np.all(np.sign(ours[clear]) == np.sign(theirs[clear])), (ours, theirs)
+        report = backend.report()
+        assert report["requests"] == 16 and report["label_words_missing"] == 0
+    finally:
+        backend.close()
+
+
+def test_label_and_generate_through_server(llama_server, tmp_path, monkeypatch):
+    """`icm label` and `icm generate` with --base-url write what in-process runs write, run.json says how the
+    server was used, and the API key is in no file written."""
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    rows = capital_claims()
+    src = write_jsonl(tmp_path / "capitals.jsonl", rows)
+    out = tmp_path / "labels.parquet"
+    result = runner.invoke(app, ["label", str(src), "--output", str(out), "--base-url", llama_server, "--model", MODEL,
+                                 "--concurrency", "4", "--seed", "0", "--iterations", "8", "--polish-iterations", "2",
+                                 "--max-context-tokens", "256"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.schema.names == [*rows[0], "icm_label", "icm_score", "icm_searched"]
+    assert table.column("choice").to_pylist() == [r["choice"] for r in rows]
+    assert {type(y) for y in table.column("icm_label").to_pylist()} == {bool}
+    run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
+    backend = run["backend"]
+    assert backend["backend"] == "server" and backend["servers"] == [llama_server] and backend["requests"] > 0
+    assert backend["api_key_env"] == "OPENAI_API_KEY" and backend["prompts_as"] == "text"
+    assert run["model"] == MODEL and run["claims"] == 16 and run["gold_accuracy"] is not None
+
+    out = tmp_path / "candidates.parquet"
+    result = runner.invoke(app, ["generate", "--task", "sentiment", "--limit", "2", "--num-candidates", "2",
+                                 "--temperature", "0.7", "--max-new-tokens", "12", "--output", str(out),
+                                 "--base-url", llama_server, "--model", MODEL])
+    assert result.exit_code == 0, result.output
+    candidates = pq.read_table(out).to_pylist()
+    assert {r["consistency_id"] for r in candidates} == {0, 1} and all(r["generator"] == MODEL for r in candidates)
+    assert all(r["choice"] for r in candidates)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("command", ["label", "generate"])
+def test_unreachable_server_is_one_line_exit_2_and_no_output(command, tmp_path):
+    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
+    out = tmp_path / "out.parquet"
+    args = [str(src)] if command == "label" else ["--task", "sentiment", "--limit", "2"]
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    result = runner.invoke(app, [command, *args, "--output", str(out), "--base-url", url, "--model", MODEL])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert url in result.output and "cannot reach" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["capitals.jsonl"]
+
+
+def test_server_not_serving_the_model_says_what_it_serves(llama_server, tmp_path):
+    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
+    result = runner.invoke(app, ["label", str(src), "--output", str(tmp_path / "out.parquet"),
+                                 "--base-url", llama_server, "--model", "gemma3-270m"])
+    assert result.exit_code == 2, result.output
+    assert "serves smollm2-135m" in " ".join(result.output.split())
+    assert not (tmp_path / "out.parquet").exists() and not (tmp_path / "out.run").exists()
+
+
+def test_server_killed_and_restarted_mid_run_the_run_waits_and_finishes(tmp_path):
+    """SIGKILL the server while `icm label` runs through it and start it again: the client's retries (with
+    backoff) carry the run over the gap, and it finishes with the labels of an uninterrupted run."""
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}/v1", tmp_path / "server.log"
+    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
+    args = [sys.executable, "-m", "icm", "-q", "label", str(src), "--base-url", url, "--model", MODEL, "--seed", "1",
+            "--iterations", "8", "--polish-iterations", "0", "--max-context-tokens", "192"]
+    env = {**os.environ, "ICM_CHECKPOINT_SECONDS": "0", "OMP_NUM_THREADS": "1"}
+    server = start_server(port, log)
+    try:
+        label = subprocess.Popen([*args, "--output", str(tmp_path / "killed.parquet")], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "killed.run" / "checkpoint.json").exists() and label.poll() is None:
+            assert time.monotonic() < deadline, "the search never checkpointed"
+            time.sleep(0.2)
+        server.kill()
+        server.wait()
+        time.sleep(1)
+        server = start_server(port, log)
+        output, _ = label.communicate(timeout=600)
+        assert label.returncode == 0, output.decode()
+        whole = subprocess.run([*args, "--output", str(tmp_path / "whole.parquet")], env=env, capture_output=True,
+                               timeout=600)
+        assert whole.returncode == 0, whole.stdout.decode() + whole.stderr.decode()
+    finally:
+        stop_server(server)
+    killed, uninterrupted = (pq.read_table(tmp_path / f"{name}.parquet").column("icm_label").to_pylist()
+                             for name in ("killed", "whole"))
+    assert killed == uninterrupted
