@@ -5,20 +5,27 @@ accuracy when the claims have gold, a cost model for large claim sets, and (``--
     python bench/label_speed.py --model smollm2-135m --claims sentiment -n 64
     python bench/label_speed.py --claims sentiment -n 256 --iterations 32 --polish-iterations 0 \
         --variants default --memory
+    python bench/label_speed.py --claims sentiment-pivot -n 400 --iterations 96 --polish-iterations 16 \
+        --batch-size 512 --breakdown          # the demo's claims and search (scripts/demo.sh)
 
 Variants: ``previous`` is the search before the speed-up (every proposal scored exactly, a fold's targets
 re-scored whenever one is added, one prefix cache per fold: ``ICMConfig(exact_every=1, reuse_scores=False)``);
 ``exact`` adds score reuse (same labels as ``previous`` up to float rounding); ``default`` is ``ICMConfig()``
-(approximate U between exact steps).
+(approximate U between exact steps; ``--exact-every`` changes how often it is exact).
+``--breakdown`` splits each variant's time into prefix and target forwards by purpose (re-scoring the labelled
+claims, predicting a sampled claim, the final predictions), ConsistencyFix and the rest (Python).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,7 +37,8 @@ from icm.data.claims import claims_from_records, gold_labels  # noqa: E402
 from icm.data.io import read_records  # noqa: E402
 from icm.label import accuracy  # noqa: E402
 from icm.models import load_model  # noqa: E402
-from icm.search import ICMConfig, label_claims  # noqa: E402
+from icm.scoring import ClaimScorer, MutualPredictor  # noqa: E402
+from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
 
 VARIANTS = {
     "previous": {"exact_every": 1, "reuse_scores": False},
@@ -50,9 +58,70 @@ def raw_throughput(model, seq_len: int = 512, batch: int = 4, repeats: int = 3) 
     return repeats * batch * seq_len / (time.perf_counter() - start)
 
 
+@contextlib.contextmanager
+def breakdown() -> Iterator[dict[str, float]]:
+    """Seconds and tokens of prefix and target forwards by purpose, and seconds in ConsistencyFix, while active:
+    ``rescore`` (the labelled claims given the others), ``sampled`` (one claim's prediction), ``predict`` (the
+    final predictions of every claim)."""
+    stats: dict[str, float] = defaultdict(float)
+    purpose = ["other"]
+    originals = {(ClaimScorer, "_sync"): ClaimScorer._sync, (ClaimScorer, "_score_batch"): ClaimScorer._score_batch,
+                 (MutualPredictor, "log_odds"): MutualPredictor.log_odds, (ICMSearch, "fix"): ICMSearch.fix}
+
+    def forward(kind: str, counter: str):
+        def run(self, *args):
+            start, tokens = time.perf_counter(), getattr(self, counter)
+            try:
+                return originals[ClaimScorer, "_sync" if kind == "prefix" else "_score_batch"](self, *args)
+            finally:
+                stats[f"{purpose[-1]} {kind} s"] += time.perf_counter() - start
+                stats[f"{purpose[-1]} {kind} tokens"] += getattr(self, counter) - tokens
+        return run
+
+    def log_odds(self, labels, targets=None):
+        targets = None if targets is None else list(targets)
+        purpose.append("rescore" if targets is None else "sampled" if len(targets) == 1 else "predict")
+        try:
+            return originals[MutualPredictor, "log_odds"](self, labels, targets)
+        finally:
+            purpose.pop()
+
+    def fix(self, *args):
+        start = time.perf_counter()
+        try:
+            return originals[ICMSearch, "fix"](self, *args)
+        finally:
+            stats["ConsistencyFix s"] += time.perf_counter() - start
+
+    ClaimScorer._sync, ClaimScorer._score_batch = forward("prefix", "prefix_tokens"), forward("target", "target_tokens")
+    MutualPredictor.log_odds, ICMSearch.fix = log_odds, fix
+    try:
+        yield stats
+    finally:
+        for (owner, name), method in originals.items():
+            setattr(owner, name, method)
+
+
 def rss_mb() -> float:
     """Current resident set size of this process, in MB."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def print_breakdown(rows: dict[str, dict]) -> None:
+    """Each variant's seconds (share of its wall time) and forward tokens per purpose."""
+    parts = [(f"{purpose} {kind}", f"{purpose} {kind}") for purpose in ("rescore", "sampled", "predict")
+             for kind in ("prefix", "target")]
+    print("\nWhere the time goes: seconds (share of wall time) / forward tokens\n")
+    print("| variant | " + " | ".join(name for name, _ in parts) + " | ConsistencyFix | rest (Python) |")
+    print("|---|" + "---|" * (len(parts) + 2))
+    for name, r in rows.items():
+        b, total = r["breakdown"], r["seconds"]
+        cells = [f"{b.get(key + ' s', 0):.1f} ({b.get(key + ' s', 0) / total:.0%}) / {b.get(key + ' tokens', 0):,.0f}"
+                 for _, key in parts]
+        fix = b.get("ConsistencyFix s", 0)
+        rest = total - fix - sum(b.get(key + " s", 0) for _, key in parts)
+        cells += [f"{fix:.1f} ({fix / total:.0%})", f"{rest:.1f} ({rest / total:.0%})"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -63,6 +132,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--polish-iterations", type=int, default=None)
     parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=ICMConfig.batch_size, help="claims searched together")
+    parser.add_argument("--exact-every", type=int, default=ICMConfig.exact_every, help="of the default variant")
+    parser.add_argument("--breakdown", action="store_true", help="time per purpose of the forward passes")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine is shared)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -79,20 +151,24 @@ def main() -> None:
     raw = [raw_throughput(model)]
     rows = {}
     for name in args.variants:
+        settings = {"exact_every": args.exact_every} | VARIANTS[name]
         config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
-                           **VARIANTS[name])
+                           batch_size=args.batch_size, **settings)
         trace: list[float] = []
         progress = (lambda info, trace=trace: trace.append(rss_mb())) if args.memory and name == "default" else None
-        start = time.perf_counter()
-        results, summary = label_claims(claims, model, tokenizer, config, progress=progress)
-        seconds = time.perf_counter() - start
+        with breakdown() if args.breakdown else contextlib.nullcontext({}) as stats:
+            start = time.perf_counter()
+            results, summary = label_claims(claims, model, tokenizer, config, progress=progress)
+            seconds = time.perf_counter() - start
         raw.append(raw_throughput(model))
         labels = [r["icm_label"] for r in results]
         rows[name] = {"seconds": seconds, "tokens": summary["forward_tokens"], "labels": labels,
-                      "accuracy": accuracy(labels, gold) if gold else None, "summary": summary, "trace": trace}
+                      "accuracy": accuracy(labels, gold) if gold else None, "summary": summary, "trace": trace,
+                      "breakdown": dict(stats)}
     raw_mean = sum(raw) / len(raw)
 
     print(f"\n{args.model}, {args.claims}, {n} claims, folds={args.folds}, dtype={model.dtype}, "
+          f"default: exact every {args.exact_every} steps, "
           f"{args.threads} thread(s), raw forward {raw_mean:,.0f} tokens/s (mean of {len(raw)} measurements)\n")
     print("| variant | s / claim | forward tokens / claim | scoring / raw throughput | speed-up | accuracy |"
           " approx. disagreements |")
@@ -109,6 +185,9 @@ def main() -> None:
         for name, r in rows.items():
             same = sum(a == b for a, b in zip(r["labels"], base["labels"])) / n
             print(f"{name}: {same:.0%} of labels equal to previous")
+
+    if args.breakdown:
+        print_breakdown(rows)
 
     print(f"\nCost model: hours to label 10k / 100k claims at the forward tokens per claim measured above "
           f"(batches of {n} claims; tokens per claim grow about linearly with the batch size, default 256), "

@@ -83,10 +83,11 @@ def test_unreached_claims_get_a_prediction_and_are_marked(tiny):
     assert all(r["icm_label"] == (r["icm_score"] > 0) for r in results if not r["icm_searched"])
 
 
-def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path):
+@pytest.mark.parametrize("exact_every", [1, 4])
+def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path, exact_every):
     model, tokenizer = tiny
     claims = claims_from_records(arithmetic_claims(6))
-    config = ICMConfig(iterations=40, batch_size=9, seed=3)
+    config = ICMConfig(iterations=40, batch_size=9, seed=3, exact_every=exact_every)
     expected, _ = label_claims(claims, model, tokenizer, config, model_name="tiny")
 
     def interrupt(info):
@@ -100,7 +101,7 @@ def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path):
     assert list(state["done"]) == ["0"] and state["current"][1]["iteration"] == 10
     resumed, _ = label_claims(claims, model, tokenizer, config, run_dir=run_dir, resume=True, model_name="tiny")
     assert resumed == expected
-    other = ICMConfig(iterations=40, batch_size=9, seed=4)
+    other = ICMConfig(iterations=40, batch_size=9, seed=4, exact_every=exact_every)
     with pytest.raises(ValueError, match="other claims, model or settings"):
         label_claims(claims, model, tokenizer, other, run_dir=run_dir, resume=True, model_name="tiny")
 
@@ -108,7 +109,7 @@ def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path):
 def test_polishing_only_raises_utility_and_ends_on_uncontradicted_or_rejected_labels(tiny):
     model, tokenizer = tiny
     claims = claims_from_records(arithmetic_claims(6))
-    config = ICMConfig(iterations=12, polish_iterations=30, seed=1)
+    config = ICMConfig(iterations=12, polish_iterations=30, exact_every=1, seed=1)
     search = ICMSearch(ClaimScorer(model, tokenizer, claims), list(range(len(claims))), config)
     state, _ = search.run()
     polished = state.trajectory[config.iterations:]
