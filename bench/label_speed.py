@@ -1,5 +1,6 @@
 """Speed of `icm label`, the previous search and today's side by side in one run: seconds and forward
-tokens per labelled claim, scoring throughput as a ratio of the model's raw forward throughput, label
+tokens per labelled claim (and CPU seconds: on a shared machine the process's own time is the fairer
+comparison), scoring throughput as a ratio of the model's raw forward throughput, label
 accuracy when the claims have gold, a cost model for large claim sets, and (``--memory``) peak RSS.
 
     python bench/label_speed.py --model smollm2-135m --claims sentiment -n 64
@@ -157,12 +158,12 @@ def main() -> None:
         trace: list[float] = []
         progress = (lambda info, trace=trace: trace.append(rss_mb())) if args.memory and name == "default" else None
         with breakdown() if args.breakdown else contextlib.nullcontext({}) as stats:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             results, summary = label_claims(claims, model, tokenizer, config, progress=progress)
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         raw.append(raw_throughput(model))
         labels = [r["icm_label"] for r in results]
-        rows[name] = {"seconds": seconds, "tokens": summary["forward_tokens"], "labels": labels,
+        rows[name] = {"seconds": seconds, "cpu": cpu, "tokens": summary["forward_tokens"], "labels": labels,
                       "accuracy": accuracy(labels, gold) if gold else None, "summary": summary, "trace": trace,
                       "breakdown": dict(stats)}
     raw_mean = sum(raw) / len(raw)
@@ -170,16 +171,17 @@ def main() -> None:
     print(f"\n{args.model}, {args.claims}, {n} claims, folds={args.folds}, dtype={model.dtype}, "
           f"default: exact every {args.exact_every} steps, "
           f"{args.threads} thread(s), raw forward {raw_mean:,.0f} tokens/s (mean of {len(raw)} measurements)\n")
-    print("| variant | s / claim | forward tokens / claim | scoring / raw throughput | speed-up | accuracy |"
-          " approx. disagreements |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | s / claim | CPU s / claim | forward tokens / claim | scoring / raw throughput | speed-up "
+          "(wall / CPU / tokens) | accuracy | approx. disagreements |")
+    print("|---|---|---|---|---|---|---|---|")
     base = rows.get("previous")
     for name, r in rows.items():
         s = r["summary"]
-        speedup = f"{base['seconds'] / r['seconds']:.1f}x" if base else "-"
+        speedup = "-" if not base else \
+            " / ".join(f"{base[k] / r[k]:.1f}x" for k in ("seconds", "cpu", "tokens"))
         acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-"
         checks = f"{s['approximate_disagreements']}/{s['approximate_checks']}" if s["approximate_checks"] else "-"
-        print(f"| {name} | {r['seconds'] / n:.2f} | {r['tokens'] / n:,.0f} | "
+        print(f"| {name} | {r['seconds'] / n:.2f} | {r['cpu'] / n:.2f} | {r['tokens'] / n:,.0f} | "
               f"{r['tokens'] / r['seconds'] / raw_mean:.2f} | {speedup} | {acc} | {checks} |")
     if base:
         for name, r in rows.items():
