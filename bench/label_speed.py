@@ -1,6 +1,6 @@
 """Speed of `icm label`, the previous search and today's side by side in one run: seconds and forward
 tokens per labelled claim (and CPU seconds: on a shared machine the process's own time is the fairer
-comparison), scoring throughput as a ratio of the model's raw forward throughput, label
+comparison), scoring throughput as a ratio of the model's raw forward throughput (both per CPU second), label
 accuracy when the claims have gold, a cost model for large claim sets, and (``--memory``) peak RSS.
 
     python bench/label_speed.py --model smollm2-135m --claims sentiment -n 64
@@ -50,18 +50,18 @@ VARIANTS = {
 
 @torch.inference_mode()
 def raw_throughput(model, seq_len: int = 512, batch: int = 4, repeats: int = 3) -> float:
-    """Tokens per second of plain forward passes (last-position logits only)."""
+    """Tokens per CPU second of plain forward passes (last-position logits only)."""
     ids = torch.randint(100, 1000, (batch, seq_len), device=next(model.parameters()).device)
     model(ids[:, :32], logits_to_keep=1)  # warm-up
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(repeats):
         model(ids, logits_to_keep=1)
-    return repeats * batch * seq_len / (time.perf_counter() - start)
+    return repeats * batch * seq_len / (time.process_time() - start)
 
 
 @contextlib.contextmanager
 def breakdown() -> Iterator[dict[str, float]]:
-    """Seconds and tokens of prefix and target forwards by purpose, and seconds in ConsistencyFix, while active:
+    """CPU seconds and tokens of prefix and target forwards by purpose, and seconds in ConsistencyFix, while active:
     ``rescore`` (the labelled claims given the others), ``sampled`` (one claim's prediction), ``predict`` (the
     final predictions of every claim)."""
     stats: dict[str, float] = defaultdict(float)
@@ -71,11 +71,11 @@ def breakdown() -> Iterator[dict[str, float]]:
 
     def forward(kind: str, counter: str):
         def run(self, *args):
-            start, tokens = time.perf_counter(), getattr(self, counter)
+            start, tokens = time.process_time(), getattr(self, counter)
             try:
                 return originals[ClaimScorer, "_sync" if kind == "prefix" else "_score_batch"](self, *args)
             finally:
-                stats[f"{purpose[-1]} {kind} s"] += time.perf_counter() - start
+                stats[f"{purpose[-1]} {kind} s"] += time.process_time() - start
                 stats[f"{purpose[-1]} {kind} tokens"] += getattr(self, counter) - tokens
         return run
 
@@ -88,11 +88,11 @@ def breakdown() -> Iterator[dict[str, float]]:
             purpose.pop()
 
     def fix(self, *args):
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             return originals[ICMSearch, "fix"](self, *args)
         finally:
-            stats["ConsistencyFix s"] += time.perf_counter() - start
+            stats["ConsistencyFix s"] += time.process_time() - start
 
     ClaimScorer._sync, ClaimScorer._score_batch = forward("prefix", "prefix_tokens"), forward("target", "target_tokens")
     MutualPredictor.log_odds, ICMSearch.fix = log_odds, fix
@@ -109,14 +109,14 @@ def rss_mb() -> float:
 
 
 def print_breakdown(rows: dict[str, dict]) -> None:
-    """Each variant's seconds (share of its wall time) and forward tokens per purpose."""
+    """Each variant's CPU seconds (share of its CPU time) and forward tokens per purpose."""
     parts = [(f"{purpose} {kind}", f"{purpose} {kind}") for purpose in ("rescore", "sampled", "predict")
              for kind in ("prefix", "target")]
-    print("\nWhere the time goes: seconds (share of wall time) / forward tokens\n")
+    print("\nWhere the time goes: CPU seconds (share of the variant's CPU time) / forward tokens\n")
     print("| variant | " + " | ".join(name for name, _ in parts) + " | ConsistencyFix | rest (Python) |")
     print("|---|" + "---|" * (len(parts) + 2))
     for name, r in rows.items():
-        b, total = r["breakdown"], r["seconds"]
+        b, total = r["breakdown"], r["cpu"]
         cells = [f"{b.get(key + ' s', 0):.1f} ({b.get(key + ' s', 0) / total:.0%}) / {b.get(key + ' tokens', 0):,.0f}"
                  for _, key in parts]
         fix = b.get("ConsistencyFix s", 0)
@@ -170,7 +170,8 @@ def main() -> None:
 
     print(f"\n{args.model}, {args.claims}, {n} claims, folds={args.folds}, dtype={model.dtype}, "
           f"default: exact every {args.exact_every} steps, "
-          f"{args.threads} thread(s), raw forward {raw_mean:,.0f} tokens/s (mean of {len(raw)} measurements)\n")
+          f"{args.threads} thread(s), raw forward {raw_mean:,.0f} tokens per CPU second "
+          f"(mean of {len(raw)} measurements)\n")
     print("| variant | s / claim | CPU s / claim | forward tokens / claim | scoring / raw throughput | speed-up "
           "(wall / CPU / tokens) | accuracy | approx. disagreements |")
     print("|---|---|---|---|---|---|---|---|")
@@ -182,7 +183,7 @@ def main() -> None:
         acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-"
         checks = f"{s['approximate_disagreements']}/{s['approximate_checks']}" if s["approximate_checks"] else "-"
         print(f"| {name} | {r['seconds'] / n:.2f} | {r['cpu'] / n:.2f} | {r['tokens'] / n:,.0f} | "
-              f"{r['tokens'] / r['seconds'] / raw_mean:.2f} | {speedup} | {acc} | {checks} |")
+              f"{r['tokens'] / r['cpu'] / raw_mean:.2f} | {speedup} | {acc} | {checks} |")
     if base:
         for name, r in rows.items():
             same = sum(a == b for a, b in zip(r["labels"], base["labels"])) / n
