@@ -123,12 +123,21 @@ def label_run_dir(params: dict) -> Path:
     return run_dir_for(params["output"], params["run_dir"]) / RECIPE_FILE
 
 
+EXACT_EVERY_HELP = ("Search steps per exact evaluation of U; the steps in between use an approximate U (see "
+                    "ICMConfig.exact_every). 1 = every step exact, the paper's search [default: 16].")
+
+
+def exact_every_option(value: int | None) -> dict[str, int]:
+    """``ICMConfig`` keyword for ``--exact-every``: none when it is not given (the config's default applies)."""
+    return {} if value is None else {"exact_every": value}
+
+
 # transfer's options per stage in a recipe: {section: {key in the section: option}}
 TRANSFER_SECTIONS = {
     "generate": {"generator": "generator", "num_candidates": "num_candidates", "temperature": "temperature",
                  "enumerate_answers": "enumerate_answers", "batch_size": "generation_batch_size"},
     "label": {"claims": "claims", "iterations": "icm_iterations", "polish_iterations": "polish_iterations",
-              "batch_size": "icm_batch_size", "alpha": "alpha"},
+              "batch_size": "icm_batch_size", "alpha": "alpha", "exact_every": "exact_every"},
     "pairs": {"strategy": "pairs_strategy", "max_per_question": "max_per_question"},
     "dpo": {"lora": "lora", "beta": "beta", "learning_rate": "learning_rate", "epochs": "epochs",
             "max_steps": "max_steps", "batch_size": "batch_size", "max_length": "max_length"},
@@ -228,6 +237,7 @@ def label(
     initial_labels: int = typer.Option(8, min=0, help="K: claims labelled at random before the search."),
     batch_size: int = typer.Option(256, min=1, help="Claims searched together (whole consistency groups)."),
     folds: int = typer.Option(2, min=0, help="Context folds for mutual predictability; 0 = exact leave-one-out."),
+    exact_every: int | None = typer.Option(None, min=1, help=EXACT_EVERY_HELP),
     see_group: bool = typer.Option(True, "--see-group/--hide-group",
                                    help="Whether a claim's context holds the other claims of its consistency group."),
     max_context_tokens: int = typer.Option(2048, min=64, help="Token budget of demonstrations plus target."),
@@ -279,7 +289,7 @@ def label(
         config = ICMConfig(alpha=alpha, initial_labels=initial_labels, iterations=iterations,
                            polish_iterations=polish_iterations, batch_size=batch_size,
                            folds=folds, see_group=see_group, max_context_tokens=max_context_tokens,
-                           balance=balance, seed=seed)
+                           balance=balance, seed=seed, **exact_every_option(exact_every))
         template = PromptTemplate(space=label_space)
         generation = GenerationConfig(num_candidates=num_candidates, temperature=temperature,
                                       max_new_tokens=max_new_tokens, seed=seed)
@@ -571,6 +581,7 @@ def transfer(
     icm_batch_size: int = typer.Option(256, min=1, help="Claims ICM searches together; the claims a search does not "
                                        "reach are labelled by their prediction given the searched ones."),
     alpha: float = typer.Option(50.0, help="ICM weight of mutual predictability."),
+    exact_every: int | None = typer.Option(None, min=1, help="ICM: " + EXACT_EVERY_HELP),
     pairs_strategy: str = typer.Option("all", help="Pairs: all or best-margin."),
     max_per_question: int | None = typer.Option(None, min=1, help="Pairs kept per question."),
     lora: bool = typer.Option(True, "--lora/--no-lora", help="DPO with LoRA adapters or full fine-tuning."),
@@ -618,7 +629,7 @@ def transfer(
                                         instruction=instruction, extractor=extractor,
                                         enumerate_answers=enumerate_answers),
             icm=ICMConfig(iterations=icm_iterations, polish_iterations=polish_iterations, batch_size=icm_batch_size,
-                          alpha=alpha, seed=seed),
+                          alpha=alpha, seed=seed, **exact_every_option(exact_every)),
             pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, seed=seed),
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length, seed=seed),

@@ -9,6 +9,9 @@
   TruthfulQA sets are, n/2 questions with two claims each sharing a ``consistency_id`` (the review is
   positive / negative; the true capital / another country's), each claim's ``answer`` as its consistency
   key, so "two different answers to one question cannot both be True" applies.
+- ``sentiment-pivot``: the demo's claims (``icm transfer --task sentiment --claims pivot``): one claim
+  "The answer is positive." per built-in sentiment question, in the wording ``data.claims.answer_claims``
+  gives, gold = whether the review is positive. Every claim reads the same, so only the review decides.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+
+from icm.data.claims import answer_claims
+from icm.data.tasks import sentiment_questions
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -124,6 +130,12 @@ def capital_group_claims(n: int = 128, seed: int = 0) -> list[dict]:
     return claims
 
 
+def sentiment_pivot_claims(n: int = 128, seed: int = 0) -> list[dict]:
+    rows = [{"question": q.question, "answer": q.reference, "consistency_id": q.id, "reference": q.reference}
+            for q in sentiment_questions(n, seed)]
+    return answer_claims(rows, "pivot", ("positive", "negative")).rows
+
+
 def truthfulqa_claims(n: int = 128, seed: int = 0) -> list[dict]:
     rows = json.loads((SHARED / "icm-paper" / "train_truthfulqa.json").read_text(encoding="utf-8"))
     groups: dict = {}
@@ -140,7 +152,8 @@ def truthfulqa_claims(n: int = 128, seed: int = 0) -> list[dict]:
 
 
 CLAIM_SETS = {"sentiment": sentiment_claims, "capitals": capital_claims, "truthfulqa": truthfulqa_claims,
-              "sentiment-groups": sentiment_group_claims, "capitals-groups": capital_group_claims}
+              "sentiment-groups": sentiment_group_claims, "capitals-groups": capital_group_claims,
+              "sentiment-pivot": sentiment_pivot_claims}
 
 
 def write_claims(name: str, path: Path, n: int = 128, seed: int = 0) -> Path:

@@ -69,9 +69,11 @@ def main() -> None:
     parser.add_argument("--no-unguarded", action="store_true", help="skip the balance=none ICM run")
     parser.add_argument("--baselines-only", action="store_true", help="only zero-shot and many-shot ICL")
     parser.add_argument("--no-baselines", action="store_true", help="skip the many-shot ICL baselines")
+    parser.add_argument("--exact-every", type=int, default=ICMConfig.exact_every,
+                        help="search steps per exact evaluation of U in the ICM runs (1 = the exact search)")
     parser.add_argument("--compare-exact", action="store_true",
                         help="also run ICM with the exact U at every step (exact_every=1) beside the default "
-                             f"approximate U (exact every {ICMConfig.exact_every} steps)")
+                             "approximate U (exact every --exact-every steps)")
     parser.add_argument("--output", type=Path, help="write the results as JSON")
     args = parser.parse_args()
 
@@ -83,7 +85,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     template = PromptTemplate(space=args.space)
     config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
-                       seed=args.seed, max_context_tokens=args.max_context_tokens, see_group=not args.hide_group)
+                       seed=args.seed, max_context_tokens=args.max_context_tokens, see_group=not args.hide_group,
+                       exact_every=args.exact_every)
     scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens)
     rng = np.random.default_rng(args.seed)
     n = len(claims)

@@ -1,15 +1,20 @@
 """Speed of `icm label`, the previous search and today's side by side in one run: seconds and forward
-tokens per labelled claim, scoring throughput as a ratio of the model's raw forward throughput, label
+tokens per labelled claim (and CPU seconds: on a shared machine the process's own time is the fairer
+comparison), scoring throughput as a ratio of the model's raw forward throughput (both per CPU second), label
 accuracy when the claims have gold, a cost model for large claim sets, and (``--memory``) peak RSS.
 
     python bench/label_speed.py --model smollm2-135m --claims sentiment -n 64
     python bench/label_speed.py --claims sentiment -n 256 --iterations 32 --polish-iterations 0 \
         --variants default --memory
+    python bench/label_speed.py --claims sentiment-pivot -n 400 --iterations 96 --polish-iterations 16 \
+        --batch-size 512 --breakdown          # the demo's claims and search (scripts/demo.sh)
 
 Variants: ``previous`` is the search before the speed-up (every proposal scored exactly, a fold's targets
 re-scored whenever one is added, one prefix cache per fold: ``ICMConfig(exact_every=1, reuse_scores=False)``);
 ``exact`` adds score reuse (same labels as ``previous`` up to float rounding); ``default`` is ``ICMConfig()``
-(approximate U between exact steps).
+(approximate U between exact steps; ``--exact-every`` changes how often it is exact).
+``--breakdown`` splits each variant's time into prefix and target forwards by purpose (re-scoring the labelled
+claims, predicting a sampled claim, the final predictions), ConsistencyFix and the rest (Python).
 
 ``--backend server --base-url URL [--base-url URL2 ...]`` labels through OpenAI-compatible servers serving
 ``--model`` instead (the default variant only): requests/s, prompt tokens/s, mean request latency, the share of
@@ -22,10 +27,13 @@ agreement of labels and scores with the in-process model on the same claims and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,7 +45,8 @@ from icm.data.claims import claims_from_records, gold_labels  # noqa: E402
 from icm.data.io import read_records  # noqa: E402
 from icm.label import accuracy  # noqa: E402
 from icm.models import load_model  # noqa: E402
-from icm.search import ICMConfig, label_claims  # noqa: E402
+from icm.scoring import ClaimScorer, MutualPredictor  # noqa: E402
+from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
 
 VARIANTS = {
     "previous": {"exact_every": 1, "reuse_scores": False},
@@ -48,18 +57,79 @@ VARIANTS = {
 
 @torch.inference_mode()
 def raw_throughput(model, seq_len: int = 512, batch: int = 4, repeats: int = 3) -> float:
-    """Tokens per second of plain forward passes (last-position logits only)."""
+    """Tokens per CPU second of plain forward passes (last-position logits only)."""
     ids = torch.randint(100, 1000, (batch, seq_len), device=next(model.parameters()).device)
     model(ids[:, :32], logits_to_keep=1)  # warm-up
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(repeats):
         model(ids, logits_to_keep=1)
-    return repeats * batch * seq_len / (time.perf_counter() - start)
+    return repeats * batch * seq_len / (time.process_time() - start)
+
+
+@contextlib.contextmanager
+def breakdown() -> Iterator[dict[str, float]]:
+    """CPU seconds and tokens of prefix and target forwards by purpose, and seconds in ConsistencyFix, while active:
+    ``rescore`` (the labelled claims given the others), ``sampled`` (one claim's prediction), ``predict`` (the
+    final predictions of every claim)."""
+    stats: dict[str, float] = defaultdict(float)
+    purpose = ["other"]
+    originals = {(ClaimScorer, "_sync"): ClaimScorer._sync, (ClaimScorer, "_score_batch"): ClaimScorer._score_batch,
+                 (MutualPredictor, "log_odds"): MutualPredictor.log_odds, (ICMSearch, "fix"): ICMSearch.fix}
+
+    def forward(kind: str, counter: str):
+        def run(self, *args):
+            start, tokens = time.process_time(), getattr(self, counter)
+            try:
+                return originals[ClaimScorer, "_sync" if kind == "prefix" else "_score_batch"](self, *args)
+            finally:
+                stats[f"{purpose[-1]} {kind} s"] += time.process_time() - start
+                stats[f"{purpose[-1]} {kind} tokens"] += getattr(self, counter) - tokens
+        return run
+
+    def log_odds(self, labels, targets=None):
+        targets = None if targets is None else list(targets)
+        purpose.append("rescore" if targets is None else "sampled" if len(targets) == 1 else "predict")
+        try:
+            return originals[MutualPredictor, "log_odds"](self, labels, targets)
+        finally:
+            purpose.pop()
+
+    def fix(self, *args):
+        start = time.process_time()
+        try:
+            return originals[ICMSearch, "fix"](self, *args)
+        finally:
+            stats["ConsistencyFix s"] += time.process_time() - start
+
+    ClaimScorer._sync, ClaimScorer._score_batch = forward("prefix", "prefix_tokens"), forward("target", "target_tokens")
+    MutualPredictor.log_odds, ICMSearch.fix = log_odds, fix
+    try:
+        yield stats
+    finally:
+        for (owner, name), method in originals.items():
+            setattr(owner, name, method)
 
 
 def rss_mb() -> float:
     """Current resident set size of this process, in MB."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def print_breakdown(rows: dict[str, dict]) -> None:
+    """Each variant's CPU seconds (share of its CPU time) and forward tokens per purpose."""
+    parts = [(f"{purpose} {kind}", f"{purpose} {kind}") for purpose in ("rescore", "sampled", "predict")
+             for kind in ("prefix", "target")]
+    print("\nWhere the time goes: CPU seconds (share of the variant's CPU time) / forward tokens\n")
+    print("| variant | " + " | ".join(name for name, _ in parts) + " | ConsistencyFix | rest (Python) |")
+    print("|---|" + "---|" * (len(parts) + 2))
+    for name, r in rows.items():
+        b, total = r["breakdown"], r["cpu"]
+        cells = [f"{b.get(key + ' s', 0):.1f} ({b.get(key + ' s', 0) / total:.0%}) / {b.get(key + ' tokens', 0):,.0f}"
+                 for _, key in parts]
+        fix = b.get("ConsistencyFix s", 0)
+        rest = total - fix - sum(b.get(key + " s", 0) for _, key in parts)
+        cells += [f"{fix:.1f} ({fix / total:.0%})", f"{rest:.1f} ({rest / total:.0%})"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -70,6 +140,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--polish-iterations", type=int, default=None)
     parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=ICMConfig.batch_size, help="claims searched together")
+    parser.add_argument("--exact-every", type=int, default=ICMConfig.exact_every, help="of the default variant")
+    parser.add_argument("--breakdown", action="store_true", help="time per purpose of the forward passes")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine is shared)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -93,36 +166,45 @@ def main() -> None:
     raw = [raw_throughput(model)]
     rows = {}
     for name in args.variants:
+        settings = {"exact_every": args.exact_every} | VARIANTS[name]
         config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
-                           **VARIANTS[name])
+                           batch_size=args.batch_size, **settings)
         trace: list[float] = []
         progress = (lambda info, trace=trace: trace.append(rss_mb())) if args.memory and name == "default" else None
-        start = time.perf_counter()
-        results, summary = label_claims(claims, model, tokenizer, config, progress=progress)
-        seconds = time.perf_counter() - start
+        with breakdown() if args.breakdown else contextlib.nullcontext({}) as stats:
+            start, cpu = time.perf_counter(), time.process_time()
+            results, summary = label_claims(claims, model, tokenizer, config, progress=progress)
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         raw.append(raw_throughput(model))
         labels = [r["icm_label"] for r in results]
-        rows[name] = {"seconds": seconds, "tokens": summary["forward_tokens"], "labels": labels,
-                      "accuracy": accuracy(labels, gold) if gold else None, "summary": summary, "trace": trace}
+        rows[name] = {"seconds": seconds, "cpu": cpu, "tokens": summary["forward_tokens"], "labels": labels,
+                      "accuracy": accuracy(labels, gold) if gold else None, "summary": summary, "trace": trace,
+                      "breakdown": dict(stats)}
     raw_mean = sum(raw) / len(raw)
 
     print(f"\n{args.model}, {args.claims}, {n} claims, folds={args.folds}, dtype={model.dtype}, "
-          f"{args.threads} thread(s), raw forward {raw_mean:,.0f} tokens/s (mean of {len(raw)} measurements)\n")
-    print("| variant | s / claim | forward tokens / claim | scoring / raw throughput | speed-up | accuracy |"
-          " approx. disagreements |")
-    print("|---|---|---|---|---|---|---|")
+          f"default: exact every {args.exact_every} steps, "
+          f"{args.threads} thread(s), raw forward {raw_mean:,.0f} tokens per CPU second "
+          f"(mean of {len(raw)} measurements)\n")
+    print("| variant | s / claim | CPU s / claim | forward tokens / claim | scoring / raw throughput | speed-up "
+          "(wall / CPU / tokens) | accuracy | approx. disagreements |")
+    print("|---|---|---|---|---|---|---|---|")
     base = rows.get("previous")
     for name, r in rows.items():
         s = r["summary"]
-        speedup = f"{base['seconds'] / r['seconds']:.1f}x" if base else "-"
+        speedup = "-" if not base else \
+            " / ".join(f"{base[k] / r[k]:.1f}x" for k in ("seconds", "cpu", "tokens"))
         acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-"
         checks = f"{s['approximate_disagreements']}/{s['approximate_checks']}" if s["approximate_checks"] else "-"
-        print(f"| {name} | {r['seconds'] / n:.2f} | {r['tokens'] / n:,.0f} | "
-              f"{r['tokens'] / r['seconds'] / raw_mean:.2f} | {speedup} | {acc} | {checks} |")
+        print(f"| {name} | {r['seconds'] / n:.2f} | {r['cpu'] / n:.2f} | {r['tokens'] / n:,.0f} | "
+              f"{r['tokens'] / r['cpu'] / raw_mean:.2f} | {speedup} | {acc} | {checks} |")
     if base:
         for name, r in rows.items():
             same = sum(a == b for a, b in zip(r["labels"], base["labels"])) / n
             print(f"{name}: {same:.0%} of labels equal to previous")
+
+    if args.breakdown:
+        print_breakdown(rows)
 
     print(f"\nCost model: hours to label 10k / 100k claims at the forward tokens per claim measured above "
           f"(batches of {n} claims; tokens per claim grow about linearly with the batch size, default 256), "

@@ -147,16 +147,31 @@ class ClaimScorer:
         """
         if not targets:
             return np.zeros(0)
-        longest = max(len(self.prompt_ids[t]) for t in targets)
-        if longest + len(self.bos) > self.max_context_tokens:
-            raise ValueError(f"a claim is {longest} tokens, longer than the context budget {self.max_context_tokens}")
-        prefix = self._sync(slot, self.context(demos, self.max_context_tokens - longest))
+        prefix = self._sync(slot, self._context_for(targets, demos))
         order = sorted(targets, key=lambda t: (len(self.prompt_ids[t]), t))
         out: dict[int, float] = {}
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             out.update(zip(batch, self._score_batch(prefix, batch)))
         return np.array([out[t] for t in targets])
+
+    def keep(self, targets: list[int], demos: Iterable[tuple[int, bool]], slot: Hashable) -> None:
+        """Mark the prefix cache that ``score(targets, demos, slot)`` would use as just used, if ``slot`` holds
+        it, so that it outlives the next other version; runs no model (for callers that reuse its scores)."""
+        tokens = self._context_for(targets, demos)
+        versions = self._slots.get(slot, [])
+        for prefix in versions:
+            if prefix.tokens == tokens:
+                versions.remove(prefix)
+                versions.append(prefix)
+                return
+
+    def _context_for(self, targets: list[int], demos: Iterable[tuple[int, bool]]) -> list[int]:
+        """The prefix tokens of ``targets`` after ``demos``: packed into the budget left by the longest target."""
+        longest = max(len(self.prompt_ids[t]) for t in targets)
+        if longest + len(self.bos) > self.max_context_tokens:
+            raise ValueError(f"a claim is {longest} tokens, longer than the context budget {self.max_context_tokens}")
+        return self.context(demos, self.max_context_tokens - longest)
 
     @torch.inference_mode()
     def _sync(self, slot: Hashable | None, tokens: list[int]) -> _Prefix:
@@ -292,5 +307,7 @@ class MutualPredictor:
                     self._memo[key] = self.scorer.score(group_targets, demos, slot=f)
                     while len(self._memo) > self._memo_size:
                         self._memo.pop(next(iter(self._memo)))
+                else:  # the fold's cache stays among the recent ones, as if it had been scored
+                    self.scorer.keep(group_targets, demos, slot=f)
                 result.update(zip(group_targets, self._memo[key].tolist()))
         return result

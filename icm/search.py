@@ -71,14 +71,16 @@ class ICMConfig:
     proposals accepted, 67% vs 77% label accuracy on 64 Gemma capital claims)."""
     scoring_batch_size: int = 16
     """Targets scored together on one shared prefix."""
-    exact_every: int = 8
-    """Annealing steps per exact evaluation of U. In between, a proposal's U is approximate and runs no model:
-    the flipped claim's fresh prediction with every other claim's last exactly scored log-odds (a flip changes
+    exact_every: int = 16
+    """Search steps per exact evaluation of U. In between, a proposal's U is approximate and costs at most one
+    target's forward pass: every claim keeps the log-odds of its last exact scoring, and a sampled unlabelled
+    claim is predicted against the labels of the last exact step, whose prefix caches are kept (a flip changes
     the context of the other fold's claims, which the next exact step catches up on). Every
     ``exact_every``-th step and the last annealing step re-score the current labels and evaluate their
     proposal exactly, and count how often the approximate U would have decided otherwise
-    (``approximate_disagreements`` of ``approximate_checks`` in run.json). 1 = every proposal exact (the
-    paper's search). Polishing is always exact."""
+    (``approximate_disagreements`` of ``approximate_checks`` in run.json). Polishing steps are counted the
+    same way from the start of polishing, and polishing ends only on exact scores. 1 = every proposal exact
+    (the paper's search)."""
     reuse_scores: bool = True
     """Re-score only the targets whose context or group changed, and keep the previous prefix cache of each
     fold so that a rejected proposal costs nothing to undo (exact; False is the previous implementation)."""
@@ -135,6 +137,8 @@ class BatchState:
     """Of those, how many the approximate U would have decided the other way."""
     outcomes: list[int] = field(default_factory=list)
     """Per step: 1 a proposal was accepted, 0 rejected, -1 no proposal (the label already matched)."""
+    context: dict[int, bool] = field(default_factory=dict)
+    """The labels as of the last exact step: the demonstrations that approximate steps predict against."""
 
 
 class ICMSearch:
@@ -189,7 +193,8 @@ class ICMSearch:
         labels = self.fix(labels, z)
         log_odds = self.predictor.log_odds(labels)
         _, _, u = self.evaluate(labels, log_odds)
-        return BatchState(labels=labels, trajectory=[u], rng_state=self.rng.bit_generator.state, log_odds=log_odds)
+        return BatchState(labels=labels, trajectory=[u], rng_state=self.rng.bit_generator.state, log_odds=log_odds,
+                          context=dict(labels))
 
     def sample(self, labels: dict[int, bool]) -> int:
         seeded = {self.groups[i] for i in labels if self.groups[i] is not None}
@@ -208,24 +213,32 @@ class ICMSearch:
         ``on_step`` is called after each step (for checkpoints)."""
         state = state or self.initial_state()
         self.rng.bit_generator.state = state.rng_state
-        labels, log_odds = dict(state.labels), dict(state.log_odds)
+        labels, log_odds, context = dict(state.labels), dict(state.log_odds), dict(state.context)
         z, means, u = self.evaluate(labels, log_odds)
+        every = self.config.exact_every
         while state.iteration < self.iterations + self.polish_iterations:
             n = state.iteration + 1
             polishing = state.iteration >= self.iterations
-            exact = polishing or n % self.config.exact_every == 0 or n == self.iterations
-            if exact:  # catch up on the contexts that approximate steps changed (free when none did)
-                approximate_u = u
-                log_odds = self.predictor.log_odds(labels)
-                z, means, u = self.evaluate(labels, log_odds)
-            if polishing:
+            exact = n % every == 0 or n == self.iterations if not polishing else (n - self.iterations) % every == 0
+            i = None
+            while True:
+                if exact:  # catch up on the contexts that approximate steps changed (free when none did)
+                    approximate_u = u
+                    log_odds, context = self.predictor.log_odds(labels), dict(labels)
+                    z, means, u = self.evaluate(labels, log_odds)
+                if not polishing:
+                    break
                 i = self.contradicted(labels, z, state.rejected)
+                if i is not None or exact:
+                    break
+                exact = True  # approximate scores see no contradiction left: polishing ends on exact ones
+            if polishing:
                 if i is None:
                     break
                 raw_i = log_odds[i]
             else:
                 i = self.sample(labels)
-                raw_i = log_odds[i] if i in labels else self.predictor.log_odds(labels, [i])[i]
+                raw_i = log_odds[i] if i in labels else self.predictor.log_odds(labels if exact else context, [i])[i]
                 draw = self.rng.random()
             z_i = raw_i - means[self.predictor.fold[i]] if means else raw_i
             if labels.get(i) != (z_i > 0):
@@ -233,17 +246,17 @@ class ICMSearch:
                 proposed_log_odds = self.predictor.log_odds(proposal) if exact else {**log_odds, i: raw_i}
                 z_new, means_new, u_new = self.evaluate(proposal, proposed_log_odds)
                 state.proposals += 1
-                if polishing:
-                    accept = u_new > u
-                else:
-                    temp = temperature(n, self.config)
-                    accept = metropolis_accept(u_new - u, temp, draw)
-                    if exact and self.config.exact_every > 1:
-                        _, _, u_guess = self.evaluate(proposal, {**state.log_odds, i: raw_i})
-                        state.checks += 1
-                        state.disagreements += accept != metropolis_accept(u_guess - approximate_u, temp, draw)
+                temp = 0.0 if polishing else temperature(n, self.config)
+                accept = u_new > u if polishing else metropolis_accept(u_new - u, temp, draw)
+                if exact and every > 1:
+                    _, _, u_guess = self.evaluate(proposal, {**state.log_odds, i: raw_i})
+                    state.checks += 1
+                    state.disagreements += accept != (u_guess > approximate_u if polishing else
+                                                      metropolis_accept(u_guess - approximate_u, temp, draw))
                 if accept:
                     labels, log_odds, z, means, u = proposal, proposed_log_odds, z_new, means_new, u_new
+                    if exact:
+                        context = dict(labels)
                     state.accepted += 1
                     state.rejected = []
                 elif polishing:
@@ -252,6 +265,7 @@ class ICMSearch:
             else:
                 state.outcomes.append(-1)
             state.iteration, state.labels, state.log_odds = n, dict(labels), dict(log_odds)
+            state.context = dict(context)
             state.trajectory.append(u)
             state.rng_state = self.rng.bit_generator.state
             if on_step is not None:
@@ -272,7 +286,7 @@ def fingerprint(claims: list[Claim], config: ICMConfig, model_name: str) -> str:
 
 DONE_KEYS = {"labels", "scores", "trajectory", "proposals", "accepted", "iterations", "inconsistencies", "checks",
              "disagreements", "constraints"}
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 """Version of ``checkpoint.json``'s layout; a checkpoint of another format is refused, not misread."""
 
 
@@ -334,7 +348,8 @@ class Checkpoint:
             if data.get("current"):
                 b, s = data["current"]
                 s = dict(s, labels={int(k): bool(v) for k, v in s["labels"].items()},
-                         log_odds={int(k): float(v) for k, v in s["log_odds"].items()})
+                         log_odds={int(k): float(v) for k, v in s["log_odds"].items()},
+                         context={int(k): bool(v) for k, v in s["context"].items()})
                 current = (int(b), BatchState(**s))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise InputError(self.path, f"damaged checkpoint ({type(error).__name__}: {error}); {restart}") from None

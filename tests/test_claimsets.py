@@ -26,3 +26,11 @@ def test_group_sets_pair_one_true_and_one_false_answer_per_question(name):
     assert len(constraints) == 64 and {c.kind for c in constraints} == {"exclusive"}
     assert all(gold[c.i] != gold[c.j] for c in constraints)
     assert CLAIM_SETS[name](128, 0) == records  # seeded
+
+
+def test_pivot_set_is_the_demos_formulation_one_claim_per_review():
+    records = CLAIM_SETS["sentiment-pivot"](64, 0)
+    claims, gold = claims_from_records(records, "pivot"), gold_labels(records, "pivot")
+    assert {c.choice for c in claims} == {"The answer is positive."}  # no word in the claim predicts its label
+    assert len({c.question for c in claims}) == 64 and build_constraints(claims) == []
+    assert 0.35 < sum(gold) / 64 < 0.65 and CLAIM_SETS["sentiment-pivot"](64, 0) == records

@@ -83,10 +83,11 @@ def test_unreached_claims_get_a_prediction_and_are_marked(tiny):
     assert all(r["icm_label"] == (r["icm_score"] > 0) for r in results if not r["icm_searched"])
 
 
-def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path):
+@pytest.mark.parametrize("exact_every", [1, 4])
+def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path, exact_every):
     model, tokenizer = tiny
     claims = claims_from_records(arithmetic_claims(6))
-    config = ICMConfig(iterations=40, batch_size=9, seed=3)
+    config = ICMConfig(iterations=40, batch_size=9, seed=3, exact_every=exact_every)
     expected, _ = label_claims(claims, model, tokenizer, config, model_name="tiny")
 
     def interrupt(info):
@@ -100,7 +101,7 @@ def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path):
     assert list(state["done"]) == ["0"] and state["current"][1]["iteration"] == 10
     resumed, _ = label_claims(claims, model, tokenizer, config, run_dir=run_dir, resume=True, model_name="tiny")
     assert resumed == expected
-    other = ICMConfig(iterations=40, batch_size=9, seed=4)
+    other = ICMConfig(iterations=40, batch_size=9, seed=4, exact_every=exact_every)
     with pytest.raises(ValueError, match="other claims, model or settings"):
         label_claims(claims, model, tokenizer, other, run_dir=run_dir, resume=True, model_name="tiny")
 
@@ -108,7 +109,7 @@ def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path):
 def test_polishing_only_raises_utility_and_ends_on_uncontradicted_or_rejected_labels(tiny):
     model, tokenizer = tiny
     claims = claims_from_records(arithmetic_claims(6))
-    config = ICMConfig(iterations=12, polish_iterations=30, seed=1)
+    config = ICMConfig(iterations=12, polish_iterations=30, exact_every=1, seed=1)
     search = ICMSearch(ClaimScorer(model, tokenizer, claims), list(range(len(claims))), config)
     state, _ = search.run()
     polished = state.trajectory[config.iterations:]
@@ -134,6 +135,19 @@ def test_label_cli_writes_parquet_and_run_json(tiny_model_dir, tmp_path):
     run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
     assert 0 <= run["gold_accuracy"] <= 1 and 21 <= len(run["trajectories"][0]) <= 21 + 12 // 4  # + polishing
     assert run["template"]["claim"].startswith("Question: {question}")
+
+
+def test_label_cli_exact_every_1_switches_the_approximation_off(tiny_model_dir, tmp_path):
+    src = write_jsonl(tmp_path / "claims.jsonl", arithmetic_claims())
+    runs = {}
+    for flags in ([], ["--exact-every", "1"]):
+        out = tmp_path / f"labels{len(flags)}.parquet"
+        result = runner.invoke(app, ["label", str(src), "--output", str(out), "--model", tiny_model_dir,
+                                     "--iterations", "40", "--dtype", "fp32", *flags])
+        assert result.exit_code == 0, result.output
+        runs[len(flags)] = json.loads(out.with_suffix(".run").joinpath("run.json").read_text())
+    assert runs[0]["config"]["exact_every"] == ICMConfig.exact_every > 1 and runs[0]["approximate_checks"] > 0
+    assert runs[2]["config"]["exact_every"] == 1 and runs[2]["approximate_checks"] == 0
 
 
 def test_zero_shot_labels_are_the_sign_of_centered_no_demonstration_scores(tiny, tiny_model_dir, tmp_path):

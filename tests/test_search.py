@@ -36,6 +36,49 @@ def test_approximate_steps_are_caught_up_every_exact_every_steps(tiny):
     assert [trajectory[n - 1] for n in range(4, 41, 4)] == pytest.approx([exact[n - 1] for n in range(4, 41, 4)])
 
 
+def test_approximate_steps_predict_against_the_last_exact_context_and_run_no_prefix(tiny):
+    """Between exact steps a sampled claim is predicted against the labels of the last exact step, whose prefix
+    caches are kept: no prefix token is computed, and the prediction equals a plain forward over that context."""
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    scorer = ClaimScorer(model, tokenizer, claims, batch_size=2)
+    config = ICMConfig(iterations=48, exact_every=6, polish_iterations=0, seed=4)
+    search = ICMSearch(scorer, list(range(len(claims))), config)
+    start = search.initial_state()
+    prefix = [scorer.prefix_tokens]
+    contexts: list[dict[int, bool]] = []
+
+    def on_step(state) -> None:
+        prefix.append(scorer.prefix_tokens)
+        contexts.append(dict(state.context))
+
+    state, _ = search.run(start, on_step=on_step)
+    approximate = [n for n in range(1, 49) if n % 6 and n != 48]
+    assert all(prefix[n] == prefix[n - 1] for n in approximate)
+    assert any(prefix[n] > prefix[n - 1] for n in range(6, 49, 6))
+    assert sum(state.outcomes[n - 1] == 1 for n in approximate) > 0  # labels did change between exact steps
+    assert all(contexts[n - 1] == contexts[n - 2] for n in approximate if n > 1)
+    # the memoised prediction of every claim against the last exact context is a plain forward's
+    reference = ICMSearch(ClaimScorer(model, tokenizer, claims, batch_size=2), search.members, config)
+    fresh = reference.predictor.log_odds(state.context, search.members)
+    cached = search.predictor.log_odds(state.context, search.members)
+    assert cached == pytest.approx(fresh, abs=1e-4)
+
+
+def test_approximate_polishing_ends_on_exact_scores(tiny):
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    config = ICMConfig(iterations=12, polish_iterations=30, exact_every=4, seed=1)
+    search = ICMSearch(ClaimScorer(model, tokenizer, claims), list(range(len(claims))), config)
+    exact: list[float] = []
+    state, _ = search.run(on_step=lambda s: exact.append(search.evaluate(s.labels)[2]))
+    polish_exact = [n for n in range(16, state.iteration + 1, 4)]
+    assert [state.trajectory[n] for n in polish_exact] == pytest.approx([exact[n - 1] for n in polish_exact])
+    z, _, _ = search.evaluate(state.labels)
+    if state.iteration < config.iterations + config.polish_iterations:  # stopped early, on exact scores
+        assert search.contradicted(state.labels, z, state.rejected) is None
+
+
 def test_score_reuse_keeps_the_previous_search(tiny):
     model, tokenizer = tiny
     claims = claims_from_records(arithmetic_claims(6))
