@@ -43,6 +43,10 @@ class Scorer(Protocol):
         """Log-odds (True minus False) of each target claim after ``demos`` as (claim index, label) pairs."""
         ...
 
+    def keep(self, targets: list[int], demos: Iterable[tuple[int, bool]], slot: Hashable) -> None:
+        """Hint that the context of ``score(targets, demos, slot)`` is still in use (a local prefix cache keeps it)."""
+        ...
+
 
 class Backend(ABC):
     """A model that scores claims and samples completions."""

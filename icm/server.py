@@ -337,6 +337,9 @@ class ServerScorer:
     def uncached_tokens(self) -> int:
         return self.prompt_tokens
 
+    def keep(self, targets: list[int], demos: Iterable[tuple[int, bool]], slot: Hashable) -> None:
+        """Nothing to keep here: the server's own prefix cache decides what stays."""
+
     def context(self, demos: Iterable[tuple[int, bool]], budget: int) -> tuple[list[int], str]:
         """Token ids (BOS first) and text of the demonstrations that fit in ``budget`` tokens, in order."""
         tokens, texts = list(self.bos), []
