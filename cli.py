@@ -127,6 +127,23 @@ EXACT_EVERY_HELP = ("Search steps per exact evaluation of U; the steps in betwee
                     "ICMConfig.exact_every). 1 = every step exact, the paper's search [default: 16].")
 
 
+LOSS_TYPE_HELP = ("TRL DPO loss: sigmoid, ipo, hinge, robust, ..., or several comma-separated, summed with "
+                  "--loss-weights (sigmoid,sft: DPO plus the chosen answers' NLL, RPO).")
+LOSS_WEIGHTS_HELP = "Comma-separated weight per --loss-type [default: 1 each]."
+LABEL_SMOOTHING_HELP = "--loss-type robust: assumed share of flipped preferences, in [0, 0.5)."
+
+
+def loss_weights_option(value: str | None) -> tuple[float, ...] | None:
+    """``--loss-weights 1,0.5`` as floats (a one-line error when one is not a number)."""
+    if value is None or not value.strip():
+        return None
+    try:
+        return tuple(float(w) for w in value.split(","))
+    except ValueError:
+        fail(f"--loss-weights: expected comma-separated numbers, got '{value}'")
+        return None
+
+
 def exact_every_option(value: int | None) -> dict[str, int]:
     """``ICMConfig`` keyword for ``--exact-every``: none when it is not given (the config's default applies)."""
     return {} if value is None else {"exact_every": value}
@@ -140,7 +157,9 @@ TRANSFER_SECTIONS = {
               "batch_size": "icm_batch_size", "alpha": "alpha", "exact_every": "exact_every"},
     "pairs": {"strategy": "pairs_strategy", "max_per_question": "max_per_question"},
     "dpo": {"lora": "lora", "beta": "beta", "learning_rate": "learning_rate", "epochs": "epochs",
-            "max_steps": "max_steps", "batch_size": "batch_size", "max_length": "max_length"},
+            "max_steps": "max_steps", "batch_size": "batch_size", "max_length": "max_length",
+            "loss_type": "loss_type", "loss_weights": "loss_weights", "label_smoothing": "label_smoothing",
+            "seed": "dpo_seed"},
 }
 
 
@@ -442,7 +461,9 @@ def dpo(
     batch_size: int = typer.Option(4, min=1, help="Pairs per device per step."),
     gradient_accumulation_steps: int = typer.Option(1, min=1, help="Batches per optimizer step."),
     max_length: int = typer.Option(512, min=8, help="Max tokens of prompt + answer."),
-    loss_type: str = typer.Option("sigmoid", help="TRL DPO loss: sigmoid, ipo, hinge, robust, ..."),
+    loss_type: str = typer.Option("sigmoid", help=LOSS_TYPE_HELP),
+    loss_weights: str | None = typer.Option(None, help=LOSS_WEIGHTS_HELP),
+    label_smoothing: float = typer.Option(0.0, help=LABEL_SMOOTHING_HELP),
     precision: str = typer.Option("auto", help="auto (bf16 where supported), bf16, fp16 or fp32."),
     gradient_checkpointing: bool = typer.Option(False, help="Trade compute for memory."),
     save_steps: int = typer.Option(50, min=0, help="Checkpoint every N steps (for --resume; 0: none)."),
@@ -466,7 +487,8 @@ def dpo(
                                    gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length,
                                    lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
                                    lora_target_modules=lora_target_modules, merge_lora=merge_lora,
-                                   loss_type=loss_type, precision=precision,
+                                   loss_type=loss_type, loss_weights=loss_weights_option(loss_weights),
+                                   label_smoothing=label_smoothing, precision=precision,
                                    gradient_checkpointing=gradient_checkpointing, save_steps=save_steps,
                                    split=split, seed=seed)
         if push_to_hub:
@@ -593,6 +615,11 @@ def transfer(
     generation_batch_size: int = typer.Option(16, min=1, help="Sequences generated together (candidates and "
                                               "evaluation answers)."),
     max_length: int = typer.Option(512, min=8, help="DPO max tokens of prompt + answer."),
+    loss_type: str = typer.Option("sigmoid", help=LOSS_TYPE_HELP),
+    loss_weights: str | None = typer.Option(None, help=LOSS_WEIGHTS_HELP),
+    label_smoothing: float = typer.Option(0.0, help=LABEL_SMOOTHING_HELP),
+    dpo_seed: int | None = typer.Option(None, help="Seed of DPO training alone (data order, LoRA init), to repeat "
+                                        "the training on the same labels [default: --seed]."),
     bootstrap_samples: int = typer.Option(2000, min=100, help="Resamples for the CI of the accuracy change."),
     dtype: str = typer.Option("auto", help="Generation/labelling/eval dtype: auto, bf16, fp16 or fp32."),
     seed: int = typer.Option(0, help="Seed of the split and of every stage."),
@@ -632,7 +659,9 @@ def transfer(
                           alpha=alpha, seed=seed, **exact_every_option(exact_every)),
             pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, seed=seed),
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
-                                  max_steps=max_steps, batch_size=batch_size, max_length=max_length, seed=seed),
+                                  max_steps=max_steps, batch_size=batch_size, max_length=max_length,
+                                  loss_type=loss_type, loss_weights=loss_weights_option(loss_weights),
+                                  label_smoothing=label_smoothing, seed=seed if dpo_seed is None else dpo_seed),
             eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
                             instruction=instruction, extractor=extractor),
             arms=tuple(a.strip() for a in arms.split(",") if a.strip()))

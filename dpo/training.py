@@ -58,7 +58,12 @@ class DPOTrainingConfig:
         lora_dropout: dropout on the LoRA branch.
         lora_target_modules: module names to adapt, or ``"all-linear"`` (every linear layer but the LM head).
         merge_lora: save the base model with the adapters merged in instead of the adapters alone.
-        loss_type: TRL DPO loss (``sigmoid`` is the original DPO loss; ``ipo``, ``hinge``, ...).
+        loss_type: TRL DPO loss (``sigmoid`` is the original DPO loss; ``ipo``, ``hinge``, ``robust``, ...), or several
+            comma-separated, summed with ``loss_weights``: ``sigmoid,sft`` adds the chosen answers' negative
+            log-likelihood (RPO), which keeps them likely; plain DPO can lower both answers of a pair and push the
+            probability to words that are neither.
+        loss_weights: weight of each ``loss_type`` (``None``: 1.0 each), e.g. ``(1.0, 0.5)``.
+        label_smoothing: ``robust``: the assumed probability that a pair's preference is flipped (in [0, 0.5)).
         precision: ``auto`` (bf16 mixed precision on GPUs and bf16-capable CPUs, fp16 on older GPUs, fp32
             otherwise), ``bf16``, ``fp16`` or ``fp32``. Master weights stay in float32.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~20% slower).
@@ -90,6 +95,8 @@ class DPOTrainingConfig:
     lora_target_modules: list[str] | str = "all-linear"
     merge_lora: bool = False
     loss_type: str = "sigmoid"
+    loss_weights: tuple[float, ...] | None = None
+    label_smoothing: float = 0.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
     chat_template: bool | None = None
@@ -110,8 +117,19 @@ class DPOTrainingConfig:
             raise ValueError("beta must be > 0")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
+        if self.loss_weights is not None:
+            self.loss_weights = tuple(float(w) for w in self.loss_weights)
+            if len(self.loss_weights) != len(self.loss_types):
+                raise ValueError(f"loss_weights needs one weight per loss type ({len(self.loss_types)}: "
+                                 f"{', '.join(self.loss_types)}), got {len(self.loss_weights)}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [t.strip() for t in self.loss_type.split(",") if t.strip()]
 
     @property
     def lr(self) -> float:
@@ -258,7 +276,9 @@ def build_dpo_config(config: DPOTrainingConfig, output_dir: str | Path, **overri
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_length=config.max_length,
-        loss_type=[config.loss_type],
+        loss_type=config.loss_types,
+        loss_weights=list(config.loss_weights) if config.loss_weights else None,
+        label_smoothing=config.label_smoothing,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         gradient_checkpointing=config.gradient_checkpointing,

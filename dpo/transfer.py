@@ -261,7 +261,8 @@ def run_transfer(
 
     def evaluate(model: str, output: Path) -> Callable[[], Any]:
         return lambda: evaluate_question_list(heldout, model, config.eval, source=f"{source} (held out)",
-                                              output=output, dtype=config.dtype, progress=progress)
+                                              output=output, items_output=output.with_suffix(".items.jsonl"),
+                                              dtype=config.dtype, progress=progress)
 
     def arm_stages(arm: str) -> dict[str, tuple[str, Path, Callable[[], Any]]]:
         """Stage -> (name, output, function) of one arm; the ICM arm's names are the bare stage names."""
