@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -120,6 +121,66 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def float_gguf(spec: str | Path) -> Path:
+    """A GGUF copy of an alias's or a ``.gguf`` file's weights with every tensor dequantized to F32, written once
+    under ``$ICM_CACHE/gguf``. transformers' GGUF loader dequantizes with the same ``gguf.quants`` code, so a
+    server given this file runs exactly the numbers the in-process model holds (F16 would round them)."""
+    import gguf
+    import numpy as np
+
+    if str(spec) in ALIASES:
+        source, name = _alias_gguf(str(spec)), str(spec)
+    else:
+        source = Path(spec).expanduser()
+        if source.suffix != ".gguf" or not source.is_file():
+            raise ModelNotFoundError(f"{spec}: not a GGUF file or alias ({', '.join(ALIASES)})")
+        name = source.stem
+    target = cache_dir() / "gguf" / f"{name}-{_fingerprint(source)}.f32.gguf"
+    if target.exists():
+        return target
+    reader = gguf.GGUFReader(source)
+    if reader.endianess != gguf.GGUFEndian.LITTLE:
+        raise ValueError(f"{source}: big-endian GGUF files are not supported")
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    if arch is None:
+        raise ValueError(f"{source}: no {gguf.Keys.General.ARCHITECTURE} field")
+    log.info("writing %s with F32 tensors to %s (once)", source, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch=arch.contents())
+        alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
+        if alignment is not None:
+            writer.data_alignment = alignment.contents()
+        for field in reader.fields.values():
+            # GGUFWriter writes general.architecture and the GGUF.* header fields itself; file_type changes.
+            if field.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE) or \
+                    field.name.startswith("GGUF."):
+                continue
+            kind = field.types[0]
+            writer.add_key_value(field.name, field.contents(), kind,
+                                 sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+        writer.add_key_value(gguf.Keys.General.FILE_TYPE, int(gguf.LlamaFileType.ALL_F32), gguf.GGUFValueType.UINT32)
+        # The reader's data of a quantized tensor is its raw bytes (rows of blocks); the logical (numpy) shape is
+        # the reversed ``shape`` field, which is also the shape ``dequantize`` returns.
+        shapes = [tuple(int(d) for d in reversed(tensor.shape)) for tensor in reader.tensors]
+        for tensor, shape in zip(reader.tensors, shapes):
+            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), 4 * math.prod(shape),
+                                   gguf.GGMLQuantizationType.F32)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor, shape in zip(reader.tensors, shapes):
+            data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            writer.write_tensor_data(data.astype(np.float32, copy=False).reshape(shape))
+        writer.close()
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return target
 
 

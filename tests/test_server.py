@@ -1,6 +1,7 @@
 """Label and generate through a real OpenAI-compatible server: llama-cpp-python's server (installed by
 scripts/setup.sh) started on 127.0.0.1 with the embedded SmolLM2 GGUF, the same weights the in-process backend
-dequantizes. No mock stands in for the server."""
+dequantizes (run with 8-bit activations there), or with its F32 copy (``icm.models.float_gguf``), the in-process
+model's own numbers. No mock stands in for the server."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 
 from icm.cli import app
 from icm.data.claims import claims_from_records
-from icm.models import _alias_gguf, load_model
+from icm.models import ModelNotFoundError, _alias_gguf, float_gguf, load_model
 from icm.scoring import ClaimScorer, PromptTemplate
 from icm.server import ServerConfig, connect
 
@@ -35,6 +36,13 @@ SCORE_TOLERANCE = 0.75
 demonstrations and with 8 gold-labelled ones): at most 0.27 and 0.40. The server's llama.cpp kernels run the Q4_1
 weights with 8-bit quantized activations, the in-process model their fp32 dequantization; and llama-cpp-python's
 server takes text, which it tokenizes itself."""
+F32_SCORE_TOLERANCE = 0.02
+"""The same for a server given the F32 copy of the GGUF (``icm.models.float_gguf``, the numbers the in-process model
+holds), on prompts it tokenizes as the in-process scorer does (demonstrations separated by a newline; the default
+blank line becomes one token in-process but two when the server tokenizes the joined text, which alone moved these
+log-odds by up to 0.45). Measured: at most 0.006 with no demonstrations and 0.007 with 8 (llama.cpp's F16 KV cache
+and summation order, and one target whose label word was outside the top 20 and so scored at the bound); on the
+Q4_1 file the same prompts differ by up to 0.38."""
 
 
 def capital_claims() -> list[dict]:
@@ -60,9 +68,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def start_server(port: int, log: Path) -> subprocess.Popen:
-    """llama-cpp-python's OpenAI-compatible server on 127.0.0.1:``port``, serving SmolLM2 as 'smollm2-135m', ready."""
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(_alias_gguf(MODEL)), "--model_alias", MODEL,
+def start_server(port: int, log: Path, weights: Path | None = None) -> subprocess.Popen:
+    """llama-cpp-python's OpenAI-compatible server on 127.0.0.1:``port``, serving SmolLM2 as 'smollm2-135m', ready:
+    the embedded Q4_1 GGUF, or the GGUF file ``weights``."""
+    weights = weights or _alias_gguf(MODEL)
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(weights), "--model_alias", MODEL,
                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(SERVER_CONTEXT), "--n_threads", "1",
                "--n_threads_batch", "1", "--verbose", "False"]
     with log.open("ab") as out:
@@ -105,30 +115,67 @@ def llama_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def f32_server(tmp_path_factory):
+    """The URL of a llama.cpp server on the F32 copy of the embedded GGUF, started for this module."""
+    port = free_port()
+    server = start_server(port, tmp_path_factory.mktemp("llama-server-f32") / "server.log", float_gguf(MODEL))
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
 def in_process():
     return load_model(MODEL, dtype="fp32")
 
 
-def test_server_scores_match_in_process(llama_server, in_process):
-    """The same claims and demonstrations, scored in-process and through the server: close log-odds, and the same
-    sign wherever the in-process score is clear of the tolerance."""
+def scores_both_ways(url: str, in_process,
+                     template: PromptTemplate) -> tuple[list[tuple[np.ndarray, np.ndarray]], bool]:
+    """(in-process, served) log-odds of 8 capital claims with no demonstrations and with 8 gold-labelled ones, and
+    whether the text the server was sent tokenizes to the token ids the in-process scorer ran."""
     claims = claims_from_records(capital_claims(), "capitals")
-    backend, tokenizer = connect(ServerConfig(base_urls=(llama_server,), model=MODEL, concurrency=4))
+    backend, tokenizer = connect(ServerConfig(base_urls=(url,), model=MODEL, concurrency=4))
     try:
         assert not backend.token_prompts  # llama-cpp-python's server takes text prompts only
-        remote = backend.scorer(claims, PromptTemplate(), 512, 16)
-        local = ClaimScorer(*in_process, claims, PromptTemplate(), 512, 16)
+        remote = backend.scorer(claims, template, 512, 16)
+        local = ClaimScorer(*in_process, claims, template, 512, 16)
         demos = [(i, claims[i].key == COUNTRIES[i // 2][1]) for i in range(8, 16)]  # the last four countries, gold
         targets = list(range(8))
-        for context in ((), demos):
-            ours, theirs = local.score(targets, context), remote.score(targets, context)
-            assert np.max(np.abs(ours - theirs)) <= SCORE_TOLERANCE, (ours, theirs)
-            clear = np.abs(ours) > SCORE_TOLERANCE
-            assert np.all(np.sign(ours[clear]) == np.sign(theirs[clear])), (ours, theirs)
+        pairs = [(local.score(targets, context), remote.score(targets, context)) for context in ((), demos)]
         report = backend.report()
         assert report["requests"] == 16 and report["label_words_missing"] == 0
+        ids, text = remote.context(demos, 512)
+        same_tokens = all(tokenizer.encode(text + remote.prompt_text[t], add_special_tokens=False)
+                          == ids + remote.prompt_ids[t] == local.context(demos, 512) + local.prompt_ids[t]
+                          for t in targets)
+        return pairs, same_tokens
     finally:
         backend.close()
+
+
+def test_server_scores_match_in_process(llama_server, in_process):
+    """The same claims and demonstrations, scored in-process and through the server on the Q4_1 GGUF: close
+    log-odds, and the same sign wherever the in-process score is clear of the tolerance."""
+    pairs, _ = scores_both_ways(llama_server, in_process, PromptTemplate())
+    for ours, theirs in pairs:
+        assert np.max(np.abs(ours - theirs)) <= SCORE_TOLERANCE, (ours, theirs)
+        clear = np.abs(ours) > SCORE_TOLERANCE
+        assert np.all(np.sign(ours[clear]) == np.sign(theirs[clear])), (ours, theirs)
+
+
+def test_server_on_f32_weights_matches_in_process_tightly(f32_server, in_process):
+    """A server given the F32 copy of the GGUF runs the in-process model's own numbers: on prompts that reach both
+    as the same tokens, the log-odds agree within F32_SCORE_TOLERANCE, far tighter than on the Q4_1 file."""
+    pairs, same_tokens = scores_both_ways(f32_server, in_process, PromptTemplate(separator="\n"))
+    assert same_tokens
+    for ours, theirs in pairs:
+        assert np.max(np.abs(ours - theirs)) <= F32_SCORE_TOLERANCE, (ours, theirs)
+
+
+def test_float_gguf_names_what_is_not_a_gguf_file(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="notes.txt: not a GGUF file or alias"):
+        float_gguf(tmp_path / "notes.txt")
 
 
 def test_label_and_generate_through_server(llama_server, tmp_path, monkeypatch):
