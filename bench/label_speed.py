@@ -22,6 +22,12 @@ prompt tokens served from the server's prefix cache (when the server reports it)
 agreement of labels and scores with the in-process model on the same claims and seed:
 
     python bench/label_speed.py --backend server --base-url http://127.0.0.1:8080/v1 --claims capitals -n 64 --compare
+
+The in-process side loads ``--model`` with ``--dtype``. For the same weights on both sides, serve the F32 copy of the
+GGUF (``python -c "from icm.models import float_gguf; print(float_gguf('smollm2-135m'))"``) and pass ``--dtype
+fp32``; ``--separator`` sets the text after each demonstration's label (``'\\n'`` makes a text-only server such as
+llama-cpp-python's tokenize the prompts as the in-process scorer does; the default ``\\n\\n`` is tokenized
+differently at the seams between demonstrations).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from icm.data.claims import claims_from_records, gold_labels  # noqa: E402
 from icm.data.io import read_records  # noqa: E402
 from icm.label import accuracy  # noqa: E402
 from icm.models import load_model  # noqa: E402
-from icm.scoring import ClaimScorer, MutualPredictor  # noqa: E402
+from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate  # noqa: E402
 from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
 
 VARIANTS = {
@@ -154,8 +160,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="--backend server: requests in flight per server")
     parser.add_argument("--max-context-tokens", type=int, default=2048)
     parser.add_argument("--compare", action="store_true", help="--backend server: also label in-process and compare")
+    parser.add_argument("--separator", default=PromptTemplate.separator,
+                        help="text after each demonstration's label, with Python escapes (e.g. '\\n')")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.template = PromptTemplate(separator=args.separator.encode().decode("unicode_escape"))
 
     records = CLAIM_SETS[args.claims](args.n, 0) if args.claims in CLAIM_SETS else read_records(args.claims)[:args.n]
     claims, gold = claims_from_records(records, args.claims), gold_labels(records, args.claims)
@@ -173,7 +182,8 @@ def main() -> None:
         progress = (lambda info, trace=trace: trace.append(rss_mb())) if args.memory and name == "default" else None
         with breakdown() if args.breakdown else contextlib.nullcontext({}) as stats:
             start, cpu = time.perf_counter(), time.process_time()
-            results, summary = label_claims(claims, model, tokenizer, config, progress=progress)
+            results, summary = label_claims(claims, model, tokenizer, config, template=args.template,
+                                            progress=progress)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         raw.append(raw_throughput(model))
         labels = [r["icm_label"] for r in results]
@@ -236,13 +246,13 @@ def bench_server(args: argparse.Namespace, claims: list, gold: list | None) -> N
     config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
                        max_context_tokens=args.max_context_tokens)
     start = time.perf_counter()
-    results, summary = label_claims(claims, backend, tokenizer, config)
+    results, summary = label_claims(claims, backend, tokenizer, config, template=args.template)
     seconds = time.perf_counter() - start
     report, n = backend.report(), len(claims)
     labels = [r["icm_label"] for r in results]
     cached = report["cached_prompt_tokens"]
     print(f"\n{args.model} through {len(args.base_url)} server(s) ({report['prompts_as']} prompts, concurrency "
-          f"{args.concurrency}), {args.claims}, {n} claims, folds={args.folds}\n")
+          f"{args.concurrency}), {args.claims}, {n} claims, folds={args.folds}, separator {args.separator!r}\n")
     print("| s / claim | requests / claim | requests/s | prompt tokens/s | mean request latency | prefix-cache share |"
           " label word missing (one / both) | accuracy |")
     print("|---|---|---|---|---|---|---|---|")
@@ -260,13 +270,14 @@ def bench_server(args: argparse.Namespace, claims: list, gold: list | None) -> N
     backend.close()
     if args.compare:
         model, tokenizer = load_model(args.model, dtype=args.dtype)
-        local, _ = label_claims(claims, model, tokenizer, config)
+        local, _ = label_claims(claims, model, tokenizer, config, template=args.template)
         same = sum(a == r["icm_label"] for a, r in zip(labels, local)) / n
         diffs = [abs(a["icm_score"] - b["icm_score"]) for a, b in zip(results, local)]
         signs = sum((a["icm_score"] > 0) == (b["icm_score"] > 0) for a, b in zip(results, local)) / n
         local_acc = accuracy([r["icm_label"] for r in local], gold) if gold else None
-        print(f"\nIn-process, same claims and seed: {same:.1%} of labels equal; icm_score |server - in-process| "
-              f"max {max(diffs):.2f}, median {sorted(diffs)[n // 2]:.2f}; score signs equal {signs:.1%}"
+        print(f"\nIn-process ({model.dtype}), same claims and seed: {same:.1%} of labels equal "
+              f"({round(same * n)} of {n}); icm_score |server - in-process| "
+              f"max {max(diffs):.3f}, median {sorted(diffs)[n // 2]:.3f}; score signs equal {signs:.1%}"
               + (f"; in-process accuracy {local_acc:.1%}" if local_acc is not None else ""))
 
 
