@@ -3,8 +3,8 @@
 #   bash scripts/demo.sh [OUT_DIR] [QUESTIONS_FILE]
 # The recipe is examples/sentiment-demo.yaml: SmolLM2-135M (shipped in a PyPI package) answers 200 training questions
 # of the built-in sentiment task (real Amazon review sentences; 200 others held out), labels its own answers with ICM
-# (no gold label read), and is trained with LoRA-DPO once per label source on the same candidates: ICM, gold (the
-# ceiling) and random labels (the control). It prints held-out accuracy before and after each, with 95%
+# (no gold label read), and is trained with LoRA-DPO (plus the chosen answer's NLL, RPO) once per label source on the
+# same candidates: ICM, gold (the ceiling) and random labels (the control). It prints held-out accuracy before and after each, with 95%
 # paired-bootstrap CIs, in about 20 minutes on 2 cores. QUESTIONS_FILE (JSONL with `question` and `answer`, answers
 # positive/negative; the question text is used verbatim) runs the same recipe on other questions. Rerunning skips
 # finished stages. LABELLER=qwen2.5-coder-0.5b makes it weak-from-strong: Qwen2.5-Coder-0.5B labels, SmolLM2 is

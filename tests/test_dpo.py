@@ -180,6 +180,60 @@ def test_cli_dpo_trains_and_saves(tiny_model_dir, tmp_path):
     assert (out / "model.safetensors").read_bytes() == weights
 
 
+def chosen_logp(model, tokenizer, pair: dict) -> float:
+    """log P(chosen | prompt) under the chat template, as DPO and the evaluation see it."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": pair["prompt"]}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt + pair["chosen"], return_tensors="pt").input_ids
+    n = len(tokenizer(prompt).input_ids)
+    with torch.no_grad():
+        logits = model(ids).logits.log_softmax(-1)
+    return logits[0, n - 1:-1].gather(-1, ids[0, n:, None]).sum().item()
+
+
+def test_several_losses_reach_trl_with_their_weights(tmp_path):
+    from icm.dpo.training import build_dpo_config
+
+    config = DPOTrainingConfig(loss_type="sigmoid, sft", loss_weights=(1, 0.5), precision="fp32")
+    args = build_dpo_config(config, tmp_path)
+    assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
+    assert build_dpo_config(DPOTrainingConfig(precision="fp32"), tmp_path).loss_weights is None
+    robust = build_dpo_config(DPOTrainingConfig(loss_type="robust", label_smoothing=0.2, precision="fp32"), tmp_path)
+    assert robust.loss_type == ["robust"] and robust.label_smoothing == 0.2
+    with pytest.raises(ValueError, match="one weight per loss type"):
+        DPOTrainingConfig(loss_type="sigmoid,sft", loss_weights=(1.0,))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        DPOTrainingConfig(label_smoothing=0.5)
+
+
+def test_the_sft_term_keeps_the_chosen_answers_likely(tiny_model_dir, tmp_path):
+    """RPO (``sigmoid,sft``): the same pairs and steps, with the weight on the chosen answers' NLL or without it;
+    the weighted run leaves the chosen answers more likely than plain DPO does."""
+    base, tokenizer = load_model(tiny_model_dir, dtype="fp32")
+    before = [chosen_logp(base, tokenizer, p) for p in PAIRS]
+    gains = {}
+    for name, weights in (("dpo", (1.0, 0.0)), ("rpo", (1.0, 1.0))):
+        out = tmp_path / name
+        train_dpo(PAIRS, tiny_model_dir, out, tiny_config(max_steps=8, loss_type="sigmoid,sft", loss_weights=weights),
+                  progress=False)
+        trained, _ = load_trained_model(str(out), dtype="fp32")
+        gains[name] = sum(chosen_logp(trained, tokenizer, p) - b for p, b in zip(PAIRS, before))
+        assert json.loads((out / "icm_dpo.json").read_text())["config"]["loss_weights"] == list(weights)
+    assert gains["rpo"] > gains["dpo"] + 1.0, gains
+
+
+def test_cli_loss_weights_must_be_numbers(tmp_path):
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    for weights, message in (("1,x", "--loss-weights: expected comma-separated numbers"),
+                             ("1", "one weight per loss type")):
+        result = CliRunner().invoke(app, ["dpo", str(pairs_path), "--output-dir", str(tmp_path / "out"),
+                                          "--loss-type", "sigmoid,sft", "--loss-weights", weights])
+        assert result.exit_code == 2 and message in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def write_tiny_gguf(model_dir: str, path: Path) -> Path:
     """The tiny fixture as an F32 GGUF file (llama architecture, GPT-2 style BPE tokenizer with its chat template)."""
     import gguf

@@ -98,12 +98,12 @@ def test_recipe_errors_are_one_line_naming_the_file_and_key(tmp_path, claims, te
 def test_transfer_recipe_sections(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("task: sentiment\nlabel:\n  iterations: 7\n  icm-batch-size: 64\ndpo: {max_steps: 3, "
-                      "learning_rate: 5e-4}\ngenerate: {batch_size: 5}\npairs: {strategy: best-margin}\n"
-                      "no-lora: true\n")
+                      "learning_rate: 5e-4, loss_type: 'sigmoid,sft', loss_weights: '1,0.5', seed: 3}\n"
+                      "generate: {batch_size: 5}\npairs: {strategy: best-margin}\nno-lora: true\n")
     values = read_recipe(recipe, typer.Context(command("transfer")))
     assert values == {"task": "sentiment", "icm_iterations": 7, "icm_batch_size": 64, "max_steps": 3,
-                      "learning_rate": "5e-4", "generation_batch_size": 5, "pairs_strategy": "best-margin",
-                      "lora": False}
+                      "learning_rate": "5e-4", "loss_type": "sigmoid,sft", "loss_weights": "1,0.5", "dpo_seed": 3,
+                      "generation_batch_size": 5, "pairs_strategy": "best-margin", "lora": False}
     recipe.write_text("dpo: {temperature: 1.0}\n")  # an option of another stage
     result = runner.invoke(app, ["transfer", "--config", str(recipe)])
     assert result.exit_code == 2 and result.output.startswith(f"error: {recipe}: unknown key 'dpo.temperature'")
