@@ -144,9 +144,13 @@ def loss_weights_option(value: str | None) -> tuple[float, ...] | None:
         return None
 
 
-def exact_every_option(value: int | None) -> dict[str, int]:
-    """``ICMConfig`` keyword for ``--exact-every``: none when it is not given (the config's default applies)."""
-    return {} if value is None else {"exact_every": value}
+CHECK_EVERY_HELP = ("Exact steps per exact evaluation of their proposal (the others decide it with the approximate "
+                    "U on fresh scores; see ICMConfig.check_every). 1 = every exact step's proposal [default: 4].")
+
+
+def speed_options(exact_every: int | None, check_every: int | None) -> dict[str, int]:
+    """``ICMConfig`` keywords for ``--exact-every`` / ``--check-every``: only those given (else the defaults apply)."""
+    return {k: v for k, v in (("exact_every", exact_every), ("check_every", check_every)) if v is not None}
 
 
 # transfer's options per stage in a recipe: {section: {key in the section: option}}
@@ -154,7 +158,8 @@ TRANSFER_SECTIONS = {
     "generate": {"generator": "generator", "num_candidates": "num_candidates", "temperature": "temperature",
                  "enumerate_answers": "enumerate_answers", "batch_size": "generation_batch_size"},
     "label": {"claims": "claims", "iterations": "icm_iterations", "polish_iterations": "polish_iterations",
-              "batch_size": "icm_batch_size", "alpha": "alpha", "exact_every": "exact_every"},
+              "batch_size": "icm_batch_size", "alpha": "alpha", "exact_every": "exact_every",
+              "check_every": "check_every"},
     "pairs": {"strategy": "pairs_strategy", "max_per_question": "max_per_question"},
     "dpo": {"lora": "lora", "beta": "beta", "learning_rate": "learning_rate", "epochs": "epochs",
             "max_steps": "max_steps", "batch_size": "batch_size", "max_length": "max_length",
@@ -257,6 +262,7 @@ def label(
     batch_size: int = typer.Option(256, min=1, help="Claims searched together (whole consistency groups)."),
     folds: int = typer.Option(2, min=0, help="Context folds for mutual predictability; 0 = exact leave-one-out."),
     exact_every: int | None = typer.Option(None, min=1, help=EXACT_EVERY_HELP),
+    check_every: int | None = typer.Option(None, min=1, help=CHECK_EVERY_HELP),
     see_group: bool = typer.Option(True, "--see-group/--hide-group",
                                    help="Whether a claim's context holds the other claims of its consistency group."),
     max_context_tokens: int = typer.Option(2048, min=64, help="Token budget of demonstrations plus target."),
@@ -308,7 +314,7 @@ def label(
         config = ICMConfig(alpha=alpha, initial_labels=initial_labels, iterations=iterations,
                            polish_iterations=polish_iterations, batch_size=batch_size,
                            folds=folds, see_group=see_group, max_context_tokens=max_context_tokens,
-                           balance=balance, seed=seed, **exact_every_option(exact_every))
+                           balance=balance, seed=seed, **speed_options(exact_every, check_every))
         template = PromptTemplate(space=label_space)
         generation = GenerationConfig(num_candidates=num_candidates, temperature=temperature,
                                       max_new_tokens=max_new_tokens, seed=seed)
@@ -604,6 +610,7 @@ def transfer(
                                        "reach are labelled by their prediction given the searched ones."),
     alpha: float = typer.Option(50.0, help="ICM weight of mutual predictability."),
     exact_every: int | None = typer.Option(None, min=1, help="ICM: " + EXACT_EVERY_HELP),
+    check_every: int | None = typer.Option(None, min=1, help="ICM: " + CHECK_EVERY_HELP),
     pairs_strategy: str = typer.Option("all", help="Pairs: all or best-margin."),
     max_per_question: int | None = typer.Option(None, min=1, help="Pairs kept per question."),
     lora: bool = typer.Option(True, "--lora/--no-lora", help="DPO with LoRA adapters or full fine-tuning."),
@@ -656,7 +663,7 @@ def transfer(
                                         instruction=instruction, extractor=extractor,
                                         enumerate_answers=enumerate_answers),
             icm=ICMConfig(iterations=icm_iterations, polish_iterations=polish_iterations, batch_size=icm_batch_size,
-                          alpha=alpha, seed=seed, **exact_every_option(exact_every)),
+                          alpha=alpha, seed=seed, **speed_options(exact_every, check_every)),
             pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, seed=seed),
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length,

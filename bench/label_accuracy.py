@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true", help="skip the many-shot ICL baselines")
     parser.add_argument("--exact-every", type=int, default=ICMConfig.exact_every,
                         help="search steps per exact evaluation of U in the ICM runs (1 = the exact search)")
+    parser.add_argument("--check-every", type=int, default=ICMConfig.check_every,
+                        help="exact steps per exact evaluation of their proposal (ICMConfig.check_every)")
     parser.add_argument("--compare-exact", action="store_true",
                         help="also run ICM with the exact U at every step (exact_every=1) beside the default "
                              "approximate U (exact every --exact-every steps)")
@@ -86,7 +88,7 @@ def main() -> None:
     template = PromptTemplate(space=args.space)
     config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
                        seed=args.seed, max_context_tokens=args.max_context_tokens, see_group=not args.hide_group,
-                       exact_every=args.exact_every)
+                       exact_every=args.exact_every, check_every=args.check_every)
     scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens)
     rng = np.random.default_rng(args.seed)
     n = len(claims)

@@ -11,8 +11,10 @@ accuracy when the claims have gold, a cost model for large claim sets, and (``--
 
 Variants: ``previous`` is the search before the speed-up (every proposal scored exactly, a fold's targets
 re-scored whenever one is added, one prefix cache per fold: ``ICMConfig(exact_every=1, reuse_scores=False)``);
-``exact`` adds score reuse (same labels as ``previous`` up to float rounding); ``default`` is ``ICMConfig()``
-(approximate U between exact steps; ``--exact-every`` changes how often it is exact).
+``exact`` adds score reuse (same labels as ``previous`` up to float rounding); ``checked`` is the approximate U of
+the last measurement (every exact step also scores its proposal exactly, ``check_every=1``); ``default`` is
+``ICMConfig()`` (approximate U between exact steps, every ``check_every``-th exact step's proposal checked;
+``--exact-every`` and ``--check-every`` change how often).
 ``--breakdown`` splits each variant's time into prefix and target forwards by purpose (re-scoring the labelled
 claims, predicting a sampled claim, the final predictions), ConsistencyFix and the rest (Python).
 
@@ -57,6 +59,7 @@ from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
 VARIANTS = {
     "previous": {"exact_every": 1, "reuse_scores": False},
     "exact": {"exact_every": 1},
+    "checked": {"check_every": 1},
     "default": {},
 }
 
@@ -148,6 +151,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=ICMConfig.batch_size, help="claims searched together")
     parser.add_argument("--exact-every", type=int, default=ICMConfig.exact_every, help="of the default variant")
+    parser.add_argument("--check-every", type=int, default=ICMConfig.check_every, help="of the default variant")
     parser.add_argument("--breakdown", action="store_true", help="time per purpose of the forward passes")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the dev machine is shared)")
@@ -175,7 +179,7 @@ def main() -> None:
     raw = [raw_throughput(model)]
     rows = {}
     for name in args.variants:
-        settings = {"exact_every": args.exact_every} | VARIANTS[name]
+        settings = {"exact_every": args.exact_every, "check_every": args.check_every} | VARIANTS[name]
         config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
                            batch_size=args.batch_size, **settings)
         trace: list[float] = []

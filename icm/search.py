@@ -81,6 +81,12 @@ class ICMConfig:
     (``approximate_disagreements`` of ``approximate_checks`` in run.json). Polishing steps are counted the
     same way from the start of polishing, and polishing ends only on exact scores. 1 = every proposal exact
     (the paper's search)."""
+    check_every: int = 4
+    """Exact annealing steps per exact evaluation of their proposal. Every exact step re-scores the current labels;
+    the proposal of every ``check_every``-th one (and of the last annealing step) is then scored exactly as well,
+    which costs one more fold, and counted in ``approximate_checks``; the others decide their proposal with the
+    approximate U on the fresh scores. 1 = every exact step's proposal exact (the search before this setting).
+    Ignored with ``exact_every`` 1 (every proposal exact) and while polishing (exact steps stay exact)."""
     reuse_scores: bool = True
     """Re-score only the targets whose context or group changed, and keep the previous prefix cache of each
     fold so that a rejected proposal costs nothing to undo (exact; False is the previous implementation)."""
@@ -89,8 +95,10 @@ class ICMConfig:
     def __post_init__(self):
         if self.balance not in ("center", "none"):
             raise ValueError(f"balance must be 'center' or 'none', not {self.balance!r}")
-        if self.initial_labels < 0 or self.batch_size < 1 or self.alpha < 0 or self.exact_every < 1:
-            raise ValueError("initial_labels >= 0, batch_size >= 1, alpha >= 0 and exact_every >= 1 are required")
+        if (self.initial_labels < 0 or self.batch_size < 1 or self.alpha < 0 or self.exact_every < 1
+                or self.check_every < 1):
+            raise ValueError("initial_labels >= 0, batch_size >= 1, alpha >= 0, exact_every >= 1 and check_every >= 1 "
+                             "are required")
 
 
 def temperature(n: int, config: ICMConfig) -> float:
@@ -243,19 +251,21 @@ class ICMSearch:
             z_i = raw_i - means[self.predictor.fold[i]] if means else raw_i
             if labels.get(i) != (z_i > 0):
                 proposal = self.fix({**labels, i: z_i > 0}, {**z, i: z_i})
-                proposed_log_odds = self.predictor.log_odds(proposal) if exact else {**log_odds, i: raw_i}
+                checked = exact and (polishing or every == 1 or n == self.iterations
+                                     or (n // every) % self.config.check_every == 0)
+                proposed_log_odds = self.predictor.log_odds(proposal) if checked else {**log_odds, i: raw_i}
                 z_new, means_new, u_new = self.evaluate(proposal, proposed_log_odds)
                 state.proposals += 1
                 temp = 0.0 if polishing else temperature(n, self.config)
                 accept = u_new > u if polishing else metropolis_accept(u_new - u, temp, draw)
-                if exact and every > 1:
+                if checked and every > 1:
                     _, _, u_guess = self.evaluate(proposal, {**state.log_odds, i: raw_i})
                     state.checks += 1
                     state.disagreements += accept != (u_guess > approximate_u if polishing else
                                                       metropolis_accept(u_guess - approximate_u, temp, draw))
                 if accept:
                     labels, log_odds, z, means, u = proposal, proposed_log_odds, z_new, means_new, u_new
-                    if exact:
+                    if checked:
                         context = dict(labels)
                     state.accepted += 1
                     state.rejected = []

@@ -140,14 +140,16 @@ def test_label_cli_writes_parquet_and_run_json(tiny_model_dir, tmp_path):
 def test_label_cli_exact_every_1_switches_the_approximation_off(tiny_model_dir, tmp_path):
     src = write_jsonl(tmp_path / "claims.jsonl", arithmetic_claims())
     runs = {}
-    for flags in ([], ["--exact-every", "1"]):
-        out = tmp_path / f"labels{len(flags)}.parquet"
+    for name, flags in (("default", []), ("exact", ["--exact-every", "1"]), ("checked", ["--check-every", "1"])):
+        out = tmp_path / f"labels-{name}.parquet"
         result = runner.invoke(app, ["label", str(src), "--output", str(out), "--model", tiny_model_dir,
                                      "--iterations", "40", "--dtype", "fp32", *flags])
         assert result.exit_code == 0, result.output
-        runs[len(flags)] = json.loads(out.with_suffix(".run").joinpath("run.json").read_text())
-    assert runs[0]["config"]["exact_every"] == ICMConfig.exact_every > 1 and runs[0]["approximate_checks"] > 0
-    assert runs[2]["config"]["exact_every"] == 1 and runs[2]["approximate_checks"] == 0
+        runs[name] = json.loads(out.with_suffix(".run").joinpath("run.json").read_text())
+    assert runs["default"]["config"]["exact_every"] == ICMConfig.exact_every > 1
+    assert runs["default"]["config"]["check_every"] == ICMConfig.check_every > 1
+    assert runs["exact"]["config"]["exact_every"] == 1 and runs["exact"]["approximate_checks"] == 0
+    assert runs["checked"]["config"]["check_every"] == 1 and runs["checked"]["approximate_checks"] > 0
 
 
 def test_zero_shot_labels_are_the_sign_of_centered_no_demonstration_scores(tiny, tiny_model_dir, tmp_path):

@@ -29,11 +29,28 @@ def test_exact_every_1_scores_every_step_exactly(tiny):
 
 
 def test_approximate_steps_are_caught_up_every_exact_every_steps(tiny):
-    config = ICMConfig(iterations=40, exact_every=4, polish_iterations=0, seed=2)
+    config = ICMConfig(iterations=40, exact_every=4, check_every=1, polish_iterations=0, seed=2)
     trajectory, exact = trajectory_and_exact_utilities(tiny, config)
     assert trajectory != pytest.approx(exact, abs=1e-9)  # in between, U is approximate
     # an exact step evaluates its proposal exactly and, if it rejects it, re-scores the current labels
     assert [trajectory[n - 1] for n in range(4, 41, 4)] == pytest.approx([exact[n - 1] for n in range(4, 41, 4)])
+
+
+def test_every_check_every_th_exact_step_scores_its_proposal_exactly(tiny):
+    """With ``check_every`` 2 the proposals of exact steps 2, 4, ... (and of the last annealing step) are scored
+    exactly and counted; the other exact steps re-score the labels but decide on the approximate U, which costs
+    fewer forward tokens than checking every one."""
+    config = ICMConfig(iterations=40, exact_every=4, check_every=2, polish_iterations=0, seed=2)
+    trajectory, exact = trajectory_and_exact_utilities(tiny, config)
+    checked = [8, 16, 24, 32, 40]
+    assert [trajectory[n - 1] for n in checked] == pytest.approx([exact[n - 1] for n in checked])
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    runs = {every: label_claims(claims, model, tokenizer, ICMConfig(iterations=60, exact_every=3, check_every=every,
+                                                                    polish_iterations=0, seed=1))[1]
+            for every in (1, 2)}
+    assert 0 < runs[2]["approximate_checks"] < runs[1]["approximate_checks"]
+    assert runs[2]["forward_tokens"] < runs[1]["forward_tokens"]
 
 
 def test_approximate_steps_predict_against_the_last_exact_context_and_run_no_prefix(tiny):
