@@ -5,10 +5,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from icm.backends import InProcessBackend
 from icm.cli import app
 from icm.data.claims import claims_from_records
 from icm.data.io import read_parquet_metadata
-from icm.label import label_file, zero_shot_records
+from icm.label import label_file, progress_text, zero_shot_records
 from icm.models import load_model
 from icm.scoring import ClaimScorer
 from icm.search import ICMConfig, ICMSearch, label_claims, make_batches
@@ -98,12 +99,70 @@ def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path, exact_
     with pytest.raises(KeyboardInterrupt):
         label_claims(claims, model, tokenizer, config, run_dir=run_dir, model_name="tiny", progress=interrupt)
     state = json.loads((run_dir / "checkpoint.json").read_text())
-    assert list(state["done"]) == ["0"] and state["current"][1]["iteration"] == 10
+    assert list(state["done"]) == ["0"] and list(state["current"]) == ["1"] and state["current"]["1"]["iteration"] == 10
     resumed, _ = label_claims(claims, model, tokenizer, config, run_dir=run_dir, resume=True, model_name="tiny")
     assert resumed == expected
     other = ICMConfig(iterations=40, batch_size=9, seed=4, exact_every=exact_every)
     with pytest.raises(ValueError, match="other claims, model or settings"):
         label_claims(claims, model, tokenizer, other, run_dir=run_dir, resume=True, model_name="tiny")
+
+
+class TwoLanes(InProcessBackend):
+    """The in-process model with two lanes, as two servers have: two batches searched at the same time, each lane
+    with its own scorer; records the lane each batch finished on."""
+
+    lanes = 2
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        self.finished: list[int | None] = []
+
+    def batch_done(self, lane: int | None) -> None:
+        self.finished.append(lane)
+
+
+def test_two_lanes_search_batches_at_the_same_time_and_give_the_sequential_labels(tiny):
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    config = ICMConfig(iterations=30, batch_size=6, seed=3)  # three batches of two questions
+    expected, summary = label_claims(claims, model, tokenizer, config, model_name="tiny")
+    lanes, seen = TwoLanes(model, tokenizer), []
+    results, concurrent = label_claims(claims, lanes, tokenizer, config, model_name="tiny", progress=seen.append)
+    assert results == expected and concurrent["trajectories"] == summary["trajectories"]
+    assert len(lanes.finished) == 3 and set(lanes.finished) == {0, 1}
+    assert max(len(info["running"]) for info in seen) == 2  # two batches were in flight together
+    assert label_claims(claims, InProcessBackend(model, tokenizer), tokenizer, config, model_name="tiny")[0] == expected
+
+
+def test_run_stopped_with_two_batches_in_flight_resumes_to_the_same_labels(tiny, tmp_path):
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    config = ICMConfig(iterations=30, batch_size=6, seed=3)
+    expected, _ = label_claims(claims, model, tokenizer, config, model_name="tiny")
+
+    def interrupt(info):
+        if len(info["running"]) == 2 and min(done for done, _ in info["running"].values()) >= 5:
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        label_claims(claims, TwoLanes(model, tokenizer), tokenizer, config, run_dir=run_dir, model_name="tiny",
+                     progress=interrupt)
+    state = json.loads((run_dir / "checkpoint.json").read_text())
+    assert state["format"] == 4 and len(state["current"]) == 2
+    assert all(s["iteration"] >= 5 for s in state["current"].values())
+    resumed, _ = label_claims(claims, TwoLanes(model, tokenizer), tokenizer, config, run_dir=run_dir, resume=True,
+                              model_name="tiny")
+    assert resumed == expected
+
+
+def test_progress_shows_batches_done_and_each_running_one():
+    info = {"batch": 2, "batches": 5, "iteration": 7, "iterations": 40, "utility": -1.5, "acceptance": 0.25,
+            "labels": {0: True, 1: False}, "done": 1, "running": {2: (7, 40), 1: (30, 40)}}
+    assert progress_text(info, [True, True]) == (
+        37, 80, "batches 1/5 done, running 2 (30/40) 3 (7/40)  batch 3: U -1.50  accept 25%  gold acc 50%")
+    alone = {**info, "running": {2: (7, 40)}}
+    assert progress_text(alone, None) == (7, 40, "batch 3/5  U -1.50  accept 25%")
 
 
 def test_polishing_only_raises_utility_and_ends_on_uncontradicted_or_rejected_labels(tiny):

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,26 +105,32 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    """The URL of a llama.cpp server started for this module."""
+def serve(tmp_path_factory, name: str, weights: Path | None = None) -> Iterator[str]:
+    """Start a llama.cpp server (see :func:`start_server`), yield its URL, stop it."""
     port = free_port()
-    server = start_server(port, tmp_path_factory.mktemp("llama-server") / "server.log")
+    server = start_server(port, tmp_path_factory.mktemp(name) / "server.log", weights)
     try:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    """The URL of a llama.cpp server started for this module."""
+    yield from serve(tmp_path_factory, "llama-server")
+
+
+@pytest.fixture(scope="module")
+def second_server(tmp_path_factory):
+    """The URL of another llama.cpp server on the same Q4_1 GGUF, started for this module."""
+    yield from serve(tmp_path_factory, "llama-server-2")
 
 
 @pytest.fixture(scope="module")
 def f32_server(tmp_path_factory):
     """The URL of a llama.cpp server on the F32 copy of the embedded GGUF, started for this module."""
-    port = free_port()
-    server = start_server(port, tmp_path_factory.mktemp("llama-server-f32") / "server.log", float_gguf(MODEL))
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop_server(server)
+    yield from serve(tmp_path_factory, "llama-server-f32", float_gguf(MODEL))
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +273,72 @@ def test_server_killed_and_restarted_mid_run_the_run_waits_and_finishes(tmp_path
     killed, uninterrupted = (pq.read_table(tmp_path / f"{name}.parquet").column("icm_label").to_pylist()
                              for name in ("killed", "whole"))
     assert killed == uninterrupted
+
+
+BATCHES = ["--model", MODEL, "--seed", "2", "--batch-size", "8", "--initial-labels", "4", "--iterations", "8",
+           "--polish-iterations", "2", "--max-context-tokens", "256", "--concurrency", "4"]
+"""16 capital claims in two batches of 8 (four countries each), searched briefly."""
+
+
+def labels_and_scores(path: Path) -> tuple[list[bool], list[float]]:
+    table = pq.read_table(path)
+    return table.column("icm_label").to_pylist(), table.column("icm_score").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def one_server_run(llama_server, tmp_path_factory):
+    """(labels, scores, run.json) of the two batches searched one after the other on one server."""
+    d = tmp_path_factory.mktemp("one-server")
+    src = write_jsonl(d / "capitals.jsonl", capital_claims())
+    result = runner.invoke(app, ["label", str(src), "-o", str(d / "labels.parquet"), "--base-url", llama_server,
+                                 *BATCHES])
+    assert result.exit_code == 0, result.output
+    return (*labels_and_scores(d / "labels.parquet"), json.loads((d / "labels.run" / "run.json").read_text()))
+
+
+def test_two_servers_search_a_batch_each_and_give_the_labels_of_one_server(llama_server, second_server,
+                                                                           one_server_run, tmp_path):
+    labels, scores, run = one_server_run
+    assert run["batches"] == 2 and run["backend"]["batches_per_server"] == {llama_server: 2}
+    assert run["backend"]["batches_spread"] == 0
+    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
+    out = tmp_path / "labels.parquet"
+    result = runner.invoke(app, ["label", str(src), "-o", str(out), "--base-url", llama_server,
+                                 "--base-url", second_server, *BATCHES])
+    assert result.exit_code == 0, result.output
+    assert labels_and_scores(out) == (labels, scores)
+    backend = json.loads((tmp_path / "labels.run" / "run.json").read_text())["backend"]
+    assert backend["batches_per_server"] == {llama_server: 1, second_server: 1} and backend["batches_spread"] == 0
+    assert set(backend["requests_per_server"]) == {llama_server, second_server}
+
+
+def test_killed_with_two_batches_in_flight_resumes_to_the_labels_of_an_uninterrupted_run(
+        llama_server, second_server, one_server_run, tmp_path):
+    """SIGKILL `icm label` on two servers once its checkpoint holds both batches mid-search; --resume finishes
+    with exactly the labels (and scores) of the uninterrupted one-server run."""
+    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
+    args = ["label", str(src), "-o", str(tmp_path / "labels.parquet"), "--base-url", llama_server,
+            "--base-url", second_server, *BATCHES]
+    env = {**os.environ, "ICM_CHECKPOINT_SECONDS": "0", "OMP_NUM_THREADS": "1"}
+    label = subprocess.Popen([sys.executable, "-m", "icm", "-q", *args], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoint, current = tmp_path / "labels.run" / "checkpoint.json", {}
+    deadline = time.monotonic() + 300
+    try:
+        while not (len(current) == 2 and all(s["iteration"] >= 1 for s in current.values())):
+            assert label.poll() is None, "icm label ended before both batches were in flight"
+            assert time.monotonic() < deadline, "the checkpoint never showed two batches in flight"
+            time.sleep(0.05)
+            try:
+                current = json.loads(checkpoint.read_text())["current"]
+            except (OSError, ValueError):
+                pass
+    finally:
+        os.killpg(label.pid, signal.SIGKILL)
+        label.wait()
+    state = json.loads(checkpoint.read_text())
+    assert state["done"] == {} and sorted(state["current"]) == ["0", "1"]
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    labels, scores, _ = one_server_run
+    assert labels_and_scores(tmp_path / "labels.parquet") == (labels, scores)
