@@ -196,6 +196,22 @@ def test_label_cli_writes_parquet_and_run_json(tiny_model_dir, tmp_path):
     assert run["template"]["claim"].startswith("Question: {question}")
 
 
+def test_label_separator_option_reads_escapes_and_is_a_recipe_key(tiny_model_dir, tmp_path):
+    src = write_jsonl(tmp_path / "claims.jsonl", arithmetic_claims(2))
+    base = ["label", str(src), "--model", tiny_model_dir, "--iterations", "4", "--dtype", "fp32"]
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "a.parquet"), "--separator", r"\n"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a.run" / "run.json").read_text())["template"]["separator"] == "\n"
+    assert "separator: \\n" in (tmp_path / "a.run" / "recipe.yaml").read_text()  # as given: reruns the same
+    (tmp_path / "r.yaml").write_text("separator: '\\t'\n")  # YAML single quotes: a backslash and a t
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "b.parquet"), "--config", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b.run" / "run.json").read_text())["template"]["separator"] == "\t"
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "c.parquet"), "--separator", r"\x"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: --separator: bad escape in '\\\\x' (truncated \\xXX escape)"]
+
+
 def test_label_cli_exact_every_1_switches_the_approximation_off(tiny_model_dir, tmp_path):
     src = write_jsonl(tmp_path / "claims.jsonl", arithmetic_claims())
     runs = {}

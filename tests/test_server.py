@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 
 from icm.cli import app
 from icm.data.claims import claims_from_records
-from icm.models import ModelNotFoundError, _alias_gguf, float_gguf, load_model
+from icm.models import ModelNotFoundError, _alias_gguf, float_gguf, load_model, load_tokenizer
 from icm.scoring import ClaimScorer, PromptTemplate
-from icm.server import ServerConfig, connect
+from icm.server import ServerBackend, ServerConfig, connect
 
 runner = CliRunner()
 MODEL = "smollm2-135m"
@@ -275,6 +275,36 @@ def test_server_killed_and_restarted_mid_run_the_run_waits_and_finishes(tmp_path
     assert killed == uninterrupted
 
 
+def test_seam_check_flags_the_default_separator_of_a_text_only_server(capsys):
+    """No server needed: SmolLM2 encodes the default separator "\\n\\n" alone as one token, but as two "\\n" when
+    the joined prompt is tokenized (what a text-only server does); a one-newline separator gives the same tokens,
+    the paper's "is " + "True" split does not. The report says so and one warning line says what to do."""
+    claims = claims_from_records(capital_claims(), "capitals")
+    tokenizer = load_tokenizer(MODEL)
+    capsys.readouterr()  # the conversion's progress bars
+
+    def seams(*templates: PromptTemplate, token_prompts: bool = False) -> tuple[dict, list[str]]:
+        backend = ServerBackend(ServerConfig(base_urls=("http://127.0.0.1:9/v1",), model=MODEL))  # never contacted
+        try:
+            backend.tokenizer, backend.token_prompts = tokenizer, token_prompts
+            for template in templates:
+                backend.scorer(claims, template, 512, 16)
+            report = backend.report()
+        finally:
+            backend.close()
+        return ({k: report[k] for k in ("token_seams_differ", "token_seams_separator")},
+                capsys.readouterr().err.splitlines())
+
+    report, lines = seams(PromptTemplate(), PromptTemplate())  # two scorers (two lanes): one warning
+    assert report == {"token_seams_differ": True, "token_seams_separator": "\n\n"}
+    assert len(lines) == 1 and lines[0].startswith("warning: http://127.0.0.1:9/v1 takes text prompts only")
+    assert "(separator '\\n\\n')" in lines[0] and "token-id prompts" in lines[0] and "--separator '\\n'" in lines[0]
+    assert seams(PromptTemplate(separator="\n")) == ({"token_seams_differ": False, "token_seams_separator": "\n"}, [])
+    assert seams(PromptTemplate(separator="\n", space="prompt"))[0]["token_seams_differ"] is True
+    assert seams(PromptTemplate(), token_prompts=True) == (
+        {"token_seams_differ": None, "token_seams_separator": None}, [])  # token ids: nothing to check
+
+
 BATCHES = ["--model", MODEL, "--seed", "2", "--batch-size", "8", "--initial-labels", "4", "--iterations", "8",
            "--polish-iterations", "2", "--max-context-tokens", "256", "--concurrency", "4"]
 """16 capital claims in two batches of 8 (four countries each), searched briefly."""
@@ -300,7 +330,7 @@ def test_two_servers_search_a_batch_each_and_give_the_labels_of_one_server(llama
                                                                            one_server_run, tmp_path):
     labels, scores, run = one_server_run
     assert run["batches"] == 2 and run["backend"]["batches_per_server"] == {llama_server: 2}
-    assert run["backend"]["batches_spread"] == 0
+    assert run["backend"]["batches_spread"] == 0 and run["backend"]["token_seams_differ"] is True
     src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
     out = tmp_path / "labels.parquet"
     result = runner.invoke(app, ["label", str(src), "-o", str(out), "--base-url", llama_server,
