@@ -1,5 +1,6 @@
 import json
 import random
+import threading
 
 import pyarrow.parquet as pq
 import pytest
@@ -126,11 +127,17 @@ def test_two_lanes_search_batches_at_the_same_time_and_give_the_sequential_label
     claims = claims_from_records(arithmetic_claims(6))
     config = ICMConfig(iterations=30, batch_size=6, seed=3)  # three batches of two questions
     expected, summary = label_claims(claims, model, tokenizer, config, model_name="tiny")
-    lanes, seen = TwoLanes(model, tokenizer), []
-    results, concurrent = label_claims(claims, lanes, tokenizer, config, model_name="tiny", progress=seen.append)
+    lanes, seen, both = TwoLanes(model, tokenizer), [], threading.Barrier(2)
+
+    def record(info):  # batches 0 and 1 wait for each other after their first step: both in flight, surely
+        seen.append(info)
+        if info["batch"] < 2 and info["iteration"] == 1:
+            both.wait(timeout=60)
+
+    results, concurrent = label_claims(claims, lanes, tokenizer, config, model_name="tiny", progress=record)
     assert results == expected and concurrent["trajectories"] == summary["trajectories"]
     assert len(lanes.finished) == 3 and set(lanes.finished) == {0, 1}
-    assert max(len(info["running"]) for info in seen) == 2  # two batches were in flight together
+    assert max(len(info["running"]) for info in seen) == 2
     assert label_claims(claims, InProcessBackend(model, tokenizer), tokenizer, config, model_name="tiny")[0] == expected
 
 
@@ -140,8 +147,11 @@ def test_run_stopped_with_two_batches_in_flight_resumes_to_the_same_labels(tiny,
     config = ICMConfig(iterations=30, batch_size=6, seed=3)
     expected, _ = label_claims(claims, model, tokenizer, config, model_name="tiny")
 
-    def interrupt(info):
-        if len(info["running"]) == 2 and min(done for done, _ in info["running"].values()) >= 5:
+    both = threading.Barrier(2)
+
+    def interrupt(info):  # batches 0 and 1 both reach step 5, then Ctrl-C lands in both lanes
+        if info["iteration"] == 5:
+            both.wait(timeout=60)
             raise KeyboardInterrupt
 
     run_dir = tmp_path / "run"
@@ -149,8 +159,8 @@ def test_run_stopped_with_two_batches_in_flight_resumes_to_the_same_labels(tiny,
         label_claims(claims, TwoLanes(model, tokenizer), tokenizer, config, run_dir=run_dir, model_name="tiny",
                      progress=interrupt)
     state = json.loads((run_dir / "checkpoint.json").read_text())
-    assert state["format"] == 4 and len(state["current"]) == 2
-    assert all(s["iteration"] >= 5 for s in state["current"].values())
+    assert state["format"] == 4 and state["done"] == {}
+    assert {b: s["iteration"] for b, s in state["current"].items()} == {"0": 5, "1": 5}
     resumed, _ = label_claims(claims, TwoLanes(model, tokenizer), tokenizer, config, run_dir=run_dir, resume=True,
                               model_name="tiny")
     assert resumed == expected
