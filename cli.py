@@ -268,6 +268,7 @@ def label(
     max_context_tokens: int = typer.Option(2048, min=64, help="Token budget of demonstrations plus target."),
     balance: str = typer.Option("center", help="Collapse guard: center (subtract mean log-odds) or none."),
     label_space: str = typer.Option("auto", help="Space before the label word: auto, label (' True'), prompt ('is ')."),
+    separator: str = typer.Option(r"\n\n", help="Text after each demonstration's label (Python escapes: \\n)."),
     resume: bool = typer.Option(False, help="Continue an interrupted search from RUN_DIR/checkpoint.json."),
     run_dir: Path | None = typer.Option(None, help="Run directory (run.json, checkpoint) [default: OUTPUT.run]."),
     dtype: str = typer.Option("auto", help="auto (bf16 where fast), bf16, fp16 or fp32."),
@@ -305,7 +306,7 @@ def label(
     from icm.data.claims import ClaimFields
     from icm.iterative import IterativeConfig
     from icm.label import label_file, run_dir_for
-    from icm.scoring import PromptTemplate
+    from icm.scoring import PromptTemplate, unescape
     from icm.search import ICMConfig
 
     try:
@@ -315,7 +316,7 @@ def label(
                            polish_iterations=polish_iterations, batch_size=batch_size,
                            folds=folds, see_group=see_group, max_context_tokens=max_context_tokens,
                            balance=balance, seed=seed, **speed_options(exact_every, check_every))
-        template = PromptTemplate(space=label_space)
+        template = PromptTemplate(space=label_space, separator=unescape(separator, "--separator"))
         generation = GenerationConfig(num_candidates=num_candidates, temperature=temperature,
                                       max_new_tokens=max_new_tokens, seed=seed)
         options = closed_answers(answers) if answers else None

@@ -88,8 +88,8 @@ def _label_progress(d: Path) -> str:
         state = json.loads((d / "labels.run" / "checkpoint.json").read_text())
     except (OSError, ValueError):
         return "no checkpoint yet"
-    current = state.get("current")
-    where = f"batch {current[0]} step {current[1]['iteration']}" if current else "between batches"
+    current = state.get("current") or {}
+    where = ", ".join(f"batch {b} step {s['iteration']}" for b, s in current.items()) or "between batches"
     return f"{len(state['done'])} batches done, {where}"
 
 

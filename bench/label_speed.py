@@ -53,7 +53,7 @@ from icm.data.claims import claims_from_records, gold_labels  # noqa: E402
 from icm.data.io import read_records  # noqa: E402
 from icm.label import accuracy  # noqa: E402
 from icm.models import load_model  # noqa: E402
-from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate  # noqa: E402
+from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate, unescape  # noqa: E402
 from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
 
 VARIANTS = {
@@ -168,7 +168,7 @@ def main() -> None:
                         help="text after each demonstration's label, with Python escapes (e.g. '\\n')")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    args.template = PromptTemplate(separator=args.separator.encode().decode("unicode_escape"))
+    args.template = PromptTemplate(separator=unescape(args.separator, "--separator"))
 
     records = CLAIM_SETS[args.claims](args.n, 0) if args.claims in CLAIM_SETS else read_records(args.claims)[:args.n]
     claims, gold = claims_from_records(records, args.claims), gold_labels(records, args.claims)

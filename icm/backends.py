@@ -51,10 +51,20 @@ class Scorer(Protocol):
 class Backend(ABC):
     """A model that scores claims and samples completions."""
 
+    @property
+    def lanes(self) -> int:
+        """How many batches can be searched at the same time, each by its own scorer (one per server)."""
+        return 1
+
     @abstractmethod
     def scorer(self, claims: list[Claim], template: PromptTemplate | None, max_context_tokens: int | None,
-               batch_size: int, prefix_versions: int = 2) -> Scorer:
-        """A scorer of ``claims`` written with ``template``, demonstrations packed into ``max_context_tokens``."""
+               batch_size: int, prefix_versions: int = 2, lane: int | None = None) -> Scorer:
+        """A scorer of ``claims`` written with ``template``, demonstrations packed into ``max_context_tokens``;
+        ``lane`` (below :attr:`lanes`) is where its work goes, None: anywhere (spread over every server)."""
+
+    def batch_done(self, lane: int | None) -> None:
+        """A batch's search on ``lane`` finished (counted in the report where lanes are servers)."""
+        return None  # nothing to count in this process
 
     @abstractmethod
     def sample_completions(self, prompts: list[str], **kwargs: Any) -> list[list[Completion]]:
@@ -72,7 +82,7 @@ class InProcessBackend(Backend):
         self.model, self.tokenizer = model, tokenizer
 
     def scorer(self, claims: list[Claim], template: PromptTemplate | None, max_context_tokens: int | None,
-               batch_size: int, prefix_versions: int = 2) -> ClaimScorer:
+               batch_size: int, prefix_versions: int = 2, lane: int | None = None) -> ClaimScorer:
         return ClaimScorer(self.model, self.tokenizer, claims, template, max_context_tokens, batch_size,
                            prefix_versions=prefix_versions)
 

@@ -52,6 +52,22 @@ def accuracy(labels: dict[int, bool] | list[bool], gold: list[bool | None]) -> f
     return float(np.mean(hits)) if hits else None
 
 
+def progress_text(info: dict[str, Any], gold: list[bool | None] | None) -> tuple[int, int, str]:
+    """(steps done, steps in all, description) of the progress bar after a search step (``info`` as
+    ``label_claims`` reports it): the batch's own steps, or, with several batches searched at the same time,
+    the steps of all of them and each one's progress, the numbers after the batch that reported."""
+    running = info.get("running") or {info["batch"]: (info["iteration"], info["iterations"])}
+    stats = f"U {info['utility']:.2f}  accept {info['acceptance']:.0%}"
+    if gold is not None and (acc := accuracy(info["labels"], gold)) is not None:
+        stats += f"  gold acc {acc:.0%}"
+    if len(running) == 1:
+        return info["iteration"], info["iterations"], f"batch {info['batch'] + 1}/{info['batches']}  {stats}"
+    each = " ".join(f"{b + 1} ({done}/{steps})" for b, (done, steps) in sorted(running.items()))
+    text = (f"batches {info.get('done', 0)}/{info['batches']} done, running {each}  "
+            f"batch {info['batch'] + 1}: {stats}")
+    return sum(done for done, _ in running.values()), sum(steps for _, steps in running.values()), text
+
+
 def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMConfig | None = None, *,
                   template: PromptTemplate | None = None, fields: ClaimFields | None = None,
                   run_dir: Path | None = None, resume: bool = False, model_name: str = "",
@@ -69,11 +85,8 @@ def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMCo
     task = progress.add_task("", total=None)
 
     def on_progress(info: dict[str, Any]) -> None:
-        text = f"batch {info['batch'] + 1}/{info['batches']}  U {info['utility']:.2f}  accept {info['acceptance']:.0%}"
-        if gold is not None:
-            acc = accuracy(info["labels"], gold)
-            text += f"  gold acc {acc:.0%}" if acc is not None else ""
-        progress.update(task, completed=info["iteration"], total=info["iterations"], description=text)
+        completed, total, text = progress_text(info, gold)
+        progress.update(task, completed=completed, total=total, description=text)
 
     search = label_claims if iterative is None else functools.partial(label_iteratively, iterative=iterative)
     with progress:

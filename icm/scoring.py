@@ -50,6 +50,15 @@ class PromptTemplate:
         return template.format(question=claim.question, choice=claim.choice, choice_2=claim.choice_2 or "")
 
 
+def unescape(text: str, name: str = "text") -> str:
+    """``text`` with its Python escapes (``\\n``, ``\\t``, ``\\u00e9``) read, e.g. a separator given on the
+    command line; a bad escape is a ``ValueError`` naming ``name``."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{name}: bad escape in {text!r} ({error.reason})") from None
+
+
 def _single_token(tokenizer, text: str) -> int | None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     return ids[0] if len(ids) == 1 else None

@@ -7,13 +7,15 @@ Gold labels are never passed to the search."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,12 @@ class BatchState:
     """Per step: 1 a proposal was accepted, 0 rejected, -1 no proposal (the label already matched)."""
     context: dict[int, bool] = field(default_factory=dict)
     """The labels as of the last exact step: the demonstrations that approximate steps predict against."""
+
+    def copy(self) -> BatchState:
+        """A copy that the search's later steps leave unchanged (what a checkpoint holds between its writes)."""
+        return replace(self, labels=dict(self.labels), trajectory=list(self.trajectory), rejected=list(self.rejected),
+                       log_odds=dict(self.log_odds), outcomes=list(self.outcomes), context=dict(self.context),
+                       rng_state=copy.deepcopy(self.rng_state))
 
 
 class ICMSearch:
@@ -296,8 +304,9 @@ def fingerprint(claims: list[Claim], config: ICMConfig, model_name: str) -> str:
 
 DONE_KEYS = {"labels", "scores", "trajectory", "proposals", "accepted", "iterations", "inconsistencies", "checks",
              "disagreements", "constraints"}
-CHECKPOINT_FORMAT = 3
-"""Version of ``checkpoint.json``'s layout; a checkpoint of another format is refused, not misread."""
+CHECKPOINT_FORMAT = 4
+"""Version of ``checkpoint.json``'s layout; a checkpoint of another format is refused, not misread.
+4: ``current`` holds the state of every batch being searched, by batch number (3: one ``[batch, state]``)."""
 
 
 def checkpoint_seconds() -> float:
@@ -314,14 +323,17 @@ def _restart(path: Path) -> str:
 
 
 class Checkpoint:
-    """The search state on disk (``run_dir/checkpoint.json``), written atomically."""
+    """The search state on disk (``run_dir/checkpoint.json``), written atomically. Not thread-safe:
+    :func:`label_claims` serializes its use when batches run concurrently."""
 
     def __init__(self, run_dir: Path | None, fingerprint: str, every_seconds: float | None = None):
         self.path = run_dir / "checkpoint.json" if run_dir else None
         self.fingerprint = fingerprint
         self.every = checkpoint_seconds() if every_seconds is None else every_seconds
         self.done: dict[str, dict[str, Any]] = {}
-        self.current: tuple[int, BatchState] | None = None
+        """Finished batches by batch number (as a string): labels, scores and counters."""
+        self.current: dict[int, BatchState] = {}
+        """The last finished step of each batch being searched, by batch number."""
         self._last = time.monotonic()
 
     @staticmethod
@@ -354,13 +366,12 @@ class Checkpoint:
             for batch in done.values():
                 if missing := DONE_KEYS - set(batch):
                     raise KeyError(", ".join(sorted(missing)))
-            current = None
-            if data.get("current"):
-                b, s = data["current"]
+            current = {}
+            for b, s in data["current"].items():
                 s = dict(s, labels={int(k): bool(v) for k, v in s["labels"].items()},
                          log_odds={int(k): float(v) for k, v in s["log_odds"].items()},
                          context={int(k): bool(v) for k, v in s["context"].items()})
-                current = (int(b), BatchState(**s))
+                current[int(b)] = BatchState(**s)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise InputError(self.path, f"damaged checkpoint ({type(error).__name__}: {error}); {restart}") from None
         self.done, self.current = done, current
@@ -368,10 +379,14 @@ class Checkpoint:
     def save(self, force: bool = False) -> None:
         if not self.path or (not force and time.monotonic() - self._last < self.every):
             return
-        current = [self.current[0], asdict(self.current[1])] if self.current else None
+        current = {str(b): asdict(s) for b, s in sorted(self.current.items())}
         write_json(self.path, {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "done": self.done,
                                "current": current})
         self._last = time.monotonic()
+
+
+class _Stopped(Exception):
+    """Ends a batch's search because another one failed or was interrupted (its last step is checkpointed)."""
 
 
 def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None = None, *,
@@ -384,53 +399,105 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
 
     ``batches`` replaces :func:`make_batches`; ``labeller(b, done)`` gives the model that searches batch ``b``
     given the finished batches ``done`` (checkpoint entries by batch number), e.g. one fine-tuned on their labels
-    (iterative ICM, ``icm.iterative``); by default ``model`` searches every batch."""
+    (iterative ICM, ``icm.iterative``); by default ``model`` searches every batch.
+
+    A backend with several lanes (``Backend.lanes``: one per server) searches up to that many batches at the
+    same time, one thread each, each batch's requests going to its lane's server; the lane is the only thing
+    that differs, so the labels are those of a sequential run. One lane (in-process, one server, a labeller, or a
+    single batch left): one batch after another in this thread, as before."""
     config = config or ICMConfig()
+    backend = as_backend(model, tokenizer)
 
-    def make_scorer(m) -> Scorer:  # m: a transformers model or an icm.backends.Backend (e.g. a server)
+    def make_scorer(m, lane: int | None = None) -> Scorer:  # m: a transformers model or an icm.backends.Backend
         return as_backend(m, tokenizer).scorer(claims, template, config.max_context_tokens, config.scoring_batch_size,
-                                               prefix_versions=2 if config.reuse_scores else 1)
+                                               prefix_versions=2 if config.reuse_scores else 1, lane=lane)
 
-    scorer = make_scorer(model)
     batches = batches or make_batches(claims, config.batch_size, config.seed)
     checkpoint = Checkpoint(run_dir, fingerprint(claims, config, model_name))
     if resume:
         checkpoint.load()
     elif run_dir and checkpoint.path.exists():
         checkpoint.path.unlink()
+    todo = [b for b in range(len(batches)) if str(b) not in checkpoint.done]
+    lanes = 1 if labeller is not None else max(1, min(backend.lanes, len(todo)))
+    pending = iter(todo)
+    lock, stop = threading.Lock(), threading.Event()  # the lock guards checkpoint, running, pending and errors
+    running: dict[int, tuple[int, int]] = {}  # batch -> (steps done, steps in all), for the progress display
+    errors: list[BaseException] = []
     started = time.monotonic()
-    for b, members in enumerate(batches):
-        if str(b) in checkpoint.done:
-            continue
-        if labeller is not None:
-            scorer = make_scorer(labeller(b, checkpoint.done))
+
+    def search_batch(b: int, scorer: Scorer, lane: int | None) -> None:
         tokens = (scorer.forward_tokens, scorer.uncached_tokens)
-        search = ICMSearch(scorer, members, config, batch_index=b)
-        state = checkpoint.current[1] if checkpoint.current and checkpoint.current[0] == b else None
+        search = ICMSearch(scorer, batches[b], config, batch_index=b)
+        steps = search.iterations + search.polish_iterations
+        with lock:
+            state = checkpoint.current.get(b)
+            running[b] = (state.iteration if state else 0, steps)
 
-        def on_step(s: BatchState, b: int = b, search: ICMSearch = search) -> None:
-            checkpoint.current = (b, s)
-            checkpoint.save()
+        def on_step(s: BatchState) -> None:
+            with lock:
+                checkpoint.current[b] = snapshot = s.copy()
+                running[b] = (s.iteration, steps)
+                checkpoint.save()
+                info = {"batch": b, "batches": len(batches), "iteration": s.iteration, "iterations": steps,
+                        "utility": s.trajectory[-1], "labels": snapshot.labels,
+                        "acceptance": s.accepted / max(s.proposals, 1), "done": len(checkpoint.done),
+                        "running": dict(running)}
+            if stop.is_set():
+                raise _Stopped
             if progress:
-                progress({"batch": b, "batches": len(batches), "iteration": s.iteration,
-                          "iterations": search.iterations + search.polish_iterations, "utility": s.trajectory[-1],
-                          "labels": s.labels, "acceptance": s.accepted / max(s.proposals, 1)})
+                progress(info)
 
-        try:
-            state, z = search.run(state, on_step)
-        except BaseException:  # Ctrl-C, a server gone: the last finished step is kept for --resume
-            checkpoint.save(force=True)
-            raise
-        checkpoint.done[str(b)] = {
-            "labels": {str(i): y for i, y in state.labels.items()}, "scores": {str(i): z[i] for i in members},
+        state, z = search.run(state, on_step)
+        entry = {
+            "labels": {str(i): y for i, y in state.labels.items()}, "scores": {str(i): z[i] for i in batches[b]},
             "trajectory": state.trajectory, "proposals": state.proposals, "accepted": state.accepted,
             "iterations": state.iteration, "inconsistencies": search.index.count(state.labels),
             "checks": state.checks, "disagreements": state.disagreements,
             "constraints": len(search.index.constraints), "outcomes": state.outcomes,
             "forward_tokens": scorer.forward_tokens - tokens[0], "uncached_tokens": scorer.uncached_tokens - tokens[1],
         }
-        checkpoint.current = None
+        with lock:
+            checkpoint.done[str(b)] = entry
+            checkpoint.current.pop(b, None)
+            running.pop(b, None)
+            checkpoint.save(force=True)
+        backend.batch_done(lane)
+
+    def lane_work(lane: int) -> None:
+        """Search batches on ``lane`` until none is left or another lane stops the run."""
+        try:
+            pinned = lane if lanes > 1 else None  # one lane: requests spread over every server, as before
+            scorer = make_scorer(model, pinned) if labeller is None else None
+            while True:
+                with lock:
+                    b = None if stop.is_set() else next(pending, None)
+                if b is None:
+                    return
+                search_batch(b, make_scorer(labeller(b, checkpoint.done)) if labeller else scorer, pinned)
+        except _Stopped:
+            pass
+        except BaseException as error:  # Ctrl-C, a server gone: every lane's last finished step is kept
+            with lock:
+                errors.append(error)
+            stop.set()
+
+    helpers = [threading.Thread(target=lane_work, args=(k,), name=f"icm-lane-{k}", daemon=True)
+               for k in range(1, lanes)]
+    for thread in helpers:
+        thread.start()
+    lane_work(0)  # in this thread, where a Ctrl-C lands
+    try:
+        for thread in helpers:
+            thread.join()
+    except BaseException as error:  # Ctrl-C while the other lanes finish
+        errors.append(error)
+        stop.set()
+        for thread in helpers:
+            thread.join()
+    if errors:
         checkpoint.save(force=True)
+        raise errors[0]
     return _collect(claims, checkpoint.done, time.monotonic() - started)
 
 
@@ -441,6 +508,7 @@ def batch_labels(batch: dict[str, Any]) -> dict[int, bool]:
 
 def _collect(claims: list[Claim], done: dict[str, dict[str, Any]], seconds: float) -> tuple[list[dict[str, Any]], dict]:
     results: list[dict[str, Any]] = [{} for _ in claims]
+    done = {b: done[b] for b in sorted(done, key=int)}  # batch order, whatever order they finished in
     for batch in done.values():
         for i, label in batch_labels(batch).items():
             results[i] = {"icm_label": label, "icm_score": float(batch["scores"][str(i)]),

@@ -43,6 +43,7 @@ from icm.data.candidates import (
     truncate_at_stop,
 )
 from icm.data.claims import Claim
+from icm.data.console import console
 from icm.data.io import InputError, ServerError
 from icm.scoring import PromptTemplate, _adds_bos, resolve_label_tokens
 
@@ -89,9 +90,11 @@ class ServerStats:
     cached_prompt_tokens: int | None = None  # only when a server reports it (vLLM: --enable-prompt-tokens-details)
     label_word_missing: int = 0  # scoring requests where one label word was not in the top logprobs
     label_words_missing: int = 0  # ... where neither was (log-odds 0)
-    seconds: float = 0.0  # wall time spent waiting on servers
+    seconds: float = 0.0  # wall time spent waiting on servers (by any thread)
     request_seconds: float = 0.0  # summed over requests, queueing at the client excluded (mean latency)
-    per_server: dict[str, int] = field(default_factory=dict)
+    per_server: dict[str, int] = field(default_factory=dict)  # requests per server
+    batches_per_server: dict[str, int] = field(default_factory=dict)  # ICM batches searched on one server each
+    batches_spread: int = 0  # ICM batches whose requests were spread over several servers (a lone batch)
 
 
 class _EventLoop:
@@ -137,6 +140,11 @@ class ServerBackend(Backend):
         self.clients = self._loop.run(clients())
         self._limits = self._loop.run(self._semaphores())
         self._calls = 0
+        self._lock = threading.Lock()  # for what threads other than the loop's update: wall time, batch counts
+        self._waiting, self._since = 0, 0.0  # threads waiting on servers, and since when one has been
+        self.token_seams: dict[str, Any] | None = None
+        """Text prompts only: whether the joined text re-tokenizes differently from the scorer's token pieces
+        (``differ``), checked once per scorer, and the ``separator`` checked."""
 
     async def _semaphores(self) -> list[asyncio.Semaphore]:
         return [asyncio.Semaphore(self.config.concurrency) for _ in self.config.base_urls]
@@ -185,6 +193,19 @@ class ServerBackend(Backend):
     def close(self) -> None:
         self._loop.close()
 
+    @property
+    def lanes(self) -> int:
+        """One lane per server: as many ICM batches can be searched at the same time."""
+        return len(self.clients)
+
+    def batch_done(self, lane: int | None) -> None:
+        with self._lock:
+            if lane is None and len(self.clients) > 1:
+                self.stats.batches_spread += 1
+            else:
+                url = self.config.base_urls[lane or 0]
+                self.stats.batches_per_server[url] = self.stats.batches_per_server.get(url, 0) + 1
+
     def report(self) -> dict[str, Any]:
         stats = self.stats
         return {"backend": "server", "servers": list(self.config.base_urls), "served_model": self.config.model,
@@ -194,7 +215,10 @@ class ServerBackend(Backend):
                 "completion_tokens": stats.completion_tokens, "cached_prompt_tokens": stats.cached_prompt_tokens,
                 "label_word_missing": stats.label_word_missing, "label_words_missing": stats.label_words_missing,
                 "server_seconds": stats.seconds, "mean_request_seconds": stats.request_seconds / max(stats.requests, 1),
-                "requests_per_server": stats.per_server}
+                "requests_per_server": stats.per_server, "batches_per_server": stats.batches_per_server,
+                "batches_spread": stats.batches_spread,
+                "token_seams_differ": self.token_seams["differ"] if self.token_seams else None,
+                "token_seams_separator": self.token_seams["separator"] if self.token_seams else None}
 
     # -- requests -----------------------------------------------------------------------------------------
     async def _request(self, server: int, **kwargs: Any):
@@ -221,15 +245,22 @@ class ServerBackend(Backend):
         return response
 
     def run_all(self, jobs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
-        """Run coroutine factories concurrently (each bounded by its server's limit), results in order."""
+        """Run coroutine factories concurrently (each bounded by its server's limit), results in order. Safe to
+        call from several threads at once (one per ICM batch being searched)."""
         async def gather() -> list[T]:
             return list(await asyncio.gather(*(job() for job in jobs)))
 
-        started = time.perf_counter()
+        with self._lock:
+            self._waiting += 1
+            if self._waiting == 1:
+                self._since = time.perf_counter()
         try:
             return self._loop.run(gather())
         finally:
-            self.stats.seconds += time.perf_counter() - started
+            with self._lock:
+                self._waiting -= 1
+                if self._waiting == 0:
+                    self.stats.seconds += time.perf_counter() - self._since
 
     def spread(self, n: int) -> list[int]:
         """Servers for a call's ``n`` requests: contiguous blocks (shared prefixes stay together), the first
@@ -250,8 +281,29 @@ class ServerBackend(Backend):
 
     # -- the Backend interface ----------------------------------------------------------------------------
     def scorer(self, claims: list[Claim], template: PromptTemplate | None, max_context_tokens: int | None,
-               batch_size: int, prefix_versions: int = 2) -> ServerScorer:
-        return ServerScorer(self, claims, template or PromptTemplate(), max_context_tokens, batch_size)
+               batch_size: int, prefix_versions: int = 2, lane: int | None = None) -> ServerScorer:
+        """A scorer whose requests go to server ``lane`` (all of one batch's prompts in that server's prefix
+        cache), or, with None, are spread over every server."""
+        scorer = ServerScorer(self, claims, template or PromptTemplate(), max_context_tokens, batch_size, lane)
+        if not self.token_prompts and claims:
+            self._check_seams(scorer)
+        return scorer
+
+    def _check_seams(self, scorer: ServerScorer) -> None:
+        """Record whether a text-only server tokenizes the joined prompt as the scorer's pieces are tokenized,
+        and say once what to do when it does not."""
+        separator = scorer.template.separator
+        differ = not scorer.seams_match()
+        with self._lock:
+            warn = differ and not (self.token_seams and self.token_seams["differ"])
+            if self.token_seams is None or differ:
+                self.token_seams = {"differ": differ, "separator": separator}
+        if warn:
+            console.print(f"[yellow]warning:[/] {self.config.base_urls[0]} takes text prompts only and tokenizes the "
+                          f"joined demonstrations (separator {separator!r}) into other tokens than the in-process "
+                          "scorer runs (log-odds moved by up to 0.45 on SmolLM2); serve the model with a server that "
+                          "takes token-id prompts (vLLM, SGLang, llama.cpp's llama-server), or pass --separator '\\n' "
+                          "(measured to give the same tokens for SmolLM2)", highlight=False, soft_wrap=True)
 
     def sample_completions(self, prompts: list[str], *, num_samples: int = 1, temperature: float = 0.0,
                            top_p: float = 1.0, max_new_tokens: int = 256, stop: Sequence[str] = (),
@@ -314,9 +366,11 @@ class ServerScorer:
     ``icm.scoring.ClaimScorer``, one ``max_tokens=1`` request per target."""
 
     def __init__(self, backend: ServerBackend, claims: list[Claim], template: PromptTemplate,
-                 max_context_tokens: int | None, batch_size: int):
+                 max_context_tokens: int | None, batch_size: int, server: int | None = None):
         self.backend, self.claims, self.template, self.batch_size = backend, claims, template, batch_size
-        tokenizer = backend.tokenizer
+        self.server = server
+        """The server every request goes to; None: each call's requests are spread over the servers."""
+        self.tokenizer = tokenizer = backend.tokenizer
         _, _, label_space = resolve_label_tokens(tokenizer, template)
         space = " " if label_space else ""
         self.words = {True: space + template.true_word, False: space + template.false_word}
@@ -340,6 +394,18 @@ class ServerScorer:
     def keep(self, targets: list[int], demos: Iterable[tuple[int, bool]], slot: Hashable) -> None:
         """Nothing to keep here: the server's own prefix cache decides what stays."""
 
+    def seams_match(self) -> bool:
+        """Whether the text of a demonstration (the first claim, with either label), the separator and the next
+        claim tokenizes, joined, into the ids of its pieces: what a text-only server runs vs the in-process
+        scorer (SmolLM2: the default separator "\\n\\n" is one token alone, two "\\n" before "Question")."""
+        demo, target = 0, min(1, len(self.claims) - 1)
+        for y in (True, False):
+            text = self.prompt_text[demo] + self.words[y] + self.template.separator + self.prompt_text[target]
+            pieces = self.prompt_ids[demo] + self.label_ids[y] + self.sep_ids + self.prompt_ids[target]
+            if self.tokenizer.encode(text, add_special_tokens=False) != pieces:
+                return False
+        return True
+
     def context(self, demos: Iterable[tuple[int, bool]], budget: int) -> tuple[list[int], str]:
         """Token ids (BOS first) and text of the demonstrations that fit in ``budget`` tokens, in order."""
         tokens, texts = list(self.bos), []
@@ -362,9 +428,12 @@ class ServerScorer:
         prompts: list[str | list[int]] = [tokens + self.prompt_ids[t] if backend.token_prompts
                                           else text + self.prompt_text[t] for t in targets]
         self.prompt_tokens += sum(len(tokens) + len(self.prompt_ids[t]) for t in targets)
-        servers = backend.spread(len(targets))
-        tops = backend.run_all([lambda s=s, p=p: backend.top_logprobs(s, p) for s, p in zip(servers, prompts)])
-        return np.array([self.log_odds(top, servers[k]) for k, top in enumerate(tops)])
+        servers = [self.server] * len(targets) if self.server is not None else backend.spread(len(targets))
+
+        async def one(server: int, prompt: str | list[int]) -> float:  # on the loop's thread, as every stats update
+            return self.log_odds(await backend.top_logprobs(server, prompt), server)
+
+        return np.array(backend.run_all([lambda s=s, p=p: one(s, p) for s, p in zip(servers, prompts)]))
 
     def log_odds(self, top: dict[str, float], server: int) -> float:
         """logprob(True word) - logprob(False word); a word not in ``top`` gets the lowest logprob there."""

@@ -1,14 +1,16 @@
 import json
 import random
+import threading
 
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from icm.backends import InProcessBackend
 from icm.cli import app
 from icm.data.claims import claims_from_records
 from icm.data.io import read_parquet_metadata
-from icm.label import label_file, zero_shot_records
+from icm.label import label_file, progress_text, zero_shot_records
 from icm.models import load_model
 from icm.scoring import ClaimScorer
 from icm.search import ICMConfig, ICMSearch, label_claims, make_batches
@@ -98,12 +100,79 @@ def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path, exact_
     with pytest.raises(KeyboardInterrupt):
         label_claims(claims, model, tokenizer, config, run_dir=run_dir, model_name="tiny", progress=interrupt)
     state = json.loads((run_dir / "checkpoint.json").read_text())
-    assert list(state["done"]) == ["0"] and state["current"][1]["iteration"] == 10
+    assert list(state["done"]) == ["0"] and list(state["current"]) == ["1"] and state["current"]["1"]["iteration"] == 10
     resumed, _ = label_claims(claims, model, tokenizer, config, run_dir=run_dir, resume=True, model_name="tiny")
     assert resumed == expected
     other = ICMConfig(iterations=40, batch_size=9, seed=4, exact_every=exact_every)
     with pytest.raises(ValueError, match="other claims, model or settings"):
         label_claims(claims, model, tokenizer, other, run_dir=run_dir, resume=True, model_name="tiny")
+
+
+class TwoLanes(InProcessBackend):
+    """The in-process model with two lanes, as two servers have: two batches searched at the same time, each lane
+    with its own scorer; records the lane each batch finished on."""
+
+    lanes = 2
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        self.finished: list[int | None] = []
+
+    def batch_done(self, lane: int | None) -> None:
+        self.finished.append(lane)
+
+
+def test_two_lanes_search_batches_at_the_same_time_and_give_the_sequential_labels(tiny):
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    config = ICMConfig(iterations=30, batch_size=6, seed=3)  # three batches of two questions
+    expected, summary = label_claims(claims, model, tokenizer, config, model_name="tiny")
+    lanes, seen, both = TwoLanes(model, tokenizer), [], threading.Barrier(2)
+
+    def record(info):  # batches 0 and 1 wait for each other after their first step: both in flight, surely
+        seen.append(info)
+        if info["batch"] < 2 and info["iteration"] == 1:
+            both.wait(timeout=60)
+
+    results, concurrent = label_claims(claims, lanes, tokenizer, config, model_name="tiny", progress=record)
+    assert results == expected and concurrent["trajectories"] == summary["trajectories"]
+    assert len(lanes.finished) == 3 and set(lanes.finished) == {0, 1}
+    assert max(len(info["running"]) for info in seen) == 2
+    assert label_claims(claims, InProcessBackend(model, tokenizer), tokenizer, config, model_name="tiny")[0] == expected
+
+
+def test_run_stopped_with_two_batches_in_flight_resumes_to_the_same_labels(tiny, tmp_path):
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(6))
+    config = ICMConfig(iterations=30, batch_size=6, seed=3)
+    expected, _ = label_claims(claims, model, tokenizer, config, model_name="tiny")
+
+    both = threading.Barrier(2)
+
+    def interrupt(info):  # batches 0 and 1 both reach step 5, then Ctrl-C lands in both lanes
+        if info["iteration"] == 5:
+            both.wait(timeout=60)
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        label_claims(claims, TwoLanes(model, tokenizer), tokenizer, config, run_dir=run_dir, model_name="tiny",
+                     progress=interrupt)
+    state = json.loads((run_dir / "checkpoint.json").read_text())
+    assert state["format"] == 4 and state["done"] == {}
+    assert {b: s["iteration"] for b, s in state["current"].items()} == {"0": 5, "1": 5}
+    resumed, _ = label_claims(claims, TwoLanes(model, tokenizer), tokenizer, config, run_dir=run_dir, resume=True,
+                              model_name="tiny")
+    assert resumed == expected
+
+
+def test_progress_shows_batches_done_and_each_running_one():
+    info = {"batch": 2, "batches": 5, "iteration": 7, "iterations": 40, "utility": -1.5, "acceptance": 0.25,
+            "labels": {0: True, 1: False}, "done": 1, "running": {2: (7, 40), 1: (30, 40)}}
+    assert progress_text(info, [True, True]) == (
+        37, 80, "batches 1/5 done, running 2 (30/40) 3 (7/40)  batch 3: U -1.50  accept 25%  gold acc 50%")
+    alone = {**info, "running": {2: (7, 40)}}
+    assert progress_text(alone, None) == (7, 40, "batch 3/5  U -1.50  accept 25%")
 
 
 def test_polishing_only_raises_utility_and_ends_on_uncontradicted_or_rejected_labels(tiny):
@@ -135,6 +204,22 @@ def test_label_cli_writes_parquet_and_run_json(tiny_model_dir, tmp_path):
     run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
     assert 0 <= run["gold_accuracy"] <= 1 and 21 <= len(run["trajectories"][0]) <= 21 + 12 // 4  # + polishing
     assert run["template"]["claim"].startswith("Question: {question}")
+
+
+def test_label_separator_option_reads_escapes_and_is_a_recipe_key(tiny_model_dir, tmp_path):
+    src = write_jsonl(tmp_path / "claims.jsonl", arithmetic_claims(2))
+    base = ["label", str(src), "--model", tiny_model_dir, "--iterations", "4", "--dtype", "fp32"]
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "a.parquet"), "--separator", r"\n"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a.run" / "run.json").read_text())["template"]["separator"] == "\n"
+    assert "separator: \\n" in (tmp_path / "a.run" / "recipe.yaml").read_text()  # as given: reruns the same
+    (tmp_path / "r.yaml").write_text("separator: '\\t'\n")  # YAML single quotes: a backslash and a t
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "b.parquet"), "--config", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b.run" / "run.json").read_text())["template"]["separator"] == "\t"
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "c.parquet"), "--separator", r"\x"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: --separator: bad escape in '\\\\x' (truncated \\xXX escape)"]
 
 
 def test_label_cli_exact_every_1_switches_the_approximation_off(tiny_model_dir, tmp_path):

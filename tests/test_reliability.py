@@ -227,10 +227,13 @@ def test_well_formed_variants_are_read(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"format": 3, "fingerprint": "x", "do', "damaged checkpoint (JSONDecodeError)"),
-    ('{"fingerprint": "x", "done": {}, "current": null}', "checkpoint of another icm version (format None"),
-    ('{"format": 3, "fingerprint": "FP", "done": {"0": {"labels": {}}}, "current": null}', "damaged checkpoint"),
-    ('{"format": 3, "fingerprint": "other", "done": {}, "current": null}', "checkpoint was made with other claims"),
+    ('{"format": 4, "fingerprint": "x", "do', "damaged checkpoint (JSONDecodeError)"),
+    ('{"fingerprint": "x", "done": {}, "current": {}}', "checkpoint of another icm version (format None"),
+    ('{"format": 3, "fingerprint": "FP", "done": {}, "current": null}',
+     "checkpoint of another icm version (format 3, this one reads 4)"),
+    ('{"format": 4, "fingerprint": "FP", "done": {"0": {"labels": {}}}, "current": {}}', "damaged checkpoint"),
+    ('{"format": 4, "fingerprint": "FP", "done": {}, "current": {"1": {"labels": {}}}}', "damaged checkpoint"),
+    ('{"format": 4, "fingerprint": "other", "done": {}, "current": {}}', "checkpoint was made with other claims"),
 ])
 def test_damaged_label_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path, content, message):
     from icm.data.claims import claims_from_records

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,9 @@ from typer.testing import CliRunner
 
 from icm.cli import app
 from icm.data.claims import claims_from_records
-from icm.models import ModelNotFoundError, _alias_gguf, float_gguf, load_model
+from icm.models import ModelNotFoundError, _alias_gguf, float_gguf, load_model, load_tokenizer
 from icm.scoring import ClaimScorer, PromptTemplate
-from icm.server import ServerConfig, connect
+from icm.server import ServerBackend, ServerConfig, connect
 
 runner = CliRunner()
 MODEL = "smollm2-135m"
@@ -103,26 +105,32 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    """The URL of a llama.cpp server started for this module."""
+def serve(tmp_path_factory, name: str, weights: Path | None = None) -> Iterator[str]:
+    """Start a llama.cpp server (see :func:`start_server`), yield its URL, stop it."""
     port = free_port()
-    server = start_server(port, tmp_path_factory.mktemp("llama-server") / "server.log")
+    server = start_server(port, tmp_path_factory.mktemp(name) / "server.log", weights)
     try:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    """The URL of a llama.cpp server started for this module."""
+    yield from serve(tmp_path_factory, "llama-server")
+
+
+@pytest.fixture(scope="module")
+def second_server(tmp_path_factory):
+    """The URL of another llama.cpp server on the same Q4_1 GGUF, started for this module."""
+    yield from serve(tmp_path_factory, "llama-server-2")
 
 
 @pytest.fixture(scope="module")
 def f32_server(tmp_path_factory):
     """The URL of a llama.cpp server on the F32 copy of the embedded GGUF, started for this module."""
-    port = free_port()
-    server = start_server(port, tmp_path_factory.mktemp("llama-server-f32") / "server.log", float_gguf(MODEL))
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop_server(server)
+    yield from serve(tmp_path_factory, "llama-server-f32", float_gguf(MODEL))
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +273,102 @@ def test_server_killed_and_restarted_mid_run_the_run_waits_and_finishes(tmp_path
     killed, uninterrupted = (pq.read_table(tmp_path / f"{name}.parquet").column("icm_label").to_pylist()
                              for name in ("killed", "whole"))
     assert killed == uninterrupted
+
+
+def test_seam_check_flags_the_default_separator_of_a_text_only_server(capsys):
+    """No server needed: SmolLM2 encodes the default separator "\\n\\n" alone as one token, but as two "\\n" when
+    the joined prompt is tokenized (what a text-only server does); a one-newline separator gives the same tokens,
+    the paper's "is " + "True" split does not. The report says so and one warning line says what to do."""
+    claims = claims_from_records(capital_claims(), "capitals")
+    tokenizer = load_tokenizer(MODEL)
+    capsys.readouterr()  # the conversion's progress bars
+
+    def seams(*templates: PromptTemplate, token_prompts: bool = False) -> tuple[dict, list[str]]:
+        backend = ServerBackend(ServerConfig(base_urls=("http://127.0.0.1:9/v1",), model=MODEL))  # never contacted
+        try:
+            backend.tokenizer, backend.token_prompts = tokenizer, token_prompts
+            for template in templates:
+                backend.scorer(claims, template, 512, 16)
+            report = backend.report()
+        finally:
+            backend.close()
+        return ({k: report[k] for k in ("token_seams_differ", "token_seams_separator")},
+                capsys.readouterr().err.splitlines())
+
+    report, lines = seams(PromptTemplate(), PromptTemplate())  # two scorers (two lanes): one warning
+    assert report == {"token_seams_differ": True, "token_seams_separator": "\n\n"}
+    assert len(lines) == 1 and lines[0].startswith("warning: http://127.0.0.1:9/v1 takes text prompts only")
+    assert "(separator '\\n\\n')" in lines[0] and "token-id prompts" in lines[0] and "--separator '\\n'" in lines[0]
+    assert seams(PromptTemplate(separator="\n")) == ({"token_seams_differ": False, "token_seams_separator": "\n"}, [])
+    assert seams(PromptTemplate(separator="\n", space="prompt"))[0]["token_seams_differ"] is True
+    assert seams(PromptTemplate(), token_prompts=True) == (
+        {"token_seams_differ": None, "token_seams_separator": None}, [])  # token ids: nothing to check
+
+
+BATCHES = ["--model", MODEL, "--seed", "2", "--batch-size", "8", "--initial-labels", "4", "--iterations", "8",
+           "--polish-iterations", "2", "--max-context-tokens", "256", "--concurrency", "4"]
+"""16 capital claims in two batches of 8 (four countries each), searched briefly."""
+
+
+def labels_and_scores(path: Path) -> tuple[list[bool], list[float]]:
+    table = pq.read_table(path)
+    return table.column("icm_label").to_pylist(), table.column("icm_score").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def one_server_run(llama_server, tmp_path_factory):
+    """(labels, scores, run.json) of the two batches searched one after the other on one server."""
+    d = tmp_path_factory.mktemp("one-server")
+    src = write_jsonl(d / "capitals.jsonl", capital_claims())
+    result = runner.invoke(app, ["label", str(src), "-o", str(d / "labels.parquet"), "--base-url", llama_server,
+                                 *BATCHES])
+    assert result.exit_code == 0, result.output
+    return (*labels_and_scores(d / "labels.parquet"), json.loads((d / "labels.run" / "run.json").read_text()))
+
+
+def test_two_servers_search_a_batch_each_and_give_the_labels_of_one_server(llama_server, second_server,
+                                                                           one_server_run, tmp_path):
+    labels, scores, run = one_server_run
+    assert run["batches"] == 2 and run["backend"]["batches_per_server"] == {llama_server: 2}
+    assert run["backend"]["batches_spread"] == 0 and run["backend"]["token_seams_differ"] is True
+    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
+    out = tmp_path / "labels.parquet"
+    result = runner.invoke(app, ["label", str(src), "-o", str(out), "--base-url", llama_server,
+                                 "--base-url", second_server, *BATCHES])
+    assert result.exit_code == 0, result.output
+    assert labels_and_scores(out) == (labels, scores)
+    backend = json.loads((tmp_path / "labels.run" / "run.json").read_text())["backend"]
+    assert backend["batches_per_server"] == {llama_server: 1, second_server: 1} and backend["batches_spread"] == 0
+    assert set(backend["requests_per_server"]) == {llama_server, second_server}
+
+
+def test_killed_with_two_batches_in_flight_resumes_to_the_labels_of_an_uninterrupted_run(
+        llama_server, second_server, one_server_run, tmp_path):
+    """SIGKILL `icm label` on two servers once its checkpoint holds both batches mid-search; --resume finishes
+    with exactly the labels (and scores) of the uninterrupted one-server run."""
+    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
+    args = ["label", str(src), "-o", str(tmp_path / "labels.parquet"), "--base-url", llama_server,
+            "--base-url", second_server, *BATCHES]
+    env = {**os.environ, "ICM_CHECKPOINT_SECONDS": "0", "OMP_NUM_THREADS": "1"}
+    label = subprocess.Popen([sys.executable, "-m", "icm", "-q", *args], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoint, current = tmp_path / "labels.run" / "checkpoint.json", {}
+    deadline = time.monotonic() + 300
+    try:
+        while not (len(current) == 2 and all(s["iteration"] >= 1 for s in current.values())):
+            assert label.poll() is None, "icm label ended before both batches were in flight"
+            assert time.monotonic() < deadline, "the checkpoint never showed two batches in flight"
+            time.sleep(0.05)
+            try:
+                current = json.loads(checkpoint.read_text())["current"]
+            except (OSError, ValueError):
+                pass
+    finally:
+        os.killpg(label.pid, signal.SIGKILL)
+        label.wait()
+    state = json.loads(checkpoint.read_text())
+    assert state["done"] == {} and sorted(state["current"]) == ["0", "1"]
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    labels, scores, _ = one_server_run
+    assert labels_and_scores(tmp_path / "labels.parquet") == (labels, scores)
