@@ -312,10 +312,28 @@ def run_transfer(
     return report
 
 
+def answer_breakdown(evaluation: Path) -> dict[str, Any] | None:
+    """From an evaluation's per-question file (``NAME.items.jsonl``): the share of answers with no extractable
+    answer (``unanswered``) and the accuracy per reference answer (``by_reference``, for at most 10 distinct ones:
+    a closed answer set), e.g. a policy that answers everything ``positive``; None without the file."""
+    path = evaluation.with_suffix(".items.jsonl")
+    if not path.exists():
+        return None
+    items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    by_reference: dict[str, list[bool]] = {}
+    for item in items:
+        by_reference.setdefault(str(item["reference"]), []).append(bool(item["correct"]))
+    out: dict[str, Any] = {"unanswered": sum(not item["answer"] for item in items) / max(len(items), 1)}
+    if len(by_reference) <= 10:
+        out["by_reference"] = {ref: sum(hits) / len(hits) for ref, hits in sorted(by_reference.items())}
+    return out
+
+
 def arm_report(run_dir: Path, arm: str, before: dict[str, Any], config: TransferConfig) -> dict[str, Any]:
     """One arm's entry in ``transfer.json``: held-out accuracy after DPO and its paired bootstrap CI of the change,
-    the labels' and the pairs' accuracy against gold, the pair count and the share of True labels. An arm
-    without pairs keeps the policy as it was (accuracy after = before) and says so in ``note``."""
+    the labels' and the pairs' accuracy against gold, the pair count, the share of True labels and, where the
+    evaluation kept its answers, :func:`answer_breakdown`. An arm without pairs keeps the policy as it was (accuracy
+    after = before) and says so in ``note``."""
     files = arm_paths(run_dir, arm)
     pairs = json.loads(files["pairs_report"].read_text())
     after = json.loads(files["eval_after"].read_text()) if pairs["pairs"] else before
@@ -334,6 +352,9 @@ def arm_report(run_dir: Path, arm: str, before: dict[str, Any], config: Transfer
         "true_share": balance["true"] / max(balance["true"] + balance["false"], 1),
         "dir": str(files["dir"]),
     }
+    breakdown = answer_breakdown(files["eval_after"] if pairs["pairs"] else run_dir / "eval_before.json")
+    if breakdown is not None:
+        entry |= breakdown
     if not pairs["pairs"]:
         entry["note"] = (f"no preference pairs ({_no_pairs_reasons(pairs)}): the policy was not trained, "
                          "accuracy_after is accuracy_before")
@@ -355,6 +376,7 @@ def build_report(run_dir: Path, labeller: str, policy: str, generator: str, conf
         "questions": {"source": source, "train": n_train, "heldout": before["n"]},
         "held_out": before["n"],
         "accuracy_before": before["accuracy"],
+        "before": answer_breakdown(run_dir / "eval_before.json"),
         "accuracy_after": None, "delta": None, "delta_ci": None, "labels": None, "pairs": None, "dpo": None,
         "candidates": {k: candidates.get(k) for k in ("claims", "candidate_accuracy", "questions_mixed",
                                                       "mixed_share", "distinct_answers_mean")},

@@ -197,6 +197,15 @@ def test_transfer_report_table_and_plot_cover_every_arm(arms_run):
         assert r["delta_ci"]["low"] <= r["delta"] <= r["delta_ci"]["high"]
         assert all(0 <= r[k] <= 1 for k in ("accuracy_after", "label_accuracy", "true_share"))
         assert r["pair_accuracy"] is None if not r["pairs"] else 0 <= r["pair_accuracy"] <= 1
+        # the evaluation's answers, per question: unanswered share and accuracy per reference answer
+        evaluation = run / ("" if arm == "icm" else f"arms/{arm}") / "eval_after.items.jsonl"
+        items = [json.loads(line) for line in evaluation.read_text().splitlines()] if r["pairs"] else None
+        if items:
+            assert r["unanswered"] == sum(not it["answer"] for it in items) / len(items)
+            refs = {it["reference"] for it in items}
+            assert r["by_reference"] == {ref: sum(it["correct"] for it in items if it["reference"] == ref)
+                                         / sum(it["reference"] == ref for it in items) for ref in refs}
+    assert set(report["before"]) == {"unanswered", "by_reference"}
     assert report["arms"]["gold"]["pairs"] and report["arms"]["random"]["pairs"]
     icm = report["arms"]["icm"]
     assert report["accuracy_after"] == icm["accuracy_after"] and report["delta_ci"]["low"] == icm["delta_ci"]["low"]
