@@ -208,6 +208,11 @@ def generate(
                                            "gave as a candidate (a sample with its answer swapped)."),
     dtype: str = typer.Option("auto", help="auto, bf16, fp16, fp32."),
     device: str | None = typer.Option(None, help="cpu, cuda, ... (default: GPU when present)."),
+    vllm: bool = typer.Option(False, "--vllm", help="Sample in vLLM's offline engine (GPU, `pip install vllm`); "
+                              "give it large batches, e.g. --batch-size 512."),
+    tensor_parallel_size: int = typer.Option(1, min=1, help="--vllm: GPUs the model is sharded over."),
+    gpu_memory_utilization: float = typer.Option(0.9, min=0.05, max=1.0,
+                                                 help="--vllm: share of each GPU's memory vLLM may take."),
     resume: bool = typer.Option(False, help="Reuse questions finished in OUT.partial.jsonl by an interrupted run."),
 ) -> None:
     """Sample candidate solutions from a model and write them as claims for `icm label`."""
@@ -235,6 +240,15 @@ def generate(
         batch_size=batch_size, seed=seed, extractor=extractor, include_reference=include_reference,
         enumerate_answers=enumerate_answers)
     server = server_config(base_url, model, tokenizer, api_key_env, concurrency)
+    if vllm:
+        from icm.vllm_engine import VLLM_DTYPES, VLLMConfig
+
+        if server is not None:
+            fail("give --vllm or --base-url, not both")
+        if dtype not in VLLM_DTYPES:
+            fail(f"--dtype {dtype}: one of {', '.join(VLLM_DTYPES)} with --vllm")
+        server = VLLMConfig(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                            dtype=VLLM_DTYPES[dtype])
     report = generate_file(questions, output, model, gen_config, dtype=dtype, device=device, resume=resume,
                            command=" ".join(["icm", *sys.argv[1:]]), server=server)
     console.print(report_table(report))

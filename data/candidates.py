@@ -22,6 +22,7 @@ from icm.data.tasks import DEFAULT_INSTRUCTION, Question
 
 if TYPE_CHECKING:
     from icm.server import ServerConfig
+    from icm.vllm_engine import VLLMConfig
 
 # Extra end-of-turn tokens some chat templates use besides the tokenizer's eos token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
@@ -391,9 +392,10 @@ CHECKPOINT_FORMAT = 2
 
 
 def _fingerprint(model_spec: str, config: GenerationConfig, prompts: dict[str, str], dtype: str,
-                 device: str | None) -> str:
-    """What the sampled completions depend on: the model, the settings, and every question's id and prompt."""
-    h = hashlib.sha256(json.dumps([model_spec, asdict(config), dtype, device], default=str).encode())
+                 device: str | None, engine: str) -> str:
+    """What the sampled completions depend on: the model, the engine that samples, the settings, and every
+    question's id and prompt."""
+    h = hashlib.sha256(json.dumps([model_spec, asdict(config), dtype, device, engine], default=str).encode())
     h.update(json.dumps(list(prompts.items())).encode())
     return h.hexdigest()[:16]
 
@@ -440,14 +442,15 @@ def generate_file(
     resume: bool = False,
     command: str = "",
     progress: bool = True,
-    server: ServerConfig | None = None,
+    server: ServerConfig | VLLMConfig | None = None,
 ) -> dict[str, Any]:
     """Generate candidates for ``questions`` with ``model_spec`` and write the claims Parquet ``output`` and
     its diversity report (``OUT.report.json``), both atomically. Finished samples are appended to
     ``OUT.partial.jsonl`` as they come, a batch at a time; with ``resume`` the batches completed there are not
     generated again, and since batch ``i`` is always seeded with ``seed + i``, the result is exactly that of an
     uninterrupted run (a run killed at any moment included). ``server`` samples through OpenAI-compatible
-    servers serving ``model_spec`` (``icm.server``), checked before anything is written. Returns the report."""
+    servers serving ``model_spec`` (a ``ServerConfig``, ``icm.server``), checked before anything is written, or
+    in vLLM's offline engine (a ``VLLMConfig``, ``icm.vllm_engine``). Returns the report."""
     from icm.backends import load_backend
 
     output = Path(output)
@@ -459,7 +462,8 @@ def generate_file(
     ckpt = checkpoint_path(output)
     if ckpt.exists() and not resume:
         raise InputError(ckpt, "an interrupted run left this checkpoint: pass --resume to continue it, or delete it")
-    fingerprint = _fingerprint(model_spec, config, by_id, dtype, device)
+    engine = "in-process" if server is None else type(server).__name__  # ServerConfig or VLLMConfig
+    fingerprint = _fingerprint(model_spec, config, by_id, dtype, device, engine)
     order = {q.id: i for i, q in enumerate(questions)}
     done, lines = _load_checkpoint(ckpt, order, config, fingerprint) if resume and ckpt.exists() else ({}, [])
     model, tokenizer = load_backend(model_spec, server, dtype=dtype, device=device)

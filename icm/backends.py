@@ -24,6 +24,7 @@ from icm.scoring import ClaimScorer, PromptTemplate
 
 if TYPE_CHECKING:
     from icm.server import ServerConfig
+    from icm.vllm_engine import VLLMConfig
 
 
 class Scorer(Protocol):
@@ -95,14 +96,19 @@ def as_backend(model, tokenizer) -> Backend:
     return model if isinstance(model, Backend) else InProcessBackend(model, tokenizer)
 
 
-def load_backend(model_spec: str, server: ServerConfig | None = None, *, dtype: str = "auto",
+def load_backend(model_spec: str, server: ServerConfig | VLLMConfig | None = None, *, dtype: str = "auto",
                  device: str | None = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)``: ``model_spec`` loaded in this process, or, with ``server``, the checked
-    ``icm.server.ServerBackend`` of the model it serves (no weights are loaded here, only the tokenizer)."""
+    """``(model, tokenizer)``: ``model_spec`` loaded in this process, or, with a ``ServerConfig``, the checked
+    ``icm.server.ServerBackend`` of the model it serves (no weights are loaded here, only the tokenizer), or,
+    with a ``VLLMConfig``, the model in vLLM's offline engine (``icm.vllm_engine``)."""
     if server is None:
         from icm.models import load_model
 
         return load_model(model_spec, dtype=dtype, device=device)
+    from icm.vllm_engine import VLLMConfig, start_engine
+
+    if isinstance(server, VLLMConfig):
+        return start_engine(model_spec, server)
     from icm.server import connect
 
     return connect(server)
