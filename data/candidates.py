@@ -141,6 +141,14 @@ def build_prompt(tokenizer, user_message: str, use_chat_template: bool) -> str:
     return f"{user_message}\nAnswer:"
 
 
+def prompt_token_ids(tokenizer, user_messages: list[str], use_chat_template: bool) -> list[list[int]]:
+    """Each user message's :func:`build_prompt` text as token ids, for engines that take ids (a chat template
+    already holds the BOS token, so none is added then)."""
+    chat = use_chat_template and has_chat_template(tokenizer)
+    return [tokenizer(build_prompt(tokenizer, m, use_chat_template), add_special_tokens=not chat).input_ids
+            for m in user_messages]
+
+
 @runtime_checkable
 class Sampler(Protocol):
     """A model that samples by itself (an ``icm.backends.Backend``, e.g. a served one) rather than a transformers

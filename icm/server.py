@@ -38,8 +38,8 @@ from icm.data.candidates import (
     Completion,
     GenerationStats,
     build_prompt,
-    has_chat_template,
     progress_bar,
+    prompt_token_ids,
     truncate_at_stop,
 )
 from icm.data.claims import Claim
@@ -315,10 +315,8 @@ class ServerBackend(Backend):
         template applied here, by the local tokenizer), sample ``k`` of the flat list (prompt ``i``, sample
         ``j``: ``k = i * num_samples + j``) is seeded ``seed + k`` whatever the batching, and batches of
         ``batch_size`` samples are what ``on_batch`` receives and ``done_batches`` skips (for resume)."""
-        chat = use_chat_template and has_chat_template(self.tokenizer)
-        texts = [build_prompt(self.tokenizer, p, use_chat_template) for p in prompts]
-        encoded = [self.tokenizer(t, add_special_tokens=not chat).input_ids for t in texts] \
-            if self.token_prompts else texts
+        encoded = prompt_token_ids(self.tokenizer, prompts, use_chat_template) if self.token_prompts \
+            else [build_prompt(self.tokenizer, p, use_chat_template) for p in prompts]
         jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
         stop = [s for s in stop if s]
         sampling = temperature > 0

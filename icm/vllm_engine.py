@@ -22,9 +22,8 @@ from icm.backends import Backend
 from icm.data.candidates import (
     Completion,
     GenerationStats,
-    build_prompt,
-    has_chat_template,
     progress_bar,
+    prompt_token_ids,
     truncate_at_stop,
 )
 from icm.data.io import InputError
@@ -89,9 +88,7 @@ class VLLMBackend(Backend):
                            stats: GenerationStats | None = None, description: str = "generating",
                            done_batches: dict[int, list[Completion]] | None = None) -> list[list[Completion]]:
         """As ``data.candidates.sample_completions``, in vLLM's engine (seeding and batches: module docstring)."""
-        chat = use_chat_template and has_chat_template(self.tokenizer)
-        encoded = [self.tokenizer(build_prompt(self.tokenizer, p, use_chat_template),
-                                  add_special_tokens=not chat).input_ids for p in prompts]
+        encoded = prompt_token_ids(self.tokenizer, prompts, use_chat_template)
         jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
         stop = [s for s in stop if s]
         sampling = temperature > 0
