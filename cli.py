@@ -148,9 +148,16 @@ CHECK_EVERY_HELP = ("Exact steps per exact evaluation of their proposal (the oth
                     "U on fresh scores; see ICMConfig.check_every). 1 = every exact step's proposal [default: 4].")
 
 
-def speed_options(exact_every: int | None, check_every: int | None) -> dict[str, int]:
-    """``ICMConfig`` keywords for ``--exact-every`` / ``--check-every``: only those given (else the defaults apply)."""
-    return {k: v for k, v in (("exact_every", exact_every), ("check_every", check_every)) if v is not None}
+DEMO_ORDER_HELP = ("Order of the demonstrations in the prompt: labelling (the order the claims were first labelled; "
+                   "a new label appends to the cached prefix) or fixed (a seeded order, the search before "
+                   "2026-12-02) [default: labelling].")
+
+
+def speed_options(exact_every: int | None, check_every: int | None, demo_order: str | None) -> dict[str, int | str]:
+    """``ICMConfig`` keywords for ``--exact-every`` / ``--check-every`` / ``--demo-order``: only those given (else
+    the defaults apply)."""
+    given = (("exact_every", exact_every), ("check_every", check_every), ("demo_order", demo_order))
+    return {k: v for k, v in given if v is not None}
 
 
 # transfer's options per stage in a recipe: {section: {key in the section: option}}
@@ -159,7 +166,7 @@ TRANSFER_SECTIONS = {
                  "enumerate_answers": "enumerate_answers", "batch_size": "generation_batch_size"},
     "label": {"claims": "claims", "iterations": "icm_iterations", "polish_iterations": "polish_iterations",
               "batch_size": "icm_batch_size", "alpha": "alpha", "exact_every": "exact_every",
-              "check_every": "check_every"},
+              "check_every": "check_every", "demo_order": "demo_order"},
     "pairs": {"strategy": "pairs_strategy", "max_per_question": "max_per_question"},
     "dpo": {"lora": "lora", "beta": "beta", "learning_rate": "learning_rate", "epochs": "epochs",
             "max_steps": "max_steps", "batch_size": "batch_size", "max_length": "max_length",
@@ -277,6 +284,7 @@ def label(
     folds: int = typer.Option(2, min=0, help="Context folds for mutual predictability; 0 = exact leave-one-out."),
     exact_every: int | None = typer.Option(None, min=1, help=EXACT_EVERY_HELP),
     check_every: int | None = typer.Option(None, min=1, help=CHECK_EVERY_HELP),
+    demo_order: str | None = typer.Option(None, help=DEMO_ORDER_HELP),
     see_group: bool = typer.Option(True, "--see-group/--hide-group",
                                    help="Whether a claim's context holds the other claims of its consistency group."),
     max_context_tokens: int = typer.Option(2048, min=64, help="Token budget of demonstrations plus target."),
@@ -329,7 +337,7 @@ def label(
         config = ICMConfig(alpha=alpha, initial_labels=initial_labels, iterations=iterations,
                            polish_iterations=polish_iterations, batch_size=batch_size,
                            folds=folds, see_group=see_group, max_context_tokens=max_context_tokens,
-                           balance=balance, seed=seed, **speed_options(exact_every, check_every))
+                           balance=balance, seed=seed, **speed_options(exact_every, check_every, demo_order))
         template = PromptTemplate(space=label_space, separator=unescape(separator, "--separator"))
         generation = GenerationConfig(num_candidates=num_candidates, temperature=temperature,
                                       max_new_tokens=max_new_tokens, seed=seed)
@@ -626,6 +634,7 @@ def transfer(
     alpha: float = typer.Option(50.0, help="ICM weight of mutual predictability."),
     exact_every: int | None = typer.Option(None, min=1, help="ICM: " + EXACT_EVERY_HELP),
     check_every: int | None = typer.Option(None, min=1, help="ICM: " + CHECK_EVERY_HELP),
+    demo_order: str | None = typer.Option(None, help="ICM: " + DEMO_ORDER_HELP),
     pairs_strategy: str = typer.Option("all", help="Pairs: all or best-margin."),
     max_per_question: int | None = typer.Option(None, min=1, help="Pairs kept per question."),
     lora: bool = typer.Option(True, "--lora/--no-lora", help="DPO with LoRA adapters or full fine-tuning."),
@@ -678,7 +687,7 @@ def transfer(
                                         instruction=instruction, extractor=extractor,
                                         enumerate_answers=enumerate_answers),
             icm=ICMConfig(iterations=icm_iterations, polish_iterations=polish_iterations, batch_size=icm_batch_size,
-                          alpha=alpha, seed=seed, **speed_options(exact_every, check_every)),
+                          alpha=alpha, seed=seed, **speed_options(exact_every, check_every, demo_order)),
             pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, seed=seed),
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length,

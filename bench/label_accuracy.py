@@ -39,7 +39,8 @@ from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
 def icl_accuracy(scorer: ClaimScorer, labels: dict[int, bool], gold: list, config: ICMConfig) -> tuple[float, float]:
     """Each claim predicted from the others' ``labels`` (same folds as ICM); accuracy of the raw argmax and of
     ICM's decision rule (log-odds centered per fold)."""
-    predictor = MutualPredictor(scorer, list(range(len(gold))), config.folds, config.seed, config.see_group)
+    predictor = MutualPredictor(scorer, list(range(len(gold))), config.folds, config.seed, config.see_group,
+                                order="fixed")  # one seeded order: the labels have no labelling order
     z = predictor.log_odds(labels)
     centered, _ = predictor.center(z, labels)
     return accuracy({i: z[i] > 0 for i in z}, gold), accuracy({i: centered[i] > 0 for i in z}, gold)
@@ -73,9 +74,11 @@ def main() -> None:
                         help="search steps per exact evaluation of U in the ICM runs (1 = the exact search)")
     parser.add_argument("--check-every", type=int, default=ICMConfig.check_every,
                         help="exact steps per exact evaluation of their proposal (ICMConfig.check_every)")
+    parser.add_argument("--demo-order", default=ICMConfig.demo_order, choices=["labelling", "fixed"],
+                        help="order of the demonstrations in the ICM runs (ICMConfig.demo_order)")
     parser.add_argument("--compare-exact", action="store_true",
-                        help="also run ICM with the exact U at every step (exact_every=1) beside the default "
-                             "approximate U (exact every --exact-every steps)")
+                        help="also run the previous search (exact U at every step, demonstrations in the fixed "
+                             "order: exact_every=1, demo_order=fixed) beside the ICM run's settings")
     parser.add_argument("--output", type=Path, help="write the results as JSON")
     args = parser.parse_args()
 
@@ -88,7 +91,7 @@ def main() -> None:
     template = PromptTemplate(space=args.space)
     config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
                        seed=args.seed, max_context_tokens=args.max_context_tokens, see_group=not args.hide_group,
-                       exact_every=args.exact_every, check_every=args.check_every)
+                       exact_every=args.exact_every, check_every=args.check_every, demo_order=args.demo_order)
     scorer = ClaimScorer(model, tokenizer, claims, template, config.max_context_tokens)
     rng = np.random.default_rng(args.seed)
     n = len(claims)
@@ -126,7 +129,8 @@ def main() -> None:
     if not args.baselines_only:
         timed("ICM", lambda: icm("ICM", config))
     if args.compare_exact and not args.baselines_only:
-        timed("ICM, exact U every step", lambda: icm("ICM, exact U every step", replace(config, exact_every=1)))
+        name = "ICM, previous search (exact U, fixed order)"
+        timed(name, lambda: icm(name, replace(config, exact_every=1, demo_order="fixed")))
     if not args.no_unguarded and not args.baselines_only:
         timed("ICM, no collapse guard", lambda: icm("ICM, no collapse guard", replace(config, balance="none")))
     if args.exact_subset:

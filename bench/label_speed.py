@@ -10,11 +10,12 @@ accuracy when the claims have gold, a cost model for large claim sets, and (``--
         --batch-size 512 --breakdown          # the demo's claims and search (scripts/demo.sh)
 
 Variants: ``previous`` is the search before the speed-up (every proposal scored exactly, a fold's targets
-re-scored whenever one is added, one prefix cache per fold: ``ICMConfig(exact_every=1, reuse_scores=False)``);
-``exact`` adds score reuse (same labels as ``previous`` up to float rounding); ``checked`` is the approximate U of
-the last measurement (every exact step also scores its proposal exactly, ``check_every=1``); ``default`` is
-``ICMConfig()`` (approximate U between exact steps, every ``check_every``-th exact step's proposal checked;
-``--exact-every`` and ``--check-every`` change how often).
+re-scored whenever one is added, one prefix cache per fold, demonstrations in a fixed seeded order:
+``ICMConfig(exact_every=1, reuse_scores=False, demo_order="fixed")``); ``exact`` adds score reuse (same labels as
+``previous`` up to float rounding); ``checked`` is an approximate U whose exact steps all score their proposal
+exactly (``check_every=1``); ``fixed-order`` is the default search with the fixed demonstration order;
+``default`` is ``ICMConfig()`` (approximate U between exact steps, every ``check_every``-th exact step's proposal
+checked, demonstrations in labelling order; ``--exact-every`` and ``--check-every`` change how often).
 ``--breakdown`` splits each variant's time into prefix and target forwards by purpose (re-scoring the labelled
 claims, predicting a sampled claim, the final predictions), ConsistencyFix and the rest (Python).
 
@@ -57,9 +58,10 @@ from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate, unescape  
 from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
 
 VARIANTS = {
-    "previous": {"exact_every": 1, "reuse_scores": False},
-    "exact": {"exact_every": 1},
-    "checked": {"check_every": 1},
+    "previous": {"exact_every": 1, "reuse_scores": False, "demo_order": "fixed"},
+    "exact": {"exact_every": 1, "demo_order": "fixed"},
+    "checked": {"check_every": 1, "demo_order": "fixed"},
+    "fixed-order": {"demo_order": "fixed"},
     "default": {},
 }
 
@@ -177,11 +179,14 @@ def main() -> None:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     n = len(claims)
     raw = [raw_throughput(model)]
+    # The same plain forward over one row as long as the search's context budget: its tokens attend over as much
+    # context as the search's do, which the 512-token rows above leave out (attention grows with the context).
+    long_rows = [raw_throughput(model, args.max_context_tokens, batch=1, repeats=2)]
     rows = {}
     for name in args.variants:
         settings = {"exact_every": args.exact_every, "check_every": args.check_every} | VARIANTS[name]
         config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
-                           batch_size=args.batch_size, **settings)
+                           batch_size=args.batch_size, max_context_tokens=args.max_context_tokens, **settings)
         trace: list[float] = []
         progress = (lambda info, trace=trace: trace.append(rss_mb())) if args.memory and name == "default" else None
         with breakdown() if args.breakdown else contextlib.nullcontext({}) as stats:
@@ -190,18 +195,21 @@ def main() -> None:
                                             progress=progress)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         raw.append(raw_throughput(model))
+        long_rows.append(raw_throughput(model, args.max_context_tokens, batch=1, repeats=2))
         labels = [r["icm_label"] for r in results]
         rows[name] = {"seconds": seconds, "cpu": cpu, "tokens": summary["forward_tokens"], "labels": labels,
                       "accuracy": accuracy(labels, gold) if gold else None, "summary": summary, "trace": trace,
                       "breakdown": dict(stats)}
-    raw_mean = sum(raw) / len(raw)
+    raw_mean, long_mean = sum(raw) / len(raw), sum(long_rows) / len(long_rows)
 
     print(f"\n{args.model}, {args.claims}, {n} claims, folds={args.folds}, dtype={model.dtype}, "
           f"default: exact every {args.exact_every} steps, "
           f"{args.threads} thread(s), raw forward {raw_mean:,.0f} tokens per CPU second "
-          f"(mean of {len(raw)} measurements)\n")
-    print("| variant | s / claim | CPU s / claim | forward tokens / claim | scoring / raw throughput | speed-up "
-          "(wall / CPU / tokens) | accuracy | approx. disagreements |")
+          f"on 4 x 512-token rows, {long_mean:,.0f} on 1 x {args.max_context_tokens:,}-token rows "
+          f"(means of {len(raw)} measurements)\n")
+    print(f"| variant | s / claim | CPU s / claim | forward tokens / claim | scoring / raw throughput (512 / "
+          f"{args.max_context_tokens:,}-token rows) | speed-up (wall / CPU / tokens) | accuracy | "
+          "approx. disagreements |")
     print("|---|---|---|---|---|---|---|---|")
     base = rows.get("previous")
     for name, r in rows.items():
@@ -211,7 +219,8 @@ def main() -> None:
         acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-"
         checks = f"{s['approximate_disagreements']}/{s['approximate_checks']}" if s["approximate_checks"] else "-"
         print(f"| {name} | {r['seconds'] / n:.2f} | {r['cpu'] / n:.2f} | {r['tokens'] / n:,.0f} | "
-              f"{r['tokens'] / r['cpu'] / raw_mean:.2f} | {speedup} | {acc} | {checks} |")
+              f"{r['tokens'] / r['cpu'] / raw_mean:.2f} / {r['tokens'] / r['cpu'] / long_mean:.2f} | {speedup} | "
+              f"{acc} | {checks} |")
     if base:
         for name, r in rows.items():
             same = sum(a == b for a, b in zip(r["labels"], base["labels"])) / n

@@ -15,6 +15,7 @@ other folds as context. ``folds=0`` is exact leave-one-out (one fold per claim).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -118,6 +119,8 @@ class ClaimScorer:
         self.batch_size, self.chunk_size = batch_size, chunk_size
         self.prefix_versions = max(prefix_versions, 1)  # prefix caches kept per slot (see _sync)
         self.decoder = model.get_decoder()
+        # transformers >= 5.2x names the KV-cache argument ``cache`` (``past_key_values`` is deprecated there)
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         head = model.get_output_embeddings()
         self.label_head = head.weight[[self.true_id, self.false_id]].detach().float()
         text_config = model.config.get_text_config()
@@ -199,7 +202,7 @@ class ClaimScorer:
         prefix = _Prefix(list(tokens), DynamicCache(ddp_cache_data=layers) if keep else DynamicCache())
         for start in range(keep, len(tokens), self.chunk_size):
             piece = tokens[start:start + self.chunk_size]
-            self.decoder(input_ids=torch.tensor([piece], device=self.device), past_key_values=prefix.cache,
+            self.decoder(input_ids=torch.tensor([piece], device=self.device), **{self.cache_arg: prefix.cache},
                          position_ids=torch.arange(start, start + len(piece), device=self.device)[None],
                          use_cache=True)
             self.prefix_tokens += len(piece)
@@ -227,7 +230,7 @@ class ClaimScorer:
         cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in prefix.cache.layers]) \
             if past else None
         hidden = self.decoder(input_ids=ids, attention_mask=masks, position_ids=positions[None].to(self.device),
-                              past_key_values=cache, use_cache=cache is not None).last_hidden_state[0]
+                              **{self.cache_arg: cache}, use_cache=cache is not None).last_hidden_state[0]
         ends = torch.cumsum(torch.tensor(lengths), 0) - 1
         logits = hidden[ends.to(self.device)].float() @ self.label_head.T
         if self.softcap:
@@ -245,14 +248,20 @@ class MutualPredictor:
     ``see_group=True`` spreads the claims of one consistency group over different folds, so each sees its
     group-mates' labels, as in the paper's prompts; ``False`` keeps a group in one fold (leave-one-group-out
     with ``folds=0``), so a claim is predicted from other questions only and a small model cannot just copy
-    the label of a near-identical group-mate. Demonstrations appear grouped by consistency group, in a fixed
-    seeded order. ``reuse_targets=False`` scores a fold's targets as one set (the previous behaviour: adding
-    one label re-scores its whole fold even when the fold's context is unchanged).
+    the label of a near-identical group-mate. ``reuse_targets=False`` scores a fold's targets as one set (the
+    previous behaviour: adding one label re-scores its whole fold even when the fold's context is unchanged).
+
+    ``order`` is the order of the demonstrations: ``labelling`` is the order in which the claims were first
+    labelled (the insertion order of the ``labels`` dict), so a new label appends to its fold's prompt and only
+    its own tokens are run; ``fixed`` is a seeded order grouped by consistency group, each fold starting at a
+    different place (a new label lands mid-prompt and everything after it is recomputed).
     """
 
     def __init__(self, scorer: ClaimScorer, members: list[int], folds: int, seed: int = 0, see_group: bool = True,
-                 reuse_targets: bool = True):
-        self.scorer, self.members = scorer, members
+                 reuse_targets: bool = True, order: str = "labelling"):
+        if order not in ("labelling", "fixed"):
+            raise ValueError(f"demonstration order must be 'labelling' or 'fixed', not {order!r}")
+        self.scorer, self.members, self.demo_order = scorer, members, order
         rng = np.random.default_rng(seed)
         groups: dict[str, list[int]] = {}
         for idx in members:
@@ -271,10 +280,13 @@ class MutualPredictor:
         # and a group's forward pass (hence its floating-point result) depends on nothing else.
         size = scorer.batch_size if reuse_targets else max(len(members), 1)
         self.target_groups = [[fm[k:k + size] for k in range(0, len(fm), size)] for fm in self.fold_members]
+        self.reuse_targets = reuse_targets
         self._memo: dict[tuple, np.ndarray] = {}
         self._memo_size = 4 * sum(map(len, self.target_groups)) + 4
 
     def demos(self, fold: int, labels: Mapping[int, bool]) -> list[tuple[int, bool]]:
+        if self.demo_order == "labelling":
+            return [(i, y) for i, y in labels.items() if self.fold.get(i, fold) != fold]
         # Each fold starts the shared order at a different place, so a short budget still spreads the
         # demonstrations over all claims. Leave-one-out keeps the paper's fixed order: rotating there would
         # put a claim's group-mate right before it for half the claims.
@@ -300,23 +312,31 @@ class MutualPredictor:
     def log_odds(self, labels: Mapping[int, bool], targets: Iterable[int] | None = None) -> dict[int, float]:
         """Log-odds of ``targets`` (default: the labelled claims), each given the labelled claims of the other
         folds. Results are memoised per (fold, demonstrations, targets of a group), so a group whose context
-        and targets are unchanged costs nothing."""
+        and targets are unchanged costs nothing. With ``reuse_targets`` a group's labelled and unlabelled targets
+        are scored apart, so predicting every claim after scoring the labelled ones runs the unlabelled ones only
+        (and a labelled claim's score does not depend on which other claims are asked for)."""
         wanted = set(labels) if targets is None else set(targets)
         result: dict[int, float] = {}
         for f, groups in enumerate(self.target_groups):
             demos: tuple | None = None
             for group in groups:
-                group_targets = [i for i in group if i in wanted]
-                if not group_targets:
-                    continue
-                if demos is None:
-                    demos = tuple(self.demos(f, labels))
-                key = (f, demos, tuple(group_targets))
-                if key not in self._memo:
-                    self._memo[key] = self.scorer.score(group_targets, demos, slot=f)
-                    while len(self._memo) > self._memo_size:
-                        self._memo.pop(next(iter(self._memo)))
-                else:  # the fold's cache stays among the recent ones, as if it had been scored
-                    self.scorer.keep(group_targets, demos, slot=f)
-                result.update(zip(group_targets, self._memo[key].tolist()))
+                asked = [i for i in group if i in wanted]
+                parts = [[i for i in asked if i in labels], [i for i in asked if i not in labels]] \
+                    if self.reuse_targets else [asked]
+                for group_targets in parts:
+                    if group_targets:
+                        if demos is None:
+                            demos = tuple(self.demos(f, labels))
+                        result.update(self._group_log_odds(f, demos, group_targets))
         return result
+
+    def _group_log_odds(self, f: int, demos: tuple, group_targets: list[int]) -> dict[int, float]:
+        """The log-odds of some targets of fold ``f``, scored together after ``demos`` (memoised)."""
+        key = (f, demos, tuple(group_targets))
+        if key not in self._memo:
+            self._memo[key] = self.scorer.score(group_targets, demos, slot=f)
+            while len(self._memo) > self._memo_size:
+                self._memo.pop(next(iter(self._memo)))
+        else:  # the fold's cache stays among the recent ones, as if it had been scored
+            self.scorer.keep(group_targets, demos, slot=f)
+        return dict(zip(group_targets, self._memo[key].tolist()))

@@ -89,6 +89,11 @@ class ICMConfig:
     which costs one more fold, and counted in ``approximate_checks``; the others decide their proposal with the
     approximate U on the fresh scores. 1 = every exact step's proposal exact (the search before this setting).
     Ignored with ``exact_every`` 1 (every proposal exact) and while polishing (exact steps stay exact)."""
+    demo_order: str = "labelling"
+    """Order of the demonstrations in a fold's prompt: ``labelling`` (the order the claims were first labelled, so a
+    new label appends to the cached prefix and costs only its own tokens) or ``fixed`` (a seeded order grouped by
+    consistency group, each fold starting at a different place: the order before this setting; a new label lands
+    mid-prompt and the rest of the prefix is recomputed). See ``MutualPredictor``."""
     reuse_scores: bool = True
     """Re-score only the targets whose context or group changed, and keep the previous prefix cache of each
     fold so that a rejected proposal costs nothing to undo (exact; False is the previous implementation)."""
@@ -97,6 +102,8 @@ class ICMConfig:
     def __post_init__(self):
         if self.balance not in ("center", "none"):
             raise ValueError(f"balance must be 'center' or 'none', not {self.balance!r}")
+        if self.demo_order not in ("labelling", "fixed"):
+            raise ValueError(f"demo_order must be 'labelling' or 'fixed', not {self.demo_order!r}")
         if (self.initial_labels < 0 or self.batch_size < 1 or self.alpha < 0 or self.exact_every < 1
                 or self.check_every < 1):
             raise ValueError("initial_labels >= 0, batch_size >= 1, alpha >= 0, exact_every >= 1 and check_every >= 1 "
@@ -163,7 +170,8 @@ class ICMSearch:
     def __init__(self, scorer: ClaimScorer, members: list[int], config: ICMConfig, batch_index: int = 0):
         self.members, self.config = members, config
         self.predictor = MutualPredictor(scorer, members, config.folds, seed=config.seed + batch_index,
-                                         see_group=config.see_group, reuse_targets=config.reuse_scores)
+                                         see_group=config.see_group, reuse_targets=config.reuse_scores,
+                                         order=config.demo_order)
         self.index = ConstraintIndex(build_constraints(scorer.claims, members))
         self.groups: dict[int, str | None] = {i: scorer.claims[i].group for i in members}
         self.rng = np.random.default_rng([config.seed, batch_index])

@@ -102,19 +102,20 @@ def test_hidden_group_keeps_a_claims_group_mates_out_of_its_context(tiny):
 
 def test_leave_one_out_keeps_one_demonstration_order(tiny):
     model, tokenizer = tiny
-    loo = MutualPredictor(ClaimScorer(model, tokenizer, CLAIMS), list(range(len(CLAIMS))), folds=0)
+    loo = MutualPredictor(ClaimScorer(model, tokenizer, CLAIMS), list(range(len(CLAIMS))), folds=0, order="fixed")
     labels = {i: True for i in range(len(CLAIMS))}
     for i in range(len(CLAIMS)):
         assert [j for j, _ in loo.demos(loo.fold[i], labels)] == [j for j in loo.order if j != i]
 
 
-def test_reused_scores_match_a_plain_forward_after_any_sequence_of_label_changes(tiny):
+@pytest.mark.parametrize("order", ["labelling", "fixed"])
+def test_reused_scores_match_a_plain_forward_after_any_sequence_of_label_changes(tiny, order):
     """Group-wise score reuse and two prefix versions per fold give a plain forward's log-odds (atol 1e-4,
     float32) whatever the history of label changes, and going back to the previous labelling is free."""
     model, tokenizer = tiny
     scorer = ClaimScorer(model, tokenizer, CLAIMS, chunk_size=8, batch_size=2)
     members = list(range(len(CLAIMS)))
-    predictor = MutualPredictor(scorer, members, folds=2)
+    predictor = MutualPredictor(scorer, members, folds=2, order=order)
     rng = np.random.default_rng(0)
     labels: dict[int, bool] = {}
     for step in range(12):
@@ -151,3 +152,43 @@ def test_adding_a_label_rescores_only_its_own_group_where_the_context_is_unchang
     group = predictor.fold_members[1][:2]  # the first group of fold 1 (batch_size 2) holds the new claim
     assert cost[True] == sum(length[i] for i in predictor.fold_members[0] + group)
     assert cost[False] == sum(length[i] for i in members)
+
+
+def test_labelling_order_appends_a_new_label_to_the_cached_prefix(tiny):
+    """Demonstrations in labelling order: a fold's prompt lists the other folds' claims in the order they were first
+    labelled (a flip keeps its place), so a new label re-runs only the prefix's last partial chunk and its own tokens;
+    in the fixed order the same label lands mid-prompt and the rest of the prefix is recomputed."""
+    model, tokenizer = tiny
+    members, chunk = list(range(len(CLAIMS))), 4
+    cost = {}
+    for order in ("labelling", "fixed"):
+        scorer = ClaimScorer(model, tokenizer, CLAIMS, chunk_size=chunk)
+        predictor = MutualPredictor(scorer, members, folds=2, order=order)
+        first = predictor.order[0]  # the first claim of the seeded order: the fixed order puts it first
+        labels = {i: True for i in reversed(members) if predictor.fold[i] == predictor.fold[first] and i != first}
+        other = 1 - predictor.fold[first]
+        if order == "labelling":
+            assert [i for i, _ in predictor.demos(other, labels)] == list(labels)
+            flipped = labels | {next(iter(labels)): False}  # a flip keeps the claim's place
+            assert [i for i, _ in predictor.demos(other, flipped)] == list(labels)
+        predictor.log_odds(labels, predictor.fold_members[other])
+        before = scorer.prefix_tokens
+        predictor.log_odds(labels | {first: True}, predictor.fold_members[other])
+        cost[order] = scorer.prefix_tokens - before
+    new_demo = len(scorer.demo_ids(first, True))
+    assert cost["labelling"] < chunk + new_demo < cost["fixed"]
+
+
+def test_predicting_every_claim_runs_only_the_unlabelled_ones(tiny):
+    """After the labelled claims are scored, predicting all claims scores the unlabelled targets only, and a
+    labelled claim's log-odds are the same whichever other claims are asked for."""
+    model, tokenizer = tiny
+    scorer = ClaimScorer(model, tokenizer, CLAIMS, batch_size=4)
+    members = list(range(len(CLAIMS)))
+    predictor = MutualPredictor(scorer, members, folds=2)
+    labels = {i: i % 3 == 0 for i in members[::2]}
+    labelled = predictor.log_odds(labels)
+    before = scorer.target_tokens
+    everything = predictor.log_odds(labels, members)
+    assert scorer.target_tokens - before == sum(len(scorer.prompt_ids[i]) for i in members if i not in labels)
+    assert {i: everything[i] for i in labels} == labelled
