@@ -121,6 +121,32 @@ def breakdown() -> Iterator[dict[str, float]]:
             setattr(owner, name, method)
 
 
+SCORERS: list[ClaimScorer] = []  # every ClaimScorer made in this process (see cache_mb)
+_scorer_init = ClaimScorer.__init__
+
+
+def _tracked_init(self, *args, **kwargs):
+    _scorer_init(self, *args, **kwargs)
+    SCORERS.append(self)
+
+
+ClaimScorer.__init__ = _tracked_init
+
+
+def cache_mb() -> float:
+    """MB of tensor storage that the live scorers' prefix caches hold (a view counts its whole storage, once)."""
+    storages = {}
+    for scorer in SCORERS:
+        for versions in scorer._slots.values():
+            for prefix in versions:
+                for layer in prefix.cache.layers:
+                    for tensor in (layer.keys, layer.values):
+                        if tensor is not None and tensor.numel():
+                            storage = tensor.untyped_storage()
+                            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / 2**20
+
+
 def rss_mb() -> float:
     """Current resident set size of this process, in MB."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -188,7 +214,12 @@ def main() -> None:
         config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
                            batch_size=args.batch_size, max_context_tokens=args.max_context_tokens, **settings)
         trace: list[float] = []
-        progress = (lambda info, trace=trace: trace.append(rss_mb())) if args.memory and name == "default" else None
+        held: list[float] = []
+        progress = None
+        if args.memory and name == "default":
+            def progress(info, trace=trace, held=held):
+                trace.append(rss_mb())
+                held.append(cache_mb())
         with breakdown() if args.breakdown else contextlib.nullcontext({}) as stats:
             start, cpu = time.perf_counter(), time.process_time()
             results, summary = label_claims(claims, model, tokenizer, config, template=args.template,
@@ -199,7 +230,7 @@ def main() -> None:
         labels = [r["icm_label"] for r in results]
         rows[name] = {"seconds": seconds, "cpu": cpu, "tokens": summary["forward_tokens"], "labels": labels,
                       "accuracy": accuracy(labels, gold) if gold else None, "summary": summary, "trace": trace,
-                      "breakdown": dict(stats)}
+                      "breakdown": dict(stats), "held": held}
     raw_mean, long_mean = sum(raw) / len(raw), sum(long_rows) / len(long_rows)
 
     print(f"\n{args.model}, {args.claims}, {n} claims, folds={args.folds}, dtype={model.dtype}, "
@@ -239,13 +270,14 @@ def main() -> None:
         cells = [f"{per_claim * 1e4 / t / 3600:,.1f} / {per_claim * 1e5 / t / 3600:,.1f}" for t in args.throughputs]
         print(f"| {name} | {per_claim:,.0f} | " + " | ".join(cells) + " |")
 
-    trace = rows.get("default", {}).get("trace")
+    trace, held = rows.get("default", {}).get("trace"), rows.get("default", {}).get("held")
     if trace:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        quarter = trace[len(trace) // 4]
-        print(f"\nMemory (default variant, {n} claims): peak RSS {peak:,.0f} MB; RSS after step {len(trace) // 4} "
-              f"{quarter:,.0f} MB, after the last step ({len(trace)}) {trace[-1]:,.0f} MB "
-              f"(growth {trace[-1] - quarter:+,.0f} MB)")
+        steps = [max(len(trace) * k // 8, 1) for k in range(1, 9)]
+        print(f"\nMemory (default variant, {n} claims): peak RSS {peak:,.0f} MB; RSS after steps "
+              + ", ".join(f"{step}: {trace[step - 1]:,.0f}" for step in steps) + " MB; growth over the second half "
+              f"{trace[-1] - trace[len(trace) // 2 - 1]:+,.0f} MB. Held by the prefix caches at the same steps: "
+              + ", ".join(f"{held[step - 1]:,.0f}" for step in steps) + " MB")
 
 
 def bench_server(args: argparse.Namespace, claims: list, gold: list | None) -> None:

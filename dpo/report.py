@@ -234,10 +234,13 @@ def label_sections(page: Page, run_dir: Path, prefix: str = "", title: str = "")
     for axis in (ax, bx):
         if 1 < len(trajectories) <= 8:
             axis.legend(fontsize=8)
+    every = (run.get("config") or {}).get("exact_every")
+    exactness = ("Every step's U is exact (<code>exact_every</code> 1)." if every == 1 else
+                 f"Between exact steps (every {every or '<code>exact_every</code>'} steps) U is the approximate "
+                 "one, so it can jump when an exact step catches up.")
     page.add(f"{prefix}search", f"{title}Search: U and acceptance", page.figure(fig, f"{prefix}search") + note
-             + "<p>Between exact steps (every <code>exact_every</code>-th, 8 by default) U is the approximate one, so "
-               "it can jump when an exact step catches up. Steps after the annealing are greedy polishing (T = 0); a "
-               "flat U at the end means no single flip improves it.</p>")
+             + f"<p>{exactness} Steps after the annealing are greedy polishing (T = 0); a flat U at the end means "
+               "no single flip improves it.</p>")
 
     labels_path = _labels_file(run_dir, run)
     if labels_path is None:

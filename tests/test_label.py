@@ -85,11 +85,11 @@ def test_unreached_claims_get_a_prediction_and_are_marked(tiny):
     assert all(r["icm_label"] == (r["icm_score"] > 0) for r in results if not r["icm_searched"])
 
 
-@pytest.mark.parametrize("exact_every", [1, 4])
-def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path, exact_every):
+@pytest.mark.parametrize("exact_every, demo_order", [(1, "fixed"), (4, "fixed"), (4, "labelling")])
+def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path, exact_every, demo_order):
     model, tokenizer = tiny
     claims = claims_from_records(arithmetic_claims(6))
-    config = ICMConfig(iterations=40, batch_size=9, seed=3, exact_every=exact_every)
+    config = ICMConfig(iterations=40, batch_size=9, seed=3, exact_every=exact_every, demo_order=demo_order)
     expected, _ = label_claims(claims, model, tokenizer, config, model_name="tiny")
 
     def interrupt(info):
@@ -103,7 +103,7 @@ def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path, exact_
     assert list(state["done"]) == ["0"] and list(state["current"]) == ["1"] and state["current"]["1"]["iteration"] == 10
     resumed, _ = label_claims(claims, model, tokenizer, config, run_dir=run_dir, resume=True, model_name="tiny")
     assert resumed == expected
-    other = ICMConfig(iterations=40, batch_size=9, seed=4, exact_every=exact_every)
+    other = ICMConfig(iterations=40, batch_size=9, seed=4, exact_every=exact_every, demo_order=demo_order)
     with pytest.raises(ValueError, match="other claims, model or settings"):
         label_claims(claims, model, tokenizer, other, run_dir=run_dir, resume=True, model_name="tiny")
 
@@ -235,6 +235,18 @@ def test_label_cli_exact_every_1_switches_the_approximation_off(tiny_model_dir, 
     assert runs["default"]["config"]["check_every"] == ICMConfig.check_every > 1
     assert runs["exact"]["config"]["exact_every"] == 1 and runs["exact"]["approximate_checks"] == 0
     assert runs["checked"]["config"]["check_every"] == 1 and runs["checked"]["approximate_checks"] > 0
+
+
+def test_label_cli_demo_order_is_recorded_and_a_bad_one_exits_2(tiny_model_dir, tmp_path):
+    src = write_jsonl(tmp_path / "claims.jsonl", arithmetic_claims(2))
+    base = ["label", str(src), "--model", tiny_model_dir, "--iterations", "4", "--dtype", "fp32"]
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "a.parquet"), "--demo-order", "labelling"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a.run" / "run.json").read_text())["config"]["demo_order"] == "labelling"
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "b.parquet"), "--demo-order", "sideways"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: demo_order must be 'labelling' or 'fixed', not 'sideways'"]
+    assert not (tmp_path / "b.parquet").exists()
 
 
 def test_zero_shot_labels_are_the_sign_of_centered_no_demonstration_scores(tiny, tiny_model_dir, tmp_path):
