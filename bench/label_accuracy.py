@@ -32,7 +32,7 @@ from icm.data.claims import claims_from_records, gold_labels  # noqa: E402
 from icm.data.io import read_records  # noqa: E402
 from icm.label import accuracy  # noqa: E402
 from icm.models import load_model  # noqa: E402
-from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate  # noqa: E402
+from icm.scoring import DEMO_ORDERS, ClaimScorer, MutualPredictor, PromptTemplate  # noqa: E402
 from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def main() -> None:
                         help="search steps per exact evaluation of U in the ICM runs (1 = the exact search)")
     parser.add_argument("--check-every", type=int, default=ICMConfig.check_every,
                         help="exact steps per exact evaluation of their proposal (ICMConfig.check_every)")
-    parser.add_argument("--demo-order", default=ICMConfig.demo_order, choices=["labelling", "fixed"],
+    parser.add_argument("--demo-order", default=ICMConfig.demo_order, choices=DEMO_ORDERS,
                         help="order of the demonstrations in the ICM runs (ICMConfig.demo_order)")
     parser.add_argument("--compare-exact", action="store_true",
                         help="also run the previous search (exact U at every step, demonstrations in the fixed "

@@ -41,6 +41,7 @@ import os
 import resource
 import sys
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,13 +122,14 @@ def breakdown() -> Iterator[dict[str, float]]:
             setattr(owner, name, method)
 
 
-SCORERS: list[ClaimScorer] = []  # every ClaimScorer made in this process (see cache_mb)
+SCORERS: weakref.WeakSet[ClaimScorer] = weakref.WeakSet()  # the live ClaimScorers (see cache_mb); weak, so that
+# tracking keeps no finished variant's caches alive
 _scorer_init = ClaimScorer.__init__
 
 
 def _tracked_init(self, *args, **kwargs):
     _scorer_init(self, *args, **kwargs)
-    SCORERS.append(self)
+    SCORERS.add(self)
 
 
 ClaimScorer.__init__ = _tracked_init

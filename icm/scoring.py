@@ -240,6 +240,10 @@ class ClaimScorer:
         return (logits[:, 0] - logits[:, 1]).tolist()
 
 
+DEMO_ORDERS = ("labelling", "fixed")
+"""The orders :class:`MutualPredictor` can put demonstrations in."""
+
+
 class MutualPredictor:
     """Each claim's log-odds given the *other* labelled claims, with claims split into folds.
 
@@ -259,7 +263,7 @@ class MutualPredictor:
 
     def __init__(self, scorer: ClaimScorer, members: list[int], folds: int, seed: int = 0, see_group: bool = True,
                  reuse_targets: bool = True, order: str = "labelling"):
-        if order not in ("labelling", "fixed"):
+        if order not in DEMO_ORDERS:
             raise ValueError(f"demonstration order must be 'labelling' or 'fixed', not {order!r}")
         self.scorer, self.members, self.demo_order = scorer, members, order
         rng = np.random.default_rng(seed)

@@ -25,7 +25,7 @@ from icm.backends import Scorer, as_backend
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
 from icm.data.claims import Claim
 from icm.data.io import InputError, write_json
-from icm.scoring import ClaimScorer, MutualPredictor
+from icm.scoring import DEMO_ORDERS, ClaimScorer, MutualPredictor
 
 
 @dataclass
@@ -102,7 +102,7 @@ class ICMConfig:
     def __post_init__(self):
         if self.balance not in ("center", "none"):
             raise ValueError(f"balance must be 'center' or 'none', not {self.balance!r}")
-        if self.demo_order not in ("labelling", "fixed"):
+        if self.demo_order not in DEMO_ORDERS:
             raise ValueError(f"demo_order must be 'labelling' or 'fixed', not {self.demo_order!r}")
         if (self.initial_labels < 0 or self.batch_size < 1 or self.alpha < 0 or self.exact_every < 1
                 or self.check_every < 1):
