@@ -6,6 +6,8 @@ accuracy when the claims have gold, a cost model for large claim sets, and (``--
     python bench/label_speed.py --model smollm2-135m --claims sentiment -n 64
     python bench/label_speed.py --claims sentiment -n 256 --iterations 32 --polish-iterations 0 \
         --variants default --memory
+    python bench/label_speed.py --claims sentiment -n 256 --initial-labels 200 --iterations 640 \
+        --polish-iterations 0 --variants default --memory   # the steady state: context budget full from step 0
     python bench/label_speed.py --claims sentiment-pivot -n 400 --iterations 96 --polish-iterations 16 \
         --batch-size 512 --breakdown          # the demo's claims and search (scripts/demo.sh)
 
@@ -136,16 +138,15 @@ ClaimScorer.__init__ = _tracked_init
 
 
 def cache_mb() -> float:
-    """MB of tensor storage that the live scorers' prefix caches hold (a view counts its whole storage, once)."""
+    """MB of the buffers that the live scorers' prefix caches hold, the free ones (kept for reuse) included."""
     storages = {}
     for scorer in SCORERS:
-        for versions in scorer._slots.values():
-            for prefix in versions:
-                for layer in prefix.cache.layers:
-                    for tensor in (layer.keys, layer.values):
-                        if tensor is not None and tensor.numel():
-                            storage = tensor.untyped_storage()
-                            storages[storage.data_ptr()] = storage.nbytes()
+        sets = [[layer.buffers for layer in prefix.layers if layer.buffers is not None]
+                for versions in scorer._slots.values() for prefix in versions] + scorer._free
+        for buffers in sets:
+            for tensor in (t for pair in buffers for t in pair):
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values()) / 2**20
 
 
@@ -178,6 +179,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--polish-iterations", type=int, default=None)
+    parser.add_argument("--initial-labels", type=int, default=ICMConfig.initial_labels,
+                        help="claims labelled at random before the search (e.g. 200 of 256 fills the context budget "
+                             "from the start: --memory then measures the steady state)")
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=ICMConfig.batch_size, help="claims searched together")
     parser.add_argument("--exact-every", type=int, default=ICMConfig.exact_every, help="of the default variant")
@@ -214,7 +218,8 @@ def main() -> None:
     for name in args.variants:
         settings = {"exact_every": args.exact_every, "check_every": args.check_every} | VARIANTS[name]
         config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
-                           batch_size=args.batch_size, max_context_tokens=args.max_context_tokens, **settings)
+                           batch_size=args.batch_size, max_context_tokens=args.max_context_tokens,
+                           initial_labels=args.initial_labels, **settings)
         trace: list[float] = []
         held: list[float] = []
         progress = None

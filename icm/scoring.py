@@ -7,7 +7,11 @@ claims). Three things make it cheap on a CPU:
 - the demonstration prefix is run once and its KV cache is shared by a batch of targets;
 - a prefix cache is kept per "slot" and, when the demonstrations change, only the tokens from the first
   changed chunk onwards are recomputed. Chunks sit at fixed absolute positions, so the cache of a given
-  token sequence is computed the same way whatever the history, and results are reproducible on resume.
+  token sequence is computed the same way whatever the history, and results are reproducible on resume;
+- every prefix cache lives in buffers of one fixed size that are reused once their version is dropped, and
+  both appending a chunk and scoring targets write into them in place: a long search allocates the same few
+  buffers again and again (concatenating into ever-different sizes fragmented the heap, and the process's
+  memory kept growing) and copies no cache per chunk or per target batch.
 
 :class:`MutualPredictor` splits the claims into folds: a claim is scored with the labelled claims of the
 other folds as context. ``folds=0`` is exact leave-one-out (one fold per claim).
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from icm.data.claims import Claim
 
@@ -88,10 +93,44 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
+class _BufferLayer(DynamicLayer):
+    """One layer's keys and values, the first ``length`` positions of two fixed-size buffers; ``update`` writes the
+    new positions after them in place (``DynamicLayer`` concatenates into new tensors). Buffers are allocated at the
+    first update when none are given."""
+
+    def __init__(self, capacity: int, buffers: tuple[torch.Tensor, torch.Tensor] | None = None, length: int = 0):
+        super().__init__()
+        self.capacity, self.buffers, self.length = capacity, buffers, length
+        if buffers is not None:
+            self.device, self.is_initialized = buffers[0].device, True
+            self.keys, self.values = (b[..., :length, :] for b in buffers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.buffers is None:
+            self.buffers = tuple(s.new_empty((*s.shape[:-2], self.capacity, s.shape[-1]))
+                                 for s in (key_states, value_states))
+            self.device, self.is_initialized = key_states.device, True
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"prefix cache overflow: {end} positions in buffers of {self.capacity}")
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[..., self.length:end, :] = states
+        self.length = end
+        self.keys, self.values = (b[..., :end, :] for b in self.buffers)
+        return self.keys, self.values
+
+
+def _cache(layers: list[_BufferLayer]) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
 @dataclass
 class _Prefix:
     tokens: list[int] = field(default_factory=list)
-    cache: DynamicCache = field(default_factory=DynamicCache)
+    layers: list[_BufferLayer] = field(default_factory=list)
+    """One per model layer once computed (empty for an empty prefix); their buffers belong to this prefix alone."""
 
 
 class ClaimScorer:
@@ -117,7 +156,13 @@ class ClaimScorer:
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
         self.max_context_tokens = min(max_context_tokens or limit, limit)
         self.batch_size, self.chunk_size = batch_size, chunk_size
+        # Positions a target batch may add after its prefix: batches are also cut at this many tokens (a claim
+        # longer than it goes alone), so every prefix buffer fits its prefix plus any batch.
+        self.batch_tokens = min(batch_size * max(map(len, self.prompt_ids), default=1), self.max_context_tokens)
+        self.capacity = self.max_context_tokens + self.batch_tokens
         self.prefix_versions = max(prefix_versions, 1)  # prefix caches kept per slot (see _sync)
+        self._free: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # buffers of dropped prefixes, to reuse
+        self.n_layers = model.config.get_text_config().num_hidden_layers
         self.decoder = model.get_decoder()
         # transformers >= 5.2x names the KV-cache argument ``cache`` (``past_key_values`` is deprecated there)
         self.cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
@@ -160,12 +205,30 @@ class ClaimScorer:
         if not targets:
             return np.zeros(0)
         prefix = self._sync(slot, self._context_for(targets, demos))
-        order = sorted(targets, key=lambda t: (len(self.prompt_ids[t]), t))
         out: dict[int, float] = {}
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+        for batch in self._batches(targets):
             out.update(zip(batch, self._score_batch(prefix, batch)))
+        if slot is None:
+            self._release(prefix)
         return np.array([out[t] for t in targets])
+
+    def _batches(self, targets: list[int]) -> list[list[int]]:
+        """Targets by length, cut into batches of at most ``batch_size`` targets and ``batch_tokens`` tokens."""
+        batches: list[list[int]] = []
+        tokens = 0
+        for t in sorted(targets, key=lambda t: (len(self.prompt_ids[t]), t)):
+            n = len(self.prompt_ids[t])
+            if not batches or len(batches[-1]) == self.batch_size or tokens + n > self.batch_tokens:
+                batches.append([])
+                tokens = 0
+            batches[-1].append(t)
+            tokens += n
+        return batches
+
+    def _release(self, prefix: _Prefix) -> None:
+        """Keep a dropped prefix's buffers for the next one (a few sets at most: the rest go back to the allocator)."""
+        if prefix.layers and prefix.layers[0].buffers is not None and len(self._free) < 2:
+            self._free.append([layer.buffers for layer in prefix.layers])
 
     def keep(self, targets: list[int], demos: Iterable[tuple[int, bool]], slot: Hashable) -> None:
         """Mark the prefix cache that ``score(targets, demos, slot)`` would use as just used, if ``slot`` holds
@@ -189,8 +252,8 @@ class ClaimScorer:
     def _sync(self, slot: Hashable | None, tokens: list[int]) -> _Prefix:
         """The cache of ``tokens``, computed from the stored version of ``slot`` that shares the longest
         prefix with it. Up to ``prefix_versions`` versions are kept per slot, so after a rejected proposal
-        the previous context is still cached. Cached tensors are never modified in place: a new version
-        starts from views of the old one and appends (``torch.cat``) to them."""
+        the previous context is still cached. A version's cached positions are never modified: a new version
+        copies the shared chunks into buffers of its own (a dropped version's, when one is free) and appends."""
         versions = self._slots.setdefault(slot, []) if slot is not None else []
         base = max(versions, key=lambda p: _common(p.tokens, tokens), default=_Prefix())
         if versions and base.tokens == tokens:
@@ -198,15 +261,21 @@ class ClaimScorer:
             versions.append(base)
             return base
         keep = _common(base.tokens, tokens) // self.chunk_size * self.chunk_size
-        layers = [(layer.keys[..., :keep, :], layer.values[..., :keep, :]) for layer in base.cache.layers]
-        prefix = _Prefix(list(tokens), DynamicCache(ddp_cache_data=layers) if keep else DynamicCache())
+        free = self._free.pop() if self._free and tokens else None
+        prefix = _Prefix(list(tokens), [_BufferLayer(self.capacity, free[i] if free else None)
+                                        for i in range(self.n_layers)] if tokens else [])
+        for layer, old in zip(prefix.layers, base.layers if keep else []):
+            layer.update(old.keys[..., :keep, :], old.values[..., :keep, :])
+        cache = _cache(prefix.layers)
         for start in range(keep, len(tokens), self.chunk_size):
             piece = tokens[start:start + self.chunk_size]
-            self.decoder(input_ids=torch.tensor([piece], device=self.device), **{self.cache_arg: prefix.cache},
+            self.decoder(input_ids=torch.tensor([piece], device=self.device), **{self.cache_arg: cache},
                          position_ids=torch.arange(start, start + len(piece), device=self.device)[None],
                          use_cache=True)
             self.prefix_tokens += len(piece)
         versions.append(prefix)
+        for dropped in versions[:-self.prefix_versions]:
+            self._release(dropped)
         del versions[:-self.prefix_versions]
         return prefix
 
@@ -227,8 +296,8 @@ class ClaimScorer:
         if self.sliding_window:
             sliding = mask & (positions[:, None] - key_positions[None, :] < self.sliding_window)
             masks = {"full_attention": masks, "sliding_attention": sliding[None, None].to(self.device)}
-        cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in prefix.cache.layers]) \
-            if past else None
+        # The targets' keys and values go into the prefix's buffers after its positions, which stay as they were
+        cache = _cache([_BufferLayer(self.capacity, layer.buffers, past) for layer in prefix.layers]) if past else None
         hidden = self.decoder(input_ids=ids, attention_mask=masks, position_ids=positions[None].to(self.device),
                               **{self.cache_arg: cache}, use_cache=cache is not None).last_hidden_state[0]
         ends = torch.cumsum(torch.tensor(lengths), 0) - 1

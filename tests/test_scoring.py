@@ -133,6 +133,45 @@ def test_reused_scores_match_a_plain_forward_after_any_sequence_of_label_changes
             labels = previous
 
 
+def test_prefix_caches_reuse_a_fixed_set_of_buffers(tiny):
+    """However many label changes, the folds' prefix versions live in at most (folds x versions + 1) sets of
+    fixed-size buffers: a dropped version's buffers are reused, never reallocated at a new size."""
+    model, tokenizer = tiny
+    scorer = ClaimScorer(model, tokenizer, CLAIMS, chunk_size=8, batch_size=2)
+    members = list(range(len(CLAIMS)))
+    predictor = MutualPredictor(scorer, members, folds=2)
+    rng = np.random.default_rng(1)
+    labels: dict[int, bool] = {}
+    seen: dict[int, torch.Tensor] = {}  # every key buffer ever used, kept alive so that ids stay unique
+    for _ in range(30):
+        i = int(rng.choice(members))
+        labels[i] = not labels.get(i, bool(rng.random() < 0.5))
+        predictor.log_odds(labels, members)
+        for versions in scorer._slots.values():
+            for prefix in versions:
+                assert all(layer.buffers[0].shape[-2] == scorer.capacity for layer in prefix.layers)
+                seen.update((id(layer.buffers[0]), layer.buffers[0]) for layer in prefix.layers)
+    assert scorer.forward_tokens > 0 and len(seen) <= (2 * scorer.prefix_versions + 1) * scorer.n_layers
+
+
+def test_long_targets_are_cut_into_batches_that_fit_after_the_prefix(tiny):
+    model, tokenizer = tiny
+    budget = 80
+    scorer = ClaimScorer(model, tokenizer, CLAIMS, max_context_tokens=budget, batch_size=8)
+    assert scorer.batch_tokens == budget < 8 * max(map(len, scorer.prompt_ids))
+    targets = [0, 2, 4, 6, 8]
+    batches = scorer._batches(targets)
+    assert sorted(t for b in batches for t in b) == targets and len(batches) > 1
+    assert all(sum(len(scorer.prompt_ids[t]) for t in b) <= budget for b in batches)
+    demos = [(i, i % 2 == 0) for i in (1, 3, 5, 7)]
+    got = scorer.score(targets, demos, slot=0)
+    longest = max(len(scorer.prompt_ids[t]) for t in targets)
+    context = scorer.context(demos, budget - longest)
+    assert len(context) > 1
+    want = [full_forward_log_odds(model, scorer, context, t) for t in targets]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_adding_a_label_rescores_only_its_own_group_where_the_context_is_unchanged(tiny):
     model, tokenizer = tiny
     members = list(range(len(CLAIMS)))
