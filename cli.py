@@ -124,7 +124,7 @@ def label_run_dir(params: dict) -> Path:
 
 
 EXACT_EVERY_HELP = ("Search steps per exact evaluation of U; the steps in between use an approximate U (see "
-                    "ICMConfig.exact_every). 1 = every step exact, the paper's search [default: 16].")
+                    "ICMConfig.exact_every). 1 = every step exact, the paper's search [default: 32].")
 
 
 LOSS_TYPE_HELP = ("TRL DPO loss: sigmoid, ipo, hinge, robust, ..., or several comma-separated, summed with "

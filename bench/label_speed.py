@@ -16,8 +16,9 @@ re-scored whenever one is added, one prefix cache per fold, demonstrations in a 
 ``ICMConfig(exact_every=1, reuse_scores=False, demo_order="fixed")``); ``exact`` adds score reuse (same labels as
 ``previous`` up to float rounding); ``checked`` is an approximate U whose exact steps all score their proposal
 exactly (``check_every=1``); ``fixed-order`` is the default search with the fixed demonstration order;
-``default`` is ``ICMConfig()`` (approximate U between exact steps, every ``check_every``-th exact step's proposal
-checked, demonstrations in labelling order; ``--exact-every`` and ``--check-every`` change how often).
+``every-16`` is the default until 2026-12-02 (``exact_every=16``); ``default`` is ``ICMConfig()`` (approximate U
+between exact steps, every ``check_every``-th exact step's proposal checked, demonstrations in labelling order;
+``--exact-every`` and ``--check-every`` change how often).
 ``--breakdown`` splits each variant's time into prefix and target forwards by purpose (re-scoring the labelled
 claims, predicting a sampled claim, the final predictions), ConsistencyFix and the rest (Python).
 
@@ -65,6 +66,7 @@ VARIANTS = {
     "exact": {"exact_every": 1, "demo_order": "fixed"},
     "checked": {"check_every": 1, "demo_order": "fixed"},
     "fixed-order": {"demo_order": "fixed"},
+    "every-16": {"exact_every": 16},
     "default": {},
 }
 
