@@ -126,6 +126,13 @@ def _cache(layers: list[_BufferLayer]) -> DynamicCache:
     return cache
 
 
+def _buffers(prefix: _Prefix | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The buffers of ``prefix``'s layers, if it has any."""
+    if prefix is None or not prefix.layers or prefix.layers[0].buffers is None:
+        return None
+    return [layer.buffers for layer in prefix.layers]
+
+
 @dataclass
 class _Prefix:
     tokens: list[int] = field(default_factory=list)
@@ -161,7 +168,7 @@ class ClaimScorer:
         self.batch_tokens = min(batch_size * max(map(len, self.prompt_ids), default=1), self.max_context_tokens)
         self.capacity = self.max_context_tokens + self.batch_tokens
         self.prefix_versions = max(prefix_versions, 1)  # prefix caches kept per slot (see _sync)
-        self._free: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # buffers of dropped prefixes, to reuse
+        self._free: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # a throwaway prefix's buffers, to reuse
         self.n_layers = model.config.get_text_config().num_hidden_layers
         self.decoder = model.get_decoder()
         # transformers >= 5.2x names the KV-cache argument ``cache`` (``past_key_values`` is deprecated there)
@@ -226,9 +233,9 @@ class ClaimScorer:
         return batches
 
     def _release(self, prefix: _Prefix) -> None:
-        """Keep a dropped prefix's buffers for the next one (a few sets at most: the rest go back to the allocator)."""
-        if prefix.layers and prefix.layers[0].buffers is not None and len(self._free) < 2:
-            self._free.append([layer.buffers for layer in prefix.layers])
+        """Keep a throwaway prefix's buffers for the next one (one set at most)."""
+        if (buffers := _buffers(prefix)) and not self._free:
+            self._free.append(buffers)
 
     def keep(self, targets: list[int], demos: Iterable[tuple[int, bool]], slot: Hashable) -> None:
         """Mark the prefix cache that ``score(targets, demos, slot)`` would use as just used, if ``slot`` holds
@@ -252,8 +259,9 @@ class ClaimScorer:
     def _sync(self, slot: Hashable | None, tokens: list[int]) -> _Prefix:
         """The cache of ``tokens``, computed from the stored version of ``slot`` that shares the longest
         prefix with it. Up to ``prefix_versions`` versions are kept per slot, so after a rejected proposal
-        the previous context is still cached. A version's cached positions are never modified: a new version
-        copies the shared chunks into buffers of its own (a dropped version's, when one is free) and appends."""
+        the previous context is still cached. A kept version's positions are never modified: a new version
+        takes the buffers of the version it replaces (or the free ones, or new ones), copies the shared chunks
+        into them unless they are already there (the replaced version was the base), and appends."""
         versions = self._slots.setdefault(slot, []) if slot is not None else []
         base = max(versions, key=lambda p: _common(p.tokens, tokens), default=_Prefix())
         if versions and base.tokens == tokens:
@@ -261,10 +269,12 @@ class ClaimScorer:
             versions.append(base)
             return base
         keep = _common(base.tokens, tokens) // self.chunk_size * self.chunk_size
-        free = self._free.pop() if self._free and tokens else None
-        prefix = _Prefix(list(tokens), [_BufferLayer(self.capacity, free[i] if free else None)
-                                        for i in range(self.n_layers)] if tokens else [])
-        for layer, old in zip(prefix.layers, base.layers if keep else []):
+        dropped = versions.pop(0) if len(versions) >= self.prefix_versions else None
+        buffers = _buffers(dropped) or (self._free.pop() if self._free else None)
+        in_place = dropped is base and buffers is not None
+        prefix = _Prefix(list(tokens), [_BufferLayer(self.capacity, buffers[i] if buffers else None,
+                                                     keep if in_place else 0) for i in range(self.n_layers)])
+        for layer, old in zip(prefix.layers, [] if in_place or not keep else base.layers):
             layer.update(old.keys[..., :keep, :], old.values[..., :keep, :])
         cache = _cache(prefix.layers)
         for start in range(keep, len(tokens), self.chunk_size):
@@ -274,9 +284,6 @@ class ClaimScorer:
                          use_cache=True)
             self.prefix_tokens += len(piece)
         versions.append(prefix)
-        for dropped in versions[:-self.prefix_versions]:
-            self._release(dropped)
-        del versions[:-self.prefix_versions]
         return prefix
 
     @torch.inference_mode()

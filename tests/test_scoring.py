@@ -134,8 +134,8 @@ def test_reused_scores_match_a_plain_forward_after_any_sequence_of_label_changes
 
 
 def test_prefix_caches_reuse_a_fixed_set_of_buffers(tiny):
-    """However many label changes, the folds' prefix versions live in at most (folds x versions + 1) sets of
-    fixed-size buffers: a dropped version's buffers are reused, never reallocated at a new size."""
+    """However many label changes, the folds' prefix versions live in (folds x versions) sets of fixed-size
+    buffers: a new version takes over the buffers of the one it replaces, nothing is reallocated."""
     model, tokenizer = tiny
     scorer = ClaimScorer(model, tokenizer, CLAIMS, chunk_size=8, batch_size=2)
     members = list(range(len(CLAIMS)))
@@ -149,9 +149,11 @@ def test_prefix_caches_reuse_a_fixed_set_of_buffers(tiny):
         predictor.log_odds(labels, members)
         for versions in scorer._slots.values():
             for prefix in versions:
-                assert all(layer.buffers[0].shape[-2] == scorer.capacity for layer in prefix.layers)
-                seen.update((id(layer.buffers[0]), layer.buffers[0]) for layer in prefix.layers)
-    assert scorer.forward_tokens > 0 and len(seen) <= (2 * scorer.prefix_versions + 1) * scorer.n_layers
+                for layer in prefix.layers:
+                    if prefix.tokens:  # an empty context runs nothing and may hold no buffers
+                        assert layer.buffers[0].shape[-2] == scorer.capacity
+                        seen[id(layer.buffers[0])] = layer.buffers[0]
+    assert scorer.forward_tokens > 0 and 0 < len(seen) <= 2 * scorer.prefix_versions * scorer.n_layers
 
 
 def test_long_targets_are_cut_into_batches_that_fit_after_the_prefix(tiny):
