@@ -1,7 +1,9 @@
 """Speed of `icm label`, the previous search and today's side by side in one run: seconds and forward
 tokens per labelled claim (and CPU seconds: on a shared machine the process's own time is the fairer
-comparison), scoring throughput as a ratio of the model's raw forward throughput (both per CPU second), label
-accuracy when the claims have gold, a cost model for large claim sets, and (``--memory``) peak RSS.
+comparison), scoring throughput as a ratio of the model's raw forward throughput (both per CPU second), in tokens
+and in FLOPs (a scored token attends over the whole demonstration prefix, a raw forward's over half its row on
+average, so a token of the search costs more arithmetic), label accuracy when the claims have gold, a cost model
+for large claim sets, and (``--memory``) peak RSS.
 
     python bench/label_speed.py --model smollm2-135m --claims sentiment -n 64
     python bench/label_speed.py --claims sentiment -n 256 --iterations 32 --polish-iterations 0 \
@@ -82,6 +84,26 @@ def raw_throughput(model, seq_len: int = 512, batch: int = 4, repeats: int = 3) 
     return repeats * batch * seq_len / (time.process_time() - start)
 
 
+def flop_costs(model) -> tuple[float, float] | None:
+    """FLOPs per token run (the decoder layers' weights, 2 per weight) and per key position a token attends to
+    (QK^T and AV over every head of every layer); None for a model with sliding-window layers, whose attention
+    this count would overstate."""
+    text = model.config.get_text_config()
+    if "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+        return None
+    weights = sum(p.numel() for p in model.get_decoder().layers.parameters())
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2.0 * weights, 4.0 * text.num_attention_heads * head_dim * text.num_hidden_layers
+
+
+def raw_flops_per_token(model, costs: tuple[float, float], seq_len: int) -> float:
+    """FLOPs per token of ``raw_throughput``'s causal rows: weights, attention over (L + 1) / 2 keys on average, and
+    the vocabulary head at each row's last position."""
+    per_token, per_key = costs
+    head = 2.0 * model.get_output_embeddings().weight.numel()
+    return per_token + (seq_len + 1) / 2 * per_key + head / seq_len
+
+
 @contextlib.contextmanager
 def breakdown() -> Iterator[dict[str, float]]:
     """CPU seconds and tokens of prefix and target forwards by purpose, and seconds in ConsistencyFix, while active:
@@ -131,9 +153,13 @@ SCORERS: weakref.WeakSet[ClaimScorer] = weakref.WeakSet()  # the live ClaimScore
 _scorer_init = ClaimScorer.__init__
 
 
+CREATED: list[ClaimScorer] = []  # the scorers of the variant being run, for their counters; cleared after each
+
+
 def _tracked_init(self, *args, **kwargs):
     _scorer_init(self, *args, **kwargs)
     SCORERS.add(self)
+    CREATED.append(self)
 
 
 ClaimScorer.__init__ = _tracked_init
@@ -234,13 +260,26 @@ def main() -> None:
             results, summary = label_claims(claims, model, tokenizer, config, template=args.template,
                                             progress=progress)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        attended = sum(scorer.attended_keys for scorer in CREATED)
+        CREATED.clear()
         raw.append(raw_throughput(model))
         long_rows.append(raw_throughput(model, args.max_context_tokens, batch=1, repeats=2))
         labels = [r["icm_label"] for r in results]
         rows[name] = {"seconds": seconds, "cpu": cpu, "tokens": summary["forward_tokens"], "labels": labels,
+                      "attended": attended,
                       "accuracy": accuracy(labels, gold) if gold else None, "summary": summary, "trace": trace,
                       "breakdown": dict(stats), "held": held}
     raw_mean, long_mean = sum(raw) / len(raw), sum(long_rows) / len(long_rows)
+    costs = flop_costs(model)
+    raw_flops = [mean * raw_flops_per_token(model, costs, length) if costs else None
+                 for mean, length in ((raw_mean, 512), (long_mean, args.max_context_tokens))]
+
+    def flop_ratio(r: dict) -> str:
+        """The variant's FLOPs per CPU second over the raw forwards' (512 / context-budget rows)."""
+        if not costs:
+            return "-"
+        rate = (r["tokens"] * costs[0] + r["attended"] * costs[1]) / r["cpu"]
+        return " / ".join(f"{rate / reference:.2f}" for reference in raw_flops)
 
     print(f"\n{args.model}, {args.claims}, {n} claims, folds={args.folds}, dtype={model.dtype}, "
           f"default: exact every {args.exact_every} steps, "
@@ -248,9 +287,9 @@ def main() -> None:
           f"on 4 x 512-token rows, {long_mean:,.0f} on 1 x {args.max_context_tokens:,}-token rows "
           f"(means of {len(raw)} measurements)\n")
     print(f"| variant | s / claim | CPU s / claim | forward tokens / claim | scoring / raw throughput (512 / "
-          f"{args.max_context_tokens:,}-token rows) | speed-up (wall / CPU / tokens) | accuracy | "
-          "approx. disagreements |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.max_context_tokens:,}-token rows) | the same in FLOPs per CPU second | "
+          "speed-up (wall / CPU / tokens) | accuracy | approx. disagreements |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = rows.get("previous")
     for name, r in rows.items():
         s = r["summary"]
@@ -259,7 +298,8 @@ def main() -> None:
         acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "-"
         checks = f"{s['approximate_disagreements']}/{s['approximate_checks']}" if s["approximate_checks"] else "-"
         print(f"| {name} | {r['seconds'] / n:.2f} | {r['cpu'] / n:.2f} | {r['tokens'] / n:,.0f} | "
-              f"{r['tokens'] / r['cpu'] / raw_mean:.2f} / {r['tokens'] / r['cpu'] / long_mean:.2f} | {speedup} | "
+              f"{r['tokens'] / r['cpu'] / raw_mean:.2f} / {r['tokens'] / r['cpu'] / long_mean:.2f} | {flop_ratio(r)} | "
+              f"{speedup} | "
               f"{acc} | {checks} |")
     if base:
         for name, r in rows.items():

@@ -185,6 +185,7 @@ class ClaimScorer:
         self.prefix_tokens = 0  # tokens run through the model for demonstration prefixes
         self.target_tokens = 0  # tokens run for the claims being scored
         self.uncached_tokens = 0  # what the same scores would cost with every context run from scratch
+        self.attended_keys = 0  # over the tokens run, the key positions each attends to (attention's cost)
 
     @property
     def forward_tokens(self) -> int:
@@ -283,6 +284,7 @@ class ClaimScorer:
                          position_ids=torch.arange(start, start + len(piece), device=self.device)[None],
                          use_cache=True)
             self.prefix_tokens += len(piece)
+            self.attended_keys += len(piece) * start + len(piece) * (len(piece) + 1) // 2
         versions.append(prefix)
         return prefix
 
@@ -313,6 +315,7 @@ class ClaimScorer:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         self.target_tokens += total
         self.uncached_tokens += len(batch) * past + total
+        self.attended_keys += sum(n * past + n * (n + 1) // 2 for n in lengths)
         return (logits[:, 0] - logits[:, 1]).tolist()
 
 

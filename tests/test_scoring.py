@@ -156,6 +156,21 @@ def test_prefix_caches_reuse_a_fixed_set_of_buffers(tiny):
     assert scorer.forward_tokens > 0 and 0 < len(seen) <= 2 * scorer.prefix_versions * scorer.n_layers
 
 
+def test_attended_keys_count_what_each_token_run_attends_to(tiny):
+    """A prefix run in chunks attends like one causal row (P (P + 1) / 2 keys); each target adds its length times the
+    prefix plus its own triangle. A second call on the same prefix runs only the targets."""
+    model, tokenizer = tiny
+    scorer = ClaimScorer(model, tokenizer, CLAIMS, chunk_size=8)
+    demos = [(i, True) for i in (1, 2, 3)]
+    scorer.score([0, 4], demos, slot=0)
+    p = scorer.prefix_tokens
+    lengths = [len(scorer.prompt_ids[t]) for t in (0, 4)]
+    targets = sum(n * p + n * (n + 1) // 2 for n in lengths)
+    assert p > 8 and scorer.attended_keys == p * (p + 1) // 2 + targets
+    scorer.score([0, 4], demos, slot=0)
+    assert scorer.attended_keys == p * (p + 1) // 2 + 2 * targets
+
+
 def test_long_targets_are_cut_into_batches_that_fit_after_the_prefix(tiny):
     model, tokenizer = tiny
     budget = 80
