@@ -137,7 +137,8 @@ def _buffers(prefix: _Prefix | None) -> list[tuple[torch.Tensor, torch.Tensor]] 
 class _Prefix:
     tokens: list[int] = field(default_factory=list)
     layers: list[_BufferLayer] = field(default_factory=list)
-    """One per model layer once computed (empty for an empty prefix); their buffers belong to this prefix alone."""
+    """One per model layer (none in the empty placeholder); their buffers belong to this prefix alone, and a prefix
+    of no tokens may have none allocated."""
 
 
 class ClaimScorer:
