@@ -1,15 +1,15 @@
 """Scoring claims: the log-odds of " True" vs " False" after a context of labelled demonstrations.
 
 The expensive part of ICM is computing, for every labelled claim, P(label | claim, the other labelled
-claims). Three things make it cheap on a CPU:
+claims). Four things make it cheap on a CPU:
 
 - only the two label logits are computed, from the last hidden state of each target (no vocab-wide head);
 - the demonstration prefix is run once and its KV cache is shared by a batch of targets;
 - a prefix cache is kept per "slot" and, when the demonstrations change, only the tokens from the first
   changed chunk onwards are recomputed. Chunks sit at fixed absolute positions, so the cache of a given
   token sequence is computed the same way whatever the history, and results are reproducible on resume;
-- every prefix cache lives in buffers of one fixed size that are reused once their version is dropped, and
-  both appending a chunk and scoring targets write into them in place: a long search allocates the same few
+- every prefix cache lives in buffers of one fixed size, which a new version takes over from the version it
+  replaces, and both appending a chunk and scoring targets write into them in place: a long search uses the same few
   buffers again and again (concatenating into ever-different sizes fragmented the heap, and the process's
   memory kept growing) and copies no cache per chunk or per target batch.
 
@@ -118,6 +118,11 @@ class _BufferLayer(DynamicLayer):
         self.length = end
         self.keys, self.values = (b[..., :end, :] for b in self.buffers)
         return self.keys, self.values
+
+
+def _attended(tokens: int, past: int) -> int:
+    """Key positions that ``tokens`` new tokens attend to, causally, after ``past`` cached ones."""
+    return tokens * past + tokens * (tokens + 1) // 2
 
 
 def _cache(layers: list[_BufferLayer]) -> DynamicCache:
@@ -285,7 +290,7 @@ class ClaimScorer:
                          position_ids=torch.arange(start, start + len(piece), device=self.device)[None],
                          use_cache=True)
             self.prefix_tokens += len(piece)
-            self.attended_keys += len(piece) * start + len(piece) * (len(piece) + 1) // 2
+            self.attended_keys += _attended(len(piece), start)
         versions.append(prefix)
         return prefix
 
@@ -316,7 +321,7 @@ class ClaimScorer:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         self.target_tokens += total
         self.uncached_tokens += len(batch) * past + total
-        self.attended_keys += sum(n * past + n * (n + 1) // 2 for n in lengths)
+        self.attended_keys += sum(_attended(n, past) for n in lengths)
         return (logits[:, 0] - logits[:, 1]).tolist()
 
 
