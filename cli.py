@@ -224,9 +224,10 @@ def generate(
 ) -> None:
     """Sample candidate solutions from a model and write them as claims for `icm label`."""
     from icm.data.answers import check_extractor
-    from icm.data.candidates import GenerationConfig, generate_file, report_path, report_table
+    from icm.data.candidates import GenerationConfig, report_path, report_table
     from icm.data.io import check_output
     from icm.data.tasks import load_questions
+    from icm.generate import generate_file
 
     if sum(map(bool, (input, task, dataset))) != 1:
         fail("give exactly one of INPUT, --task or --dataset")

@@ -20,7 +20,7 @@ What is compared, per stage (everything else a run writes is bookkeeping: timing
 Both runs use the same relative paths (each runs in its own directory), so recorded commands compare equal.
 The model is the tests' tiny random Llama (built offline), so this measures the resume logic, not a model.
 
-    python bench/chaos.py --stages label,generate,transfer --kills 10
+    python -m bench.chaos --stages label,generate,transfer --kills 10
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 Json = dict[str, Any]
 
@@ -173,7 +172,7 @@ def _start(stage: Stage, d: Path, env: dict[str, str]) -> subprocess.Popen:
     """Start the command in ``d``, in a session of its own (a kill reaches all of it); stderr goes to ``d``.log."""
     d.mkdir(parents=True, exist_ok=True)
     with open(d.with_suffix(".log"), "ab") as err:
-        return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *stage.args], cwd=d, env=env,
+        return subprocess.Popen([sys.executable, "-m", "icm", *stage.args], cwd=d, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
 

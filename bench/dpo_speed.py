@@ -1,6 +1,6 @@
 """Seconds per DPO step: ``icm dpo`` (``dpo.training.train_dpo``) vs a plain TRL script, same settings, one run.
 
-    .venv/bin/python bench/dpo_speed.py [--model smollm2-135m] [--steps 4] [--batch-size 2] [--max-length 128]
+    .venv/bin/python -m bench.dpo_speed [--model smollm2-135m] [--steps 4] [--batch-size 2] [--max-length 128]
                                         [--no-lora] [--precision auto] [--rounds 1] [--threads N]
 
 Both sides time ``trainer.train()`` only (model loading excluded) and divide by the steps; with ``--rounds`` > 1

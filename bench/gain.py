@@ -11,8 +11,8 @@ Each replicate runs ``icm transfer --config examples/sentiment-demo.yaml`` once;
 recipe variant given after ``--``) reuses its candidates, labels and pairs and reruns only DPO and the
 evaluation. The table gives each arm's change of accuracy per replicate and seed, and the mean::
 
-    python bench/gain.py --replicates v1 v2 --seeds 0 1 2
-    python bench/gain.py --replicates v1 --name plain-dpo -- --loss-type sigmoid --loss-weights ''
+    python -m bench.gain --replicates v1 v2 --seeds 0 1 2
+    python -m bench.gain --replicates v1 --name plain-dpo -- --loss-type sigmoid --loss-weights ''
 """
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from icm.data.tasks import sentiment_questions
+from icm.dpo.transfer import split_questions
 
-from icm.data.tasks import sentiment_questions  # noqa: E402
-from icm.dpo.transfer import split_questions  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = ROOT / "examples" / "sentiment-demo.yaml"
 # Outputs of the stages before DPO: a seed or variant copies them from the replicate's first run.

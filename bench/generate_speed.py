@@ -1,15 +1,16 @@
 """Generated tokens per second: batched (left padding) vs one prompt at a time, in the same run.
 
-    .venv/bin/python bench/generate_speed.py [--model smollm2-135m] [--prompts 8] [--max-new-tokens 64]
+    .venv/bin/python -m bench.generate_speed [--model smollm2-135m] [--prompts 8] [--max-new-tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from icm.data.candidates import DEFAULT_INSTRUCTION, GenerationStats, sample_completions, user_message
-from icm.data.tasks import arithmetic_questions
+from icm.data.candidates import GenerationStats
+from icm.data.tasks import DEFAULT_INSTRUCTION, arithmetic_questions
 from icm.models import DEFAULT_MODEL, load_model
+from icm.sampling import sample_completions, user_message
 
 
 def main() -> None:

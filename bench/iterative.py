@@ -5,8 +5,8 @@ and seeds; the only difference is the labeller: plain labelling searches every b
 iterative ICM with the base model fine-tuned (LoRA) on the labels of the batches before. Batch 1 is searched
 by the base model in both, so its accuracy must agree. Gold is read only to score the labels afterwards.
 
-    python bench/iterative.py sentiment-pivot --model smollm2-135m -n 144 --batches 3
-    python bench/iterative.py capitals-groups --model gemma3-270m -n 128 --batches 4 --hide-group
+    python -m bench.iterative sentiment-pivot --model smollm2-135m -n 144 --batches 3
+    python -m bench.iterative capitals-groups --model gemma3-270m -n 128 --batches 4 --hide-group
 
 ``sentiment-pivot`` is the built-in sentiment task asked the way ``icm transfer --claims pivot`` does (one claim
 "The answer is positive." per review); the other names are the sets of ``bench/claimsets.py``.
@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.claimsets import CLAIM_SETS  # noqa: E402
-from icm.data.claims import ANSWER_CLAIM  # noqa: E402
-from icm.data.io import write_json  # noqa: E402
-from icm.data.tasks import get_task  # noqa: E402
-from icm.iterative import IterativeConfig, load_labeller  # noqa: E402
-from icm.label import label_records, zero_shot_records  # noqa: E402
-from icm.models import load_model  # noqa: E402
-from icm.search import ICMConfig  # noqa: E402
+from bench.claimsets import CLAIM_SETS
+from icm.backends import InProcessBackend
+from icm.data.claims import ANSWER_CLAIM
+from icm.data.io import write_json
+from icm.data.tasks import get_task
+from icm.iterative import IterativeConfig, load_labeller
+from icm.label import label_records, zero_shot_records
+from icm.models import load_model
+from icm.search import ICMConfig
 
 
 def sentiment_pivot_claims(n: int, seed: int) -> list[dict]:
@@ -59,6 +57,7 @@ def main() -> None:
     rows = sentiment_pivot_claims(args.n, args.seed) if args.claims == "sentiment-pivot" else \
         CLAIM_SETS[args.claims](args.n, args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
+    backend = InProcessBackend(model, tokenizer)
     config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, seed=args.seed,
                        see_group=not args.hide_group)
     report: dict = {"claims": args.claims, "n": len(rows), "model": args.model, "icm": asdict(config), "runs": {}}
@@ -66,7 +65,7 @@ def main() -> None:
         iterative = IterativeConfig(batches=args.batches, steps=steps, learning_rate=args.learning_rate)
         started = time.monotonic()
         run_dir = args.run_dir / name if args.run_dir else None
-        _, summary = label_records(rows, model, tokenizer, config, run_dir=run_dir, resume=run_dir is not None,
+        _, summary = label_records(rows, backend, config, run_dir=run_dir, resume=run_dir is not None,
                                    model_name=args.model, iterative=iterative)
         batches = [{k: v for k, v in b.items() if k != "members"} for b in summary["iterative"]["batches"]]
         report["runs"][name] = {"iterative": asdict(iterative), "gold_accuracy": summary["gold_accuracy"],
@@ -78,12 +77,11 @@ def main() -> None:
     # the base model and of the labeller that searched each batch, on that batch.
     for b, batch in enumerate(report["runs"]["iterative"]["batches"]):
         members = summary["iterative"]["batches"][b]["members"]
-        batch["zero_shot_base"] = zero_shot_records([rows[i] for i in members], model, tokenizer)[1]["gold_accuracy"]
+        batch["zero_shot_base"] = zero_shot_records([rows[i] for i in members], backend)[1]["gold_accuracy"]
         adapter = args.run_dir / "iterative" / f"labeller-{b}" if args.run_dir else None
         if adapter is not None and adapter.is_dir():
-            tuned = load_labeller(model, adapter)[0]
-            batch["zero_shot_labeller"] = zero_shot_records([rows[i] for i in members], tuned, tokenizer)[1][
-                "gold_accuracy"]
+            tuned = InProcessBackend(load_labeller(model, adapter)[0], tokenizer)
+            batch["zero_shot_labeller"] = zero_shot_records([rows[i] for i in members], tuned)[1]["gold_accuracy"]
     print(f"\n{args.claims}, {args.model}, {len(rows)} claims in {args.batches} batches "
           f"(gold True share {sum(r['label'] for r in rows) / len(rows):.2f})")
     print("| batch | claims | plain ICM | iterative ICM | fine-tuned on | LoRA loss first -> last | zero-shot: base / "

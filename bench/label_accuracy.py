@@ -3,11 +3,11 @@ random-label many-shot ICL, ICM, ICM without the collapse guard, and (on a subse
 leave-one-out next to the fold approximation; then ICM's own utility U of the gold, inverted gold and ICM
 labellings.
 
-    python bench/label_accuracy.py sentiment --model smollm2-135m -n 128
-    python bench/label_accuracy.py capitals --model gemma3-270m -n 128
-    python bench/label_accuracy.py capitals-groups --model gemma3-270m -n 128 --hide-group
-    python bench/label_accuracy.py path/to/claims.jsonl --model M
-    python bench/label_accuracy.py sentiment-groups -n 64 --no-baselines --no-unguarded --compare-exact
+    python -m bench.label_accuracy sentiment --model smollm2-135m -n 128
+    python -m bench.label_accuracy capitals --model gemma3-270m -n 128
+    python -m bench.label_accuracy capitals-groups --model gemma3-270m -n 128 --hide-group
+    python -m bench.label_accuracy path/to/claims.jsonl --model M
+    python -m bench.label_accuracy sentiment-groups -n 64 --no-baselines --no-unguarded --compare-exact
 
 The many-shot baselines score each claim with the other claims as demonstrations (same folds and token
 budget as ICM), so they differ from ICM only in where the labels come from. They are reported with the
@@ -25,15 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.claimsets import CLAIM_SETS  # noqa: E402
-from icm.data.claims import claims_from_records, gold_labels  # noqa: E402
-from icm.data.io import read_records  # noqa: E402
-from icm.label import accuracy  # noqa: E402
-from icm.models import load_model  # noqa: E402
-from icm.scoring import DEMO_ORDERS, ClaimScorer, MutualPredictor, PromptTemplate  # noqa: E402
-from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
+from bench.claimsets import CLAIM_SETS
+from icm.backends import InProcessBackend
+from icm.data.claims import claims_from_records, gold_labels
+from icm.data.io import read_records
+from icm.label import accuracy
+from icm.models import load_model
+from icm.scoring import DEMO_ORDERS, ClaimScorer, MutualPredictor, PromptTemplate
+from icm.search import ICMConfig, ICMSearch, label_claims
 
 
 def icl_accuracy(scorer: ClaimScorer, labels: dict[int, bool], gold: list, config: ICMConfig) -> tuple[float, float]:
@@ -120,7 +119,8 @@ def main() -> None:
 
     def icm(name, cfg, subset=None):
         picked = subset if subset is not None else list(range(n))
-        results, summaries[name] = label_claims([claims[i] for i in picked], model, tokenizer, cfg, template=template)
+        results, summaries[name] = label_claims([claims[i] for i in picked], InProcessBackend(model, tokenizer), cfg,
+                                                   template=template)
         labels = [r["icm_label"] for r in results]
         summaries[name]["labels"] = labels
         summaries[name]["inverted_accuracy"] = 1 - accuracy(labels, [gold[i] for i in picked])

@@ -5,12 +5,12 @@ and in FLOPs (a scored token attends over the whole demonstration prefix, a raw 
 average, so a token of the search costs more arithmetic), label accuracy when the claims have gold, a cost model
 for large claim sets, and (``--memory``) peak RSS.
 
-    python bench/label_speed.py --model smollm2-135m --claims sentiment -n 64
-    python bench/label_speed.py --claims sentiment -n 256 --iterations 32 --polish-iterations 0 \
+    python -m bench.label_speed --model smollm2-135m --claims sentiment -n 64
+    python -m bench.label_speed --claims sentiment -n 256 --iterations 32 --polish-iterations 0 \
         --variants default --memory
-    python bench/label_speed.py --claims sentiment -n 256 --initial-labels 200 --iterations 640 \
+    python -m bench.label_speed --claims sentiment -n 256 --initial-labels 200 --iterations 640 \
         --polish-iterations 0 --variants default --memory   # the steady state: context budget full from step 0
-    python bench/label_speed.py --claims sentiment-pivot -n 400 --iterations 96 --polish-iterations 16 \
+    python -m bench.label_speed --claims sentiment-pivot -n 400 --iterations 96 --polish-iterations 16 \
         --batch-size 512 --breakdown          # the demo's claims and search (scripts/demo.sh)
 
 Variants: ``previous`` is the search before the speed-up (every proposal scored exactly, a fold's targets
@@ -29,7 +29,7 @@ claims, predicting a sampled claim, the final predictions), ConsistencyFix and t
 prompt tokens served from the server's prefix cache (when the server reports it), and with ``--compare`` the
 agreement of labels and scores with the in-process model on the same claims and seed:
 
-    python bench/label_speed.py --backend server --base-url http://127.0.0.1:8080/v1 --claims capitals -n 64 --compare
+    python -m bench.label_speed --backend server --base-url http://127.0.0.1:8080/v1 --claims capitals -n 64 --compare
 
 The in-process side loads ``--model`` with ``--dtype``. For the same weights on both sides, serve the F32 copy of the
 GGUF (``python -c "from icm.models import float_gguf; print(float_gguf('smollm2-135m'))"``) and pass ``--dtype
@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import os
 import resource
-import sys
 import time
 import weakref
 from collections import defaultdict
@@ -53,15 +52,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.claimsets import CLAIM_SETS  # noqa: E402
-from icm.data.claims import claims_from_records, gold_labels  # noqa: E402
-from icm.data.io import read_records  # noqa: E402
-from icm.label import accuracy  # noqa: E402
-from icm.models import load_model  # noqa: E402
-from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate, unescape  # noqa: E402
-from icm.search import ICMConfig, ICMSearch, label_claims  # noqa: E402
+from bench.claimsets import CLAIM_SETS
+from icm.backends import InProcessBackend
+from icm.data.claims import claims_from_records, gold_labels
+from icm.data.io import read_records
+from icm.label import accuracy
+from icm.models import load_model
+from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate, unescape
+from icm.search import ICMConfig, ICMSearch, label_claims
 
 VARIANTS = {
     "previous": {"exact_every": 1, "reuse_scores": False, "demo_order": "fixed"},
@@ -257,8 +255,8 @@ def main() -> None:
                 held.append(cache_mb())
         with breakdown() if args.breakdown else contextlib.nullcontext({}) as stats:
             start, cpu = time.perf_counter(), time.process_time()
-            results, summary = label_claims(claims, model, tokenizer, config, template=args.template,
-                                            progress=progress)
+            results, summary = label_claims(claims, InProcessBackend(model, tokenizer), config,
+                                            template=args.template, progress=progress)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         attended = sum(scorer.attended_keys for scorer in CREATED)
         CREATED.clear()
@@ -335,12 +333,11 @@ def bench_server(args: argparse.Namespace, claims: list, gold: list | None) -> N
 
     if not args.base_url:
         raise SystemExit("--backend server needs --base-url")
-    backend, tokenizer = connect(ServerConfig(base_urls=tuple(args.base_url), model=args.model,
-                                              concurrency=args.concurrency))
+    backend = connect(ServerConfig(base_urls=tuple(args.base_url), model=args.model, concurrency=args.concurrency))
     config = ICMConfig(iterations=args.iterations, polish_iterations=args.polish_iterations, folds=args.folds,
                        max_context_tokens=args.max_context_tokens)
     start = time.perf_counter()
-    results, summary = label_claims(claims, backend, tokenizer, config, template=args.template)
+    results, summary = label_claims(claims, backend, config, template=args.template)
     seconds = time.perf_counter() - start
     report, n = backend.report(), len(claims)
     labels = [r["icm_label"] for r in results]
@@ -364,7 +361,7 @@ def bench_server(args: argparse.Namespace, claims: list, gold: list | None) -> N
     backend.close()
     if args.compare:
         model, tokenizer = load_model(args.model, dtype=args.dtype)
-        local, _ = label_claims(claims, model, tokenizer, config, template=args.template)
+        local, _ = label_claims(claims, InProcessBackend(model, tokenizer), config, template=args.template)
         same = sum(a == r["icm_label"] for a, r in zip(labels, local)) / n
         diffs = [abs(a["icm_score"] - b["icm_score"]) for a, b in zip(results, local)]
         signs = sum((a["icm_score"] > 0) == (b["icm_score"] > 0) for a, b in zip(results, local)) / n

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from icm.data.answers import answers_match, check_extractor, extract_answer
-from icm.data.candidates import DEFAULT_INSTRUCTION, GenerationConfig, generate_texts, user_message
+from icm.data.candidates import GenerationConfig
 from icm.data.claims import claims_from_records, gold_labels
 from icm.data.io import InputError, check_output, read_records, write_json
-from icm.data.tasks import Question, load_questions
+from icm.data.tasks import DEFAULT_INSTRUCTION, Question, load_questions
+from icm.sampling import generate_texts, user_message
 
 
 @dataclass

@@ -19,7 +19,6 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from icm.data.candidates import build_prompt
 from icm.data.console import console
 from icm.data.io import InputError, check_output, read_records, require_fields, write_json
 from icm.models import (
@@ -31,6 +30,7 @@ from icm.models import (
     pickle_allowed,
     resolve_model,
 )
+from icm.sampling import build_prompt
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 from rich.table import Table
 
 from icm.data.answers import closed_answers
-from icm.data.candidates import GenerationConfig, generate_file
+from icm.data.candidates import GenerationConfig
 from icm.data.claims import check_claim_mode
 from icm.data.console import console
 from icm.data.io import (
@@ -47,6 +47,7 @@ from icm.data.pairs import PairsConfig, build_pairs, load_labels, split_paths, w
 from icm.data.tasks import Question
 from icm.dpo.evaluation import EvalConfig, evaluate_question_list, paired_bootstrap
 from icm.dpo.training import SUMMARY_FILE, DPOTrainingConfig, train_dpo
+from icm.generate import generate_file
 from icm.label import label_file
 from icm.search import ICMConfig
 

@@ -5,26 +5,23 @@
 - **Sampling**: n completions per prompt with temperature / top-p / max tokens / stop / seed
   (:meth:`Backend.sample_completions`, used by ``icm generate`` and by ``icm label`` on a questions file).
 
-Two implementations: :class:`InProcessBackend`, the transformers model in this process (the default: a plain
-model passed anywhere a model is expected is wrapped in it by :func:`as_backend`), and
-``icm.server.ServerBackend``, an OpenAI-compatible inference server (vLLM, SGLang, llama.cpp).
+Implementations: :class:`InProcessBackend` (a transformers model in this process), ``icm.server.ServerBackend``
+(OpenAI-compatible inference servers: vLLM, SGLang, llama.cpp) and ``icm.vllm_engine.VLLMBackend`` (vLLM's
+offline engine, sampling only). ``icm.engines.load_backend`` picks and loads one.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from icm.data.candidates import Completion, sample_completions
+from icm.data.candidates import Completion
 from icm.data.claims import Claim
+from icm.sampling import sample_completions
 from icm.scoring import ClaimScorer, PromptTemplate
-
-if TYPE_CHECKING:
-    from icm.server import ServerConfig
-    from icm.vllm_engine import VLLMConfig
 
 
 class Scorer(Protocol):
@@ -50,7 +47,9 @@ class Scorer(Protocol):
 
 
 class Backend(ABC):
-    """A model that scores claims and samples completions."""
+    """A model that scores claims and samples completions; ``tokenizer`` is the model's own."""
+
+    tokenizer: Any
 
     @property
     def lanes(self) -> int:
@@ -69,7 +68,7 @@ class Backend(ABC):
 
     @abstractmethod
     def sample_completions(self, prompts: list[str], **kwargs: Any) -> list[list[Completion]]:
-        """Completions of each user message; the keyword arguments of ``data.candidates.sample_completions``."""
+        """Completions of each user message; the keyword arguments of ``icm.sampling.sample_completions``."""
 
     def report(self) -> dict[str, Any]:
         """What run files record about the backend (never a secret)."""
@@ -77,7 +76,7 @@ class Backend(ABC):
 
 
 class InProcessBackend(Backend):
-    """The transformers model in this process (today's code paths, unchanged)."""
+    """A transformers model in this process (``model`` is also what ``icm.iterative`` fine-tunes)."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -89,26 +88,3 @@ class InProcessBackend(Backend):
 
     def sample_completions(self, prompts: list[str], **kwargs: Any) -> list[list[Completion]]:
         return sample_completions(self.model, self.tokenizer, prompts, **kwargs)
-
-
-def as_backend(model, tokenizer) -> Backend:
-    """``model`` itself when it is a :class:`Backend`, else the in-process backend of a transformers model."""
-    return model if isinstance(model, Backend) else InProcessBackend(model, tokenizer)
-
-
-def load_backend(model_spec: str, server: ServerConfig | VLLMConfig | None = None, *, dtype: str = "auto",
-                 device: str | None = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)``: ``model_spec`` loaded in this process, or, with a ``ServerConfig``, the checked
-    ``icm.server.ServerBackend`` of the model it serves (no weights are loaded here, only the tokenizer), or,
-    with a ``VLLMConfig``, the model in vLLM's offline engine (``icm.vllm_engine``)."""
-    if server is None:
-        from icm.models import load_model
-
-        return load_model(model_spec, dtype=dtype, device=device)
-    from icm.vllm_engine import VLLMConfig, start_engine
-
-    if isinstance(server, VLLMConfig):
-        return start_engine(model_spec, server)
-    from icm.server import connect
-
-    return connect(server)

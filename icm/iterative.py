@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from icm.backends import InProcessBackend
 from icm.data.claims import Claim
 from icm.data.io import write_json
 from icm.scoring import ClaimScorer, PromptTemplate
@@ -144,12 +145,14 @@ def load_labeller(model, adapter: Path) -> tuple[Any, dict[str, Any]]:
     return merged, json.loads((adapter / FINETUNE_FILE).read_text())
 
 
-def label_iteratively(claims: list[Claim], model, tokenizer, config: ICMConfig | None = None,
+def label_iteratively(claims: list[Claim], backend: InProcessBackend, config: ICMConfig | None = None,
                       iterative: IterativeConfig | None = None, *, template: PromptTemplate | None = None,
                       run_dir: Path | None = None, resume: bool = False, model_name: str = "",
                       progress=None) -> tuple[list[dict[str, Any]], dict]:
     """Label ``claims`` batch by batch (see the module docstring). Returns what :func:`label_claims` returns, the
-    summary with ``iterative``: the settings and, per batch, its members, who labelled it and the fine-tuning."""
+    summary with ``iterative``: the settings and, per batch, its members, who labelled it and the fine-tuning.
+    ``backend`` is the base labeller in this process (its model is fine-tuned)."""
+    model, tokenizer = backend.model, backend.tokenizer
     config = config or ICMConfig()
     iterative = iterative or IterativeConfig()
     batches = split_batches(claims, iterative.batches)
@@ -159,7 +162,7 @@ def label_iteratively(claims: list[Claim], model, tokenizer, config: ICMConfig |
     def labeller(b: int, done: dict[str, dict[str, Any]]):
         if b == 0 or iterative.steps == 0:
             labellers[b] = {"labeller": "base"}
-            return model
+            return backend
         adapter = Path(run_dir) / f"labeller-{b}" if run_dir else None
         labels = {i: y for k in sorted(done, key=int) if int(k) < b for i, y in batch_labels(done[k]).items()}
         key = hashlib.sha256(json.dumps([sorted(labels.items()), settings, config.seed + b]).encode()).hexdigest()[:16]
@@ -170,9 +173,9 @@ def label_iteratively(claims: list[Claim], model, tokenizer, config: ICMConfig |
             tuned, info = finetune_labeller(model, tokenizer, claims, labels, iterative, template=template,
                                             seed=config.seed + b, output=adapter, key=key)
         labellers[b] = {"labeller": f"labeller-{b}", **info}
-        return tuned
+        return InProcessBackend(tuned, tokenizer)
 
-    results, summary = label_claims(claims, model, tokenizer, config, template=template, run_dir=run_dir,
+    results, summary = label_claims(claims, backend, config, template=template, run_dir=run_dir,
                                     resume=resume, model_name=f"{model_name} iterative {settings}",
                                     progress=progress, batches=batches, labeller=labeller)
     for b in range(len(batches)):  # batches finished before a resume: their labeller's record is on disk

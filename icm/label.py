@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from icm.backends import as_backend
+from icm.backends import Backend
 from icm.data.answers import closed_answers
-from icm.data.candidates import GenerationConfig, generate_candidates
+from icm.data.candidates import GenerationConfig
 from icm.data.claims import (
     AnswerClaims,
     Claim,
@@ -33,6 +33,7 @@ from icm.data.claims import (
 from icm.data.console import console
 from icm.data.io import InputError, check_output, read_parquet_metadata, read_records, write_json, write_parquet
 from icm.data.tasks import load_questions
+from icm.generate import generate_candidates
 from icm.iterative import IterativeConfig, label_iteratively
 from icm.scoring import PromptTemplate
 from icm.search import Checkpoint, ICMConfig, fingerprint, label_claims
@@ -68,7 +69,7 @@ def progress_text(info: dict[str, Any], gold: list[bool | None] | None) -> tuple
     return sum(done for done, _ in running.values()), sum(steps for _, steps in running.values()), text
 
 
-def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMConfig | None = None, *,
+def label_records(records: list[dict[str, Any]], backend: Backend, config: ICMConfig | None = None, *,
                   template: PromptTemplate | None = None, fields: ClaimFields | None = None,
                   run_dir: Path | None = None, resume: bool = False, model_name: str = "",
                   source: str | Path = "<input>", show_progress: bool = True,
@@ -90,7 +91,7 @@ def label_records(records: list[dict[str, Any]], model, tokenizer, config: ICMCo
 
     search = label_claims if iterative is None else functools.partial(label_iteratively, iterative=iterative)
     with progress:
-        results, summary = search(claims, model, tokenizer, config, template=template, run_dir=run_dir,
+        results, summary = search(claims, backend, config, template=template, run_dir=run_dir,
                                   resume=resume, model_name=model_name, progress=on_progress)
     if gold is not None:
         labels = [r["icm_label"] for r in results]
@@ -121,7 +122,7 @@ def candidate_labels(records: list[dict[str, Any]], formulated: AnswerClaims,
     return out
 
 
-def zero_shot_records(records: list[dict[str, Any]], model, tokenizer, config: ICMConfig | None = None, *,
+def zero_shot_records(records: list[dict[str, Any]], backend: Backend, config: ICMConfig | None = None, *,
                       template: PromptTemplate | None = None, fields: ClaimFields | None = None,
                       source: str | Path = "<input>") -> tuple[list[dict[str, Any]], dict]:
     """The zero-shot baseline of the paper: each claim's log-odds with no demonstrations, minus their mean
@@ -132,7 +133,7 @@ def zero_shot_records(records: list[dict[str, Any]], model, tokenizer, config: I
     claims = claims_from_records(records, source, fields)
     gold = gold_labels(records, source, fields.label)
     started = time.monotonic()
-    scorer = as_backend(model, tokenizer).scorer(claims, template, config.max_context_tokens, config.scoring_batch_size)
+    scorer = backend.scorer(claims, template, config.max_context_tokens, config.scoring_batch_size)
     scores = scorer.score(list(range(len(claims))), demos=())
     if config.balance == "center" and len(scores):
         scores = scores - scores.mean()
@@ -168,7 +169,7 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     ``iterative`` with iterative ICM (:mod:`icm.iterative`). ``server`` scores (and samples) through
     OpenAI-compatible servers serving ``model_spec`` (:mod:`icm.server`) instead of loading the model here;
     the servers are checked before anything is written."""
-    from icm.backends import load_backend
+    from icm.engines import load_backend
 
     config = config or ICMConfig()
     template = template or PromptTemplate()
@@ -204,19 +205,19 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     if server is not None and iterative is not None:
         raise InputError("--iterative", "fine-tunes the labeller in this process; it cannot run with --base-url")
     started = time.time()
-    model, tokenizer = load_backend(model_spec, server, dtype=dtype)
+    backend = load_backend(model_spec, server, dtype=dtype)
     run_dir.mkdir(parents=True, exist_ok=True)
     generation_report = None
     if questions is not None:
         generation = generation or GenerationConfig(seed=config.seed)
-        records, generation_report = generate_candidates(questions, model, tokenizer, generation, model_spec)
+        records, generation_report = generate_candidates(questions, backend, generation, model_spec)
         fields = ClaimFields()
         formulated, claim_records, claim_fields = formulate()
     if zero_shot:
-        rows, summary = zero_shot_records(claim_records, model, tokenizer, config, template=template,
+        rows, summary = zero_shot_records(claim_records, backend, config, template=template,
                                           fields=claim_fields, source=input_path)
     else:
-        rows, summary = label_records(claim_records, model, tokenizer, config, template=template, fields=claim_fields,
+        rows, summary = label_records(claim_records, backend, config, template=template, fields=claim_fields,
                                       run_dir=run_dir, resume=resume, model_name=model_spec, source=input_path,
                                       iterative=iterative)
     if formulated:
@@ -232,7 +233,7 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
            "generation": generation_report,
            "template": asdict(template), "config": asdict(config), "seed": config.seed,
            "gold_accuracy": summary.get("gold_accuracy"), "seconds": time.time() - started,
-           "backend": as_backend(model, tokenizer).report(), **summary}
+           "backend": backend.report(), **summary}
     metadata = {k: run[k] for k in ("model", "template", "config", "seed", "command", "gold_accuracy")}
     metadata["true_share"] = summary["true_share"]
     try:

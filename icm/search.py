@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from icm.backends import Scorer, as_backend
+from icm.backends import Backend, Scorer
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
 from icm.data.claims import Claim
 from icm.data.io import InputError, write_json
@@ -399,28 +399,27 @@ class _Stopped(Exception):
     """Ends a batch's search because another one failed or was interrupted (its last step is checkpointed)."""
 
 
-def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None = None, *,
+def label_claims(claims: list[Claim], backend: Backend, config: ICMConfig | None = None, *,
                  template=None, run_dir: Path | None = None, resume: bool = False, model_name: str = "",
                  progress: Callable[[dict[str, Any]], None] | None = None, batches: list[list[int]] | None = None,
-                 labeller: Callable[[int, dict[str, dict[str, Any]]], Any] | None = None,
+                 labeller: Callable[[int, dict[str, dict[str, Any]]], Backend] | None = None,
                  ) -> tuple[list[dict[str, Any]], dict]:
     """Label every claim with ICM. Returns one result per claim (``icm_label``, ``icm_score``,
     ``icm_searched``) and a summary (U trajectories, acceptance, balance, token counts).
 
-    ``batches`` replaces :func:`make_batches`; ``labeller(b, done)`` gives the model that searches batch ``b``
+    ``batches`` replaces :func:`make_batches`; ``labeller(b, done)`` gives the backend that searches batch ``b``
     given the finished batches ``done`` (checkpoint entries by batch number), e.g. one fine-tuned on their labels
-    (iterative ICM, ``icm.iterative``); by default ``model`` searches every batch.
+    (iterative ICM, ``icm.iterative``); by default ``backend`` searches every batch.
 
     A backend with several lanes (``Backend.lanes``: one per server) searches up to that many batches at the
     same time, one thread each, each batch's requests going to its lane's server; the lane is the only thing
     that differs, so the labels are those of a sequential run. One lane (in-process, one server, a labeller, or a
     single batch left): one batch after another in this thread, as before."""
     config = config or ICMConfig()
-    backend = as_backend(model, tokenizer)
 
-    def make_scorer(m, lane: int | None = None) -> Scorer:  # m: a transformers model or an icm.backends.Backend
-        return as_backend(m, tokenizer).scorer(claims, template, config.max_context_tokens, config.scoring_batch_size,
-                                               prefix_versions=2 if config.reuse_scores else 1, lane=lane)
+    def make_scorer(searcher: Backend, lane: int | None = None) -> Scorer:
+        return searcher.scorer(claims, template, config.max_context_tokens, config.scoring_batch_size,
+                               prefix_versions=2 if config.reuse_scores else 1, lane=lane)
 
     batches = batches or make_batches(claims, config.batch_size, config.seed)
     checkpoint = Checkpoint(run_dir, fingerprint(claims, config, model_name))
@@ -478,7 +477,7 @@ def label_claims(claims: list[Claim], model, tokenizer, config: ICMConfig | None
         """Search batches on ``lane`` until none is left or another lane stops the run."""
         try:
             pinned = lane if lanes > 1 else None  # one lane: requests spread over every server, as before
-            scorer = make_scorer(model, pinned) if labeller is None else None
+            scorer = make_scorer(backend, pinned) if labeller is None else None
             while True:
                 with lock:
                     b = None if stop.is_set() else next(pending, None)

@@ -34,17 +34,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from icm.backends import Backend
-from icm.data.candidates import (
-    Completion,
-    GenerationStats,
-    build_prompt,
-    progress_bar,
-    prompt_token_ids,
-    truncate_at_stop,
-)
+from icm.data.candidates import Completion, GenerationStats
 from icm.data.claims import Claim
-from icm.data.console import console
+from icm.data.console import console, progress_bar
 from icm.data.io import InputError, ServerError
+from icm.sampling import build_prompt, prompt_token_ids, truncate_at_stop
 from icm.scoring import PromptTemplate, _adds_bos, resolve_label_tokens
 
 TOP_LOGPROBS = 20
@@ -311,7 +305,7 @@ class ServerBackend(Backend):
                            progress: bool = True, on_batch: Callable[[list[Completion]], None] | None = None,
                            stats: GenerationStats | None = None, description: str = "generating",
                            done_batches: dict[int, list[Completion]] | None = None) -> list[list[Completion]]:
-        """As ``data.candidates.sample_completions``, through the servers: the prompt is the same text (the chat
+        """As ``icm.sampling.sample_completions``, through the servers: the prompt is the same text (the chat
         template applied here, by the local tokenizer), sample ``k`` of the flat list (prompt ``i``, sample
         ``j``: ``k = i * num_samples + j``) is seeded ``seed + k`` whatever the batching, and batches of
         ``batch_size`` samples are what ``on_batch`` receives and ``done_batches`` skips (for resume)."""
@@ -452,9 +446,9 @@ class ServerScorer:
         return float(true_lp - false_lp)
 
 
-def connect(config: ServerConfig):
-    """A checked :class:`ServerBackend` and the tokenizer of the served model; raises an ``InputError`` (a
-    one-line message naming the server) when a server cannot be used."""
+def connect(config: ServerConfig) -> ServerBackend:
+    """A checked :class:`ServerBackend` with the served model's tokenizer; raises an ``InputError`` (a one-line
+    message naming the server) when a server cannot be used."""
     from icm.models import load_tokenizer
 
     backend = ServerBackend(config)
@@ -470,4 +464,4 @@ def connect(config: ServerConfig):
     except BaseException:
         backend.close()
         raise
-    return backend, backend.tokenizer
+    return backend

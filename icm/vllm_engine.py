@@ -19,14 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from icm.backends import Backend
-from icm.data.candidates import (
-    Completion,
-    GenerationStats,
-    progress_bar,
-    prompt_token_ids,
-    truncate_at_stop,
-)
+from icm.data.candidates import Completion, GenerationStats
+from icm.data.console import progress_bar
 from icm.data.io import InputError
+from icm.sampling import prompt_token_ids, truncate_at_stop
 
 
 @dataclass(frozen=True)
@@ -50,8 +46,8 @@ class VLLMConfig:
 VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def start_engine(model_spec: str, config: VLLMConfig):
-    """The ``(backend, tokenizer)`` of ``model_spec`` (an alias, directory, GGUF or Hub id, resolved as
+def start_engine(model_spec: str, config: VLLMConfig) -> VLLMBackend:
+    """The backend of ``model_spec`` (an alias, directory, GGUF or Hub id, resolved as
     everywhere else) in vLLM's offline engine; an ``InputError`` when vLLM is not installed."""
     try:
         import vllm
@@ -63,8 +59,7 @@ def start_engine(model_spec: str, config: VLLMConfig):
     llm = vllm.LLM(model=resolve_model(model_spec), tensor_parallel_size=config.tensor_parallel_size,
                    gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
                    dtype=config.dtype)
-    backend = VLLMBackend(llm, vllm.SamplingParams, config)
-    return backend, backend.tokenizer
+    return VLLMBackend(llm, vllm.SamplingParams, config)
 
 
 class VLLMBackend(Backend):
@@ -87,7 +82,7 @@ class VLLMBackend(Backend):
                            progress: bool = True, on_batch: Callable[[list[Completion]], None] | None = None,
                            stats: GenerationStats | None = None, description: str = "generating",
                            done_batches: dict[int, list[Completion]] | None = None) -> list[list[Completion]]:
-        """As ``data.candidates.sample_completions``, in vLLM's engine (seeding and batches: module docstring)."""
+        """As ``icm.sampling.sample_completions``, in vLLM's engine (seeding and batches: module docstring)."""
         encoded = prompt_token_ids(self.tokenizer, prompts, use_chat_template)
         jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
         stop = [s for s in stop if s]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
-sys.path.insert(0, str(ROOT))
 
 CORPUS = [
     "Question: What is 2 + 3?\nClaim: The answer is 5.\nI think this claim is True",

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import icm.dpo.evaluation as evaluation
 from icm.cli import app
-from icm.data.candidates import DEFAULT_INSTRUCTION
+from icm.data.tasks import DEFAULT_INSTRUCTION
 from icm.dpo.evaluation import EvalConfig, evaluate, paired_bootstrap
 from icm.models import load_model
 

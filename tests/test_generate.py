@@ -9,25 +9,21 @@ import pytest
 from conftest import SHARED
 from typer.testing import CliRunner
 
+from icm.backends import InProcessBackend
 from icm.cli import app
 from icm.data.answers import extract_answer
 from icm.data.candidates import (
     Completion,
     GenerationConfig,
     GenerationStats,
-    build_prompt,
     candidate_rows,
-    checkpoint_path,
     diversity_report,
-    generate_candidates,
-    generate_file,
-    generate_texts,
     report_path,
-    truncate_at_stop,
-    user_message,
 )
 from icm.data.io import InputError, read_parquet_metadata, read_records
 from icm.data.tasks import Question, arithmetic_questions, load_questions, reference_answer
+from icm.generate import checkpoint_path, generate_candidates, generate_file
+from icm.sampling import build_prompt, generate_texts, truncate_at_stop, user_message
 
 CLAIM_COLUMNS = {"question", "choice", "answer", "consistency_id", "label", "prompt", "reference",
                  "candidate_index", "generator", "num_tokens"}
@@ -164,13 +160,13 @@ def test_rows_dedup_labels_and_report():
 
 
 def test_generate_reproducible_with_seed(tiny):
-    model, tokenizer = tiny
+    backend = InProcessBackend(*tiny)
     questions = arithmetic_questions(3)
     config = GenerationConfig(num_candidates=3, temperature=1.0, max_new_tokens=12, batch_size=4, seed=5)
-    rows, report = generate_candidates(questions, model, tokenizer, config, "tiny", progress=False)
-    again, _ = generate_candidates(questions, model, tokenizer, config, "tiny", progress=False)
-    other, _ = generate_candidates(questions, model, tokenizer, GenerationConfig(**{**config.__dict__, "seed": 6}),
-                                   "tiny", progress=False)
+    rows, report = generate_candidates(questions, backend, config, "tiny", progress=False)
+    again, _ = generate_candidates(questions, backend, config, "tiny", progress=False)
+    other, _ = generate_candidates(questions, backend, GenerationConfig(**{**config.__dict__, "seed": 6}), "tiny",
+                                   progress=False)
     assert rows == again
     assert [r["choice"] for r in rows] != [r["choice"] for r in other]
     assert {r["consistency_id"] for r in rows} == {0, 1, 2}
@@ -195,10 +191,10 @@ def test_generate_file_round_trip_and_resume(tiny_model_dir, tmp_path, monkeypat
     assert not checkpoint_path(out).exists()
 
     # An interrupted run leaves its finished samples in the checkpoint; --resume reuses them.
-    import icm.data.candidates as candidates
+    import icm.generate
 
     out2 = tmp_path / "resumed.parquet"
-    monkeypatch.setattr(candidates, "claims_table", lambda rows: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(icm.generate, "claims_table", lambda rows: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         generate_file(questions, out2, tiny_model_dir, config, dtype="fp32", progress=False)
     assert not out2.exists() and len(checkpoint_path(out2).read_text().splitlines()) == 8
@@ -270,10 +266,9 @@ def test_cli_needs_one_source(tmp_path):
 def test_real_smollm2_generates_answers():
     from icm.models import load_model
 
-    model, tokenizer = load_model("smollm2-135m")
+    backend = InProcessBackend(*load_model("smollm2-135m"))
     config = GenerationConfig(num_candidates=4, max_new_tokens=96, batch_size=12, seed=0)
-    rows, report = generate_candidates(arithmetic_questions(3), model, tokenizer, config, "smollm2-135m",
-                                       progress=False)
+    rows, report = generate_candidates(arithmetic_questions(3), backend, config, "smollm2-135m", progress=False)
     assert report["candidates_sampled"] == 12 and 3 <= len(rows) <= 12
     assert sum(bool(r["answer"]) for r in rows) >= len(rows) // 2  # the instruction is mostly followed
     assert all(r["choice"] and "<|im_end|>" not in r["choice"] and 0 < r["num_tokens"] <= 96 for r in rows)

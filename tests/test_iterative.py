@@ -5,6 +5,7 @@ import torch
 from typer.testing import CliRunner
 
 import icm.iterative as iterative_module
+from icm.backends import InProcessBackend
 from icm.cli import app
 from icm.data.claims import claims_from_records
 from icm.iterative import IterativeConfig, label_iteratively, split_batches
@@ -46,6 +47,7 @@ def test_split_batches_keeps_input_order_and_groups_whole():
 
 def test_the_model_tuned_after_batch_j_labels_batch_j_plus_1(tiny, monkeypatch):
     model, tokenizer = tiny
+    backend = InProcessBackend(model, tokenizer)
     base = weights(model).clone()
     tuned, used, trained_on = {}, {}, {}
     real_finetune, real_label = iterative_module.finetune_labeller, iterative_module.label_claims
@@ -66,9 +68,9 @@ def test_the_model_tuned_after_batch_j_labels_batch_j_plus_1(tiny, monkeypatch):
     monkeypatch.setattr(iterative_module, "finetune_labeller", finetune)
     monkeypatch.setattr(iterative_module, "label_claims", label)
     claims = claims_from_records(rows())
-    results, summary = label_iteratively(claims, model, tokenizer, CONFIG, ITERATIVE, model_name="tiny")
+    results, summary = label_iteratively(claims, backend, CONFIG, ITERATIVE, model_name="tiny")
     batches = split_batches(claims, 3)
-    assert used[0] is model and used[1] is tuned[1] and used[2] is tuned[2]
+    assert used[0].model is model and used[1].model is tuned[1] and used[2].model is tuned[2]
     assert not torch.equal(weights(tuned[1]), base) and not torch.equal(weights(tuned[2]), weights(tuned[1]))
     assert torch.equal(weights(model), base)  # fine-tuning works on a copy
     # the labeller of batch j+1 was trained on exactly the labels found in batches 1..j
@@ -84,15 +86,16 @@ def test_the_model_tuned_after_batch_j_labels_batch_j_plus_1(tiny, monkeypatch):
 
 def test_resume_reloads_saved_labellers_and_ends_like_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
+    backend = InProcessBackend(model, tokenizer)
     claims = claims_from_records(rows())
-    expected, _ = label_iteratively(claims, model, tokenizer, CONFIG, ITERATIVE, run_dir=tmp_path / "a")
+    expected, _ = label_iteratively(claims, backend, CONFIG, ITERATIVE, run_dir=tmp_path / "a")
 
     def stop(info):
         if info["batch"] == 2 and info["iteration"] == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        label_iteratively(claims, model, tokenizer, CONFIG, ITERATIVE, run_dir=tmp_path / "b", progress=stop)
+        label_iteratively(claims, backend, CONFIG, ITERATIVE, run_dir=tmp_path / "b", progress=stop)
     assert (tmp_path / "b" / "labeller-2" / iterative_module.FINETUNE_FILE).exists()
     done = json.loads((tmp_path / "b" / "checkpoint.json").read_text())["done"]
     assert sorted(done) == ["0", "1"]
@@ -101,7 +104,7 @@ def test_resume_reloads_saved_labellers_and_ends_like_an_uninterrupted_run(tiny,
         raise AssertionError("a saved labeller was trained again")
 
     monkeypatch.setattr(iterative_module, "finetune_labeller", no_training)
-    resumed, summary = label_iteratively(claims, model, tokenizer, CONFIG, ITERATIVE, run_dir=tmp_path / "b",
+    resumed, summary = label_iteratively(claims, backend, CONFIG, ITERATIVE, run_dir=tmp_path / "b",
                                          resume=True)
     assert resumed == expected
     assert summary["iterative"]["batches"][1]["trained_on"] == len(batch_labels(done["0"]))

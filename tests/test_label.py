@@ -40,8 +40,9 @@ def tiny(tiny_model_dir):
 
 def run_search(tiny, rows, **kwargs):
     model, tokenizer = tiny
+    backend = InProcessBackend(model, tokenizer)
     config = ICMConfig(iterations=kwargs.pop("iterations", 30), seed=kwargs.pop("seed", 0), **kwargs)
-    return label_claims(claims_from_records(rows), model, tokenizer, config, model_name="tiny")
+    return label_claims(claims_from_records(rows), backend, config, model_name="tiny")
 
 
 def test_search_labels_every_claim_and_respects_consistency(tiny):
@@ -88,9 +89,10 @@ def test_unreached_claims_get_a_prediction_and_are_marked(tiny):
 @pytest.mark.parametrize("exact_every, demo_order", [(1, "fixed"), (4, "fixed"), (4, "labelling")])
 def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path, exact_every, demo_order):
     model, tokenizer = tiny
+    backend = InProcessBackend(model, tokenizer)
     claims = claims_from_records(arithmetic_claims(6))
     config = ICMConfig(iterations=40, batch_size=9, seed=3, exact_every=exact_every, demo_order=demo_order)
-    expected, _ = label_claims(claims, model, tokenizer, config, model_name="tiny")
+    expected, _ = label_claims(claims, backend, config, model_name="tiny")
 
     def interrupt(info):
         if info["batch"] == 1 and info["iteration"] == 10:  # in the middle of the second batch
@@ -98,14 +100,14 @@ def test_resume_after_interruption_gives_identical_labels(tiny, tmp_path, exact_
 
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        label_claims(claims, model, tokenizer, config, run_dir=run_dir, model_name="tiny", progress=interrupt)
+        label_claims(claims, backend, config, run_dir=run_dir, model_name="tiny", progress=interrupt)
     state = json.loads((run_dir / "checkpoint.json").read_text())
     assert list(state["done"]) == ["0"] and list(state["current"]) == ["1"] and state["current"]["1"]["iteration"] == 10
-    resumed, _ = label_claims(claims, model, tokenizer, config, run_dir=run_dir, resume=True, model_name="tiny")
+    resumed, _ = label_claims(claims, backend, config, run_dir=run_dir, resume=True, model_name="tiny")
     assert resumed == expected
     other = ICMConfig(iterations=40, batch_size=9, seed=4, exact_every=exact_every, demo_order=demo_order)
     with pytest.raises(ValueError, match="other claims, model or settings"):
-        label_claims(claims, model, tokenizer, other, run_dir=run_dir, resume=True, model_name="tiny")
+        label_claims(claims, backend, other, run_dir=run_dir, resume=True, model_name="tiny")
 
 
 class TwoLanes(InProcessBackend):
@@ -124,9 +126,10 @@ class TwoLanes(InProcessBackend):
 
 def test_two_lanes_search_batches_at_the_same_time_and_give_the_sequential_labels(tiny):
     model, tokenizer = tiny
+    backend = InProcessBackend(model, tokenizer)
     claims = claims_from_records(arithmetic_claims(6))
     config = ICMConfig(iterations=30, batch_size=6, seed=3)  # three batches of two questions
-    expected, summary = label_claims(claims, model, tokenizer, config, model_name="tiny")
+    expected, summary = label_claims(claims, backend, config, model_name="tiny")
     lanes, seen, both = TwoLanes(model, tokenizer), [], threading.Barrier(2)
 
     def record(info):  # batches 0 and 1 wait for each other after their first step: both in flight, surely
@@ -134,18 +137,19 @@ def test_two_lanes_search_batches_at_the_same_time_and_give_the_sequential_label
         if info["batch"] < 2 and info["iteration"] == 1:
             both.wait(timeout=60)
 
-    results, concurrent = label_claims(claims, lanes, tokenizer, config, model_name="tiny", progress=record)
+    results, concurrent = label_claims(claims, lanes, config, model_name="tiny", progress=record)
     assert results == expected and concurrent["trajectories"] == summary["trajectories"]
     assert len(lanes.finished) == 3 and set(lanes.finished) == {0, 1}
     assert max(len(info["running"]) for info in seen) == 2
-    assert label_claims(claims, InProcessBackend(model, tokenizer), tokenizer, config, model_name="tiny")[0] == expected
+    assert label_claims(claims, backend, config, model_name="tiny")[0] == expected
 
 
 def test_run_stopped_with_two_batches_in_flight_resumes_to_the_same_labels(tiny, tmp_path):
     model, tokenizer = tiny
+    backend = InProcessBackend(model, tokenizer)
     claims = claims_from_records(arithmetic_claims(6))
     config = ICMConfig(iterations=30, batch_size=6, seed=3)
-    expected, _ = label_claims(claims, model, tokenizer, config, model_name="tiny")
+    expected, _ = label_claims(claims, backend, config, model_name="tiny")
 
     both = threading.Barrier(2)
 
@@ -156,12 +160,12 @@ def test_run_stopped_with_two_batches_in_flight_resumes_to_the_same_labels(tiny,
 
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        label_claims(claims, TwoLanes(model, tokenizer), tokenizer, config, run_dir=run_dir, model_name="tiny",
+        label_claims(claims, TwoLanes(model, tokenizer), config, run_dir=run_dir, model_name="tiny",
                      progress=interrupt)
     state = json.loads((run_dir / "checkpoint.json").read_text())
     assert state["format"] == 4 and state["done"] == {}
     assert {b: s["iteration"] for b, s in state["current"].items()} == {"0": 5, "1": 5}
-    resumed, _ = label_claims(claims, TwoLanes(model, tokenizer), tokenizer, config, run_dir=run_dir, resume=True,
+    resumed, _ = label_claims(claims, TwoLanes(model, tokenizer), config, run_dir=run_dir, resume=True,
                               model_name="tiny")
     assert resumed == expected
 
@@ -251,16 +255,17 @@ def test_label_cli_demo_order_is_recorded_and_a_bad_one_exits_2(tiny_model_dir, 
 
 def test_zero_shot_labels_are_the_sign_of_centered_no_demonstration_scores(tiny, tiny_model_dir, tmp_path):
     model, tokenizer = tiny
+    backend = InProcessBackend(model, tokenizer)
     rows = arithmetic_claims()
     raw = ClaimScorer(model, tokenizer, claims_from_records(rows)).score(list(range(len(rows))), demos=())
     centered = raw - raw.mean()
-    out, summary = zero_shot_records(rows, model, tokenizer, ICMConfig())
+    out, summary = zero_shot_records(rows, backend, ICMConfig())
     assert [r["icm_score"] for r in out] == pytest.approx(centered.tolist())
     assert [r["icm_label"] for r in out] == [bool(z > 0) for z in centered]
     assert not any(r["icm_searched"] for r in out) and all(r["icm_label"] in (True, False) for r in out)
     assert summary["gold_accuracy"] == pytest.approx(
         sum(r["icm_label"] == r["label"] for r in out) / len(out))
-    uncentered, _ = zero_shot_records(rows, model, tokenizer, ICMConfig(balance="none"))
+    uncentered, _ = zero_shot_records(rows, backend, ICMConfig(balance="none"))
     assert [r["icm_score"] for r in uncentered] == pytest.approx(raw.tolist())
 
     src = write_jsonl(tmp_path / "claims.jsonl", rows)

@@ -255,8 +255,9 @@ def test_damaged_label_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path, 
 
 
 def test_generate_checkpoint_of_another_version_or_settings_is_refused(tmp_path):
-    from icm.data.candidates import GenerationConfig, checkpoint_path, generate_file
+    from icm.data.candidates import GenerationConfig
     from icm.data.tasks import arithmetic_questions
+    from icm.generate import checkpoint_path, generate_file
 
     out = tmp_path / "c.parquet"
     line = {"format": 1, "fingerprint": "x", "question_id": "arithmetic-0-0", "batch": 0, "sample_index": 0,

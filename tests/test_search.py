@@ -2,6 +2,7 @@
 
 import pytest
 
+from icm.backends import InProcessBackend
 from icm.data.claims import claims_from_records
 from icm.models import load_model
 from icm.scoring import ClaimScorer
@@ -45,8 +46,9 @@ def test_every_check_every_th_exact_step_scores_its_proposal_exactly(tiny):
     checked = [8, 16, 24, 32, 40]
     assert [trajectory[n - 1] for n in checked] == pytest.approx([exact[n - 1] for n in checked])
     model, tokenizer = tiny
+    backend = InProcessBackend(model, tokenizer)
     claims = claims_from_records(arithmetic_claims(6))
-    runs = {every: label_claims(claims, model, tokenizer, ICMConfig(iterations=60, exact_every=3, check_every=every,
+    runs = {every: label_claims(claims, backend, ICMConfig(iterations=60, exact_every=3, check_every=every,
                                                                     polish_iterations=0, seed=1))[1]
             for every in (1, 2)}
     assert 0 < runs[2]["approximate_checks"] < runs[1]["approximate_checks"]
@@ -98,8 +100,9 @@ def test_approximate_polishing_ends_on_exact_scores(tiny):
 
 def test_score_reuse_keeps_the_previous_search(tiny):
     model, tokenizer = tiny
+    backend = InProcessBackend(model, tokenizer)
     claims = claims_from_records(arithmetic_claims(6))
-    runs = [label_claims(claims, model, tokenizer, ICMConfig(iterations=50, exact_every=1, reuse_scores=reuse, seed=1,
+    runs = [label_claims(claims, backend, ICMConfig(iterations=50, exact_every=1, reuse_scores=reuse, seed=1,
                                                            scoring_batch_size=2))
             for reuse in (True, False)]
     assert [r["icm_label"] for r in runs[0][0]] == [r["icm_label"] for r in runs[1][0]]
@@ -109,8 +112,9 @@ def test_score_reuse_keeps_the_previous_search(tiny):
 
 def test_run_json_counts_disagreements_of_approximate_and_exact_acceptance(tiny):
     model, tokenizer = tiny
+    backend = InProcessBackend(model, tokenizer)
     claims = claims_from_records(arithmetic_claims(6))
-    _, approximate = label_claims(claims, model, tokenizer, ICMConfig(iterations=60, exact_every=3))
-    _, exact = label_claims(claims, model, tokenizer, ICMConfig(iterations=60, exact_every=1))
+    _, approximate = label_claims(claims, backend, ICMConfig(iterations=60, exact_every=3))
+    _, exact = label_claims(claims, backend, ICMConfig(iterations=60, exact_every=1))
     assert 0 <= approximate["approximate_disagreements"] <= approximate["approximate_checks"] > 0
     assert exact["approximate_checks"] == 0

@@ -14,11 +14,13 @@ import types
 import pytest
 from typer.testing import CliRunner
 
-from icm.backends import load_backend
 from icm.cli import app
-from icm.data.candidates import GenerationConfig, build_prompt, checkpoint_path, generate_file
+from icm.data.candidates import GenerationConfig
 from icm.data.io import InputError, read_records
 from icm.data.tasks import arithmetic_questions
+from icm.engines import load_backend
+from icm.generate import checkpoint_path, generate_file
+from icm.sampling import build_prompt
 from icm.vllm_engine import VLLMBackend, VLLMConfig
 
 
@@ -62,7 +64,8 @@ def fake_vllm(monkeypatch):
 
 def test_samples_are_seeded_per_sample_whatever_the_batching(tiny_model_dir, fake_vllm):
     config = VLLMConfig(tensor_parallel_size=2, gpu_memory_utilization=0.5, dtype="bfloat16")
-    backend, tokenizer = load_backend(tiny_model_dir, config)
+    backend = load_backend(tiny_model_dir, config)
+    tokenizer = backend.tokenizer
     assert isinstance(backend, VLLMBackend) and backend.report()["backend"] == "vllm"
     llm = fake_vllm.instances[0]
     assert llm.model == tiny_model_dir
