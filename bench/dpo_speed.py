@@ -16,8 +16,9 @@ import time
 
 import torch
 
+from icm.config import DPOTrainingConfig
 from icm.data.tasks import arithmetic_questions
-from icm.dpo.training import DPOTrainingConfig, mixed_precision, train_dpo
+from icm.dpo.training import mixed_precision, train_dpo
 from icm.models import DEFAULT_MODEL, default_device, load_tokenizer, resolve_model
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 
+from icm.config import DEFAULT_INSTRUCTION
 from icm.data.candidates import GenerationStats
-from icm.data.tasks import DEFAULT_INSTRUCTION, arithmetic_questions
+from icm.data.tasks import arithmetic_questions
 from icm.models import DEFAULT_MODEL, load_model
 from icm.sampling import sample_completions, user_message
 

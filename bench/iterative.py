@@ -22,13 +22,13 @@ from pathlib import Path
 
 from bench.claimsets import CLAIM_SETS
 from icm.backends import InProcessBackend
+from icm.config import ICMConfig, IterativeConfig
 from icm.data.claims import ANSWER_CLAIM
 from icm.data.io import write_json
 from icm.data.tasks import get_task
-from icm.iterative import IterativeConfig, load_labeller
+from icm.iterative import load_labeller
 from icm.label import label_records, zero_shot_records
 from icm.models import load_model
-from icm.search import ICMConfig
 
 
 def sentiment_pivot_claims(n: int, seed: int) -> list[dict]:

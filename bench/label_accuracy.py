@@ -27,12 +27,13 @@ import numpy as np
 
 from bench.claimsets import CLAIM_SETS
 from icm.backends import InProcessBackend
+from icm.config import DEMO_ORDERS, ICMConfig, PromptTemplate
 from icm.data.claims import claims_from_records, gold_labels
 from icm.data.io import read_records
 from icm.label import accuracy
 from icm.models import load_model
-from icm.scoring import DEMO_ORDERS, ClaimScorer, MutualPredictor, PromptTemplate
-from icm.search import ICMConfig, ICMSearch, label_claims
+from icm.scoring import ClaimScorer, MutualPredictor
+from icm.search import ICMSearch, label_claims
 
 
 def icl_accuracy(scorer: ClaimScorer, labels: dict[int, bool], gold: list, config: ICMConfig) -> tuple[float, float]:

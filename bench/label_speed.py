@@ -54,12 +54,13 @@ import torch
 
 from bench.claimsets import CLAIM_SETS
 from icm.backends import InProcessBackend
+from icm.config import ICMConfig, PromptTemplate
 from icm.data.claims import claims_from_records, gold_labels
 from icm.data.io import read_records
 from icm.label import accuracy
 from icm.models import load_model
-from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate, unescape
-from icm.search import ICMConfig, ICMSearch, label_claims
+from icm.scoring import ClaimScorer, MutualPredictor, unescape
+from icm.search import ICMSearch, label_claims
 
 VARIANTS = {
     "previous": {"exact_every": 1, "reuse_scores": False, "demo_order": "fixed"},
@@ -329,7 +330,8 @@ def main() -> None:
 
 def bench_server(args: argparse.Namespace, claims: list, gold: list | None) -> None:
     """The default search through servers: throughput, latency, prefix-cache share, agreement with in-process."""
-    from icm.server import ServerConfig, connect
+    from icm.config import ServerConfig
+    from icm.server import connect
 
     if not args.base_url:
         raise SystemExit("--backend server needs --base-url")

@@ -11,8 +11,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from icm.config import GenerationConfig
 from icm.data.answers import answers_match, closed_answers, extract_answer, extract_closed, whole_word
-from icm.data.tasks import DEFAULT_INSTRUCTION, Question
+from icm.data.tasks import Question
 
 CLAIMS_SCHEMA = pa.schema([
     ("question", pa.string()),
@@ -27,45 +28,6 @@ CLAIMS_SCHEMA = pa.schema([
     ("num_tokens", pa.int64()),
     ("question_id", pa.string()),
 ])
-
-
-@dataclass
-class GenerationConfig:
-    """How ``icm generate`` samples candidate solutions.
-
-    Args:
-        num_candidates: solutions sampled per question (before exact duplicates are removed).
-        temperature: sampling temperature; 0 means greedy decoding (then all candidates are identical).
-        top_p: nucleus sampling threshold (1.0 disables it); there is no top-k cut.
-        max_new_tokens: the most tokens generated per candidate.
-        stop: strings that end a candidate; the completion is cut at the first one (it is not kept).
-        instruction: text put before each question in the user message (empty for the bare question).
-        use_chat_template: wrap the user message in the model's chat template when it has one; otherwise
-            the prompt is the raw user message followed by a new line and ``Answer:``.
-        batch_size: sequences generated together (left padded).
-        seed: sampling seed; batch ``i`` is seeded with ``seed + i``, so the same seed and batch size give
-            the same candidates.
-        extractor: answer extractor name (see ``data.answers.EXTRACTORS``), ``"auto"``, or a closed answer set
-            ``"a|b|..."`` (the first allowed answer the text states).
-        include_reference: also add the question's reference solution as a candidate (``candidate_index`` -1).
-        enumerate_answers: with a closed answer set (``extractor`` ``"a|b|..."``), make sure every allowed answer
-            is among a question's candidates: for an answer no sample gave, each sample is copied with its answer
-            word replaced (``candidate_index`` -2, generator ``enumerated``), so a question always yields a right
-            and a wrong candidate that differ only in the answer.
-    """
-
-    num_candidates: int = 4
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    stop: tuple[str, ...] = ("\nQuestion:",)
-    instruction: str = DEFAULT_INSTRUCTION
-    use_chat_template: bool = True
-    batch_size: int = 8
-    seed: int = 0
-    extractor: str = "auto"
-    include_reference: bool = False
-    enumerate_answers: bool = False
 
 
 @dataclass
@@ -86,7 +48,6 @@ class GenerationStats:
     tokens: int = 0
     sequences: int = 0
     seconds: float = 0.0
-
 
 
 def candidate_rows(questions: list[Question], prompts: list[str], completions: list[list[Completion]],

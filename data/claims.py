@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from icm.config import check_claim_mode
 from icm.data.answers import answers_match
 from icm.data.io import InputError, read_records, text_value
 
@@ -97,16 +98,7 @@ def load_claims(path: str | Path, fields: ClaimFields | None = None) -> tuple[li
 
 # ---- claims about answers, built from candidate solutions --------------------------------------------------
 
-CLAIM_MODES = ("candidates", "answers", "pivot")
 ANSWER_CLAIM = "The answer is {answer}."
-
-
-def check_claim_mode(mode: str, options: tuple[str, ...] | None) -> None:
-    """Raise ValueError unless ``mode`` is a claim mode that the answer set ``options`` allows."""
-    if mode not in CLAIM_MODES:
-        raise ValueError(f"claims must be one of {', '.join(CLAIM_MODES)}, got {mode!r}")
-    if mode == "pivot" and (options is None or len(options) != 2):
-        raise ValueError("--claims pivot needs a closed two-way answer set (an extractor like 'positive|negative')")
 
 
 @dataclass

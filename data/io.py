@@ -21,10 +21,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_FIELD_CHARS = 1_000_000
@@ -122,6 +123,9 @@ def _read_csv(path: Path, text: str) -> list[dict[str, Any]]:
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
@@ -312,11 +316,15 @@ def write_parquet(path: str | Path, table: pa.Table, metadata: dict[str, Any] | 
         existing = dict(table.schema.metadata or {})
         existing[b"icm"] = json.dumps(scrub_all(metadata), default=str).encode()
         table = table.replace_schema_metadata(existing)
+    import pyarrow.parquet as pq
+
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 
 
 def read_parquet_metadata(path: str | Path) -> dict[str, Any]:
     """The ``icm`` metadata written by :func:`write_parquet`, or ``{}``."""
+    import pyarrow.parquet as pq
+
     raw = (pq.read_schema(path).metadata or {}).get(b"icm")
     return json.loads(raw) if raw else {}

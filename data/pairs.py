@@ -15,13 +15,14 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from rich.table import Table
 
+from icm.config import PairsConfig
 from icm.data.io import (
     InputError,
     check_output,
@@ -33,9 +34,6 @@ from icm.data.io import (
     write_parquet,
 )
 
-STRATEGIES = ("all", "best-margin")
-FORMATS = ("standard", "conversational")
-
 # Reasons a question yields no pairs, or a candidate pair is not kept (report keys).
 NO_TRUE = "no True candidate"
 NO_FALSE = "no False candidate"
@@ -45,45 +43,6 @@ CONTRADICTORY = "contradictory comparison labels"
 BELOW_MARGIN = "below min margin"
 OVER_MAX = "over max per question"
 NOT_BEST = "not best margin"
-
-
-@dataclass
-class PairsConfig:
-    """How ``icm pairs`` turns ICM labels into preference pairs.
-
-    Args:
-        strategy: ``"all"`` pairs every True candidate of a question with every False one. ``"best-margin"`` pairs
-            the most confident True (highest ``icm_score``) with the most confident False (lowest ``icm_score``),
-            then, if ``max_per_question`` allows more, the next most confident ones, each response used at most once.
-        max_per_question: Most pairs kept per question (``consistency_id``), highest margin first. ``None``: no limit
-            for ``"all"``, 1 for ``"best-margin"``.
-        min_margin: Drop pairs whose margin (chosen ``icm_score`` minus rejected ``icm_score``) is below this.
-        format: ``"standard"``: ``prompt``/``chosen``/``rejected`` are strings (the prompt ends with a newline, as
-            TRL concatenates prompt and completion). ``"conversational"``: lists of ``{role, content}`` messages, the
-            prompt a user turn, chosen/rejected assistant turns.
-        test_size: Questions held out for a test split: a fraction (0 < f < 1) or a count (>= 1). ``None``: no split.
-            The split is by question (and prompt), so no question is in both.
-        seed: Seed of the train/test split.
-    """
-
-    strategy: str = "all"
-    max_per_question: int | None = None
-    min_margin: float | None = None
-    format: str = "standard"
-    test_size: float | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got '{self.format}'")
-        if self.max_per_question is not None and self.max_per_question < 1:
-            raise ValueError(f"max_per_question must be >= 1, got {self.max_per_question}")
-        if self.test_size is not None and not (
-            0 < self.test_size < 1 or (self.test_size >= 1 and float(self.test_size).is_integer())
-        ):
-            raise ValueError(f"test_size must be a fraction in (0, 1) or a whole number >= 1, got {self.test_size}")
 
 
 def _as_bool(path: Path, row: int, field: str, value: Any) -> bool:

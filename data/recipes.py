@@ -21,6 +21,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from icm.data.console import console, quiet_libraries, set_quiet
 from icm.data.io import atomic_path
@@ -61,8 +63,8 @@ def normalize(key: Any) -> str:
 
 
 def option_keys(params: list[Any]) -> dict[str, tuple[Any, bool]]:
-    """Recipe key -> (parameter, inverted) for a command's exposed parameters: an option by its first long
-    name, a boolean pair's second name inverted, an argument by its name."""
+    """Recipe key -> (parameter, inverted) for a command's exposed parameters: an option by each of its long
+    names (the first is the one written), a boolean pair's second name inverted, an argument by its name."""
     keys: dict[str, tuple[Any, bool]] = {}
     for param in params:
         if not param.expose_value or param.name in COMMON:
@@ -70,8 +72,8 @@ def option_keys(params: list[Any]) -> dict[str, tuple[Any, bool]]:
         if getattr(param, "param_type_name", "") == "argument":
             keys[normalize(param.name)] = (param, False)
             continue
-        longs = [o for o in param.opts if o.startswith("--")] or [param.name]
-        keys[normalize(longs[0].lstrip("-"))] = (param, False)
+        for opt in [o for o in param.opts if o.startswith("--")] or [param.name]:
+            keys[normalize(opt.lstrip("-"))] = (param, False)
         for opt in getattr(param, "secondary_opts", []):
             if opt.startswith("--"):
                 keys[normalize(opt.lstrip("-"))] = (param, True)
@@ -155,7 +157,10 @@ def _plain(value: Any) -> Any:
 
 def resolved_recipe(command: Any, params: dict[str, Any]) -> dict[str, Any]:
     """Every exposed parameter's value (run control left out), grouped in the command's sections."""
-    keys = {param.name: key for key, (param, inverted) in option_keys(command.params).items() if not inverted}
+    keys: dict[str, str] = {}
+    for key, (param, inverted) in option_keys(command.params).items():
+        if not inverted:
+            keys.setdefault(param.name, key)  # the first long name
     sections = SPECS.get(command.name, RecipeSpec()).sections
     section_of = {name: section for section, members in sections.items() for name in members.values()}
     top: dict[str, Any] = {}
@@ -260,10 +265,43 @@ def with_common_options(fn: Callable[..., Any], name: str) -> Callable[..., Any]
     return wrapper
 
 
+def usage_error_line(error: Exception) -> str:
+    """A click usage error (a bad option value, a missing or unknown option) as one line naming the command."""
+    ctx = getattr(error, "ctx", None)
+    where = ctx.command_path if ctx is not None else "icm"
+    message = " ".join(error.format_message().split()).replace("Value error, ", "")
+    return f"{where}: {message} (see '{where} -h')"
+
+
+class OneLineErrorsGroup(TyperGroup):
+    """The ``icm`` group: a usage error is printed as one line (``error: ...``) with click's exit code 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except Exception as error:  # click's exceptions are the vendored copy's: recognised by what they offer
+            if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
+                raise
+            if type(error).__name__ == "NoArgsIsHelpError":  # `icm` alone: the help, as click shows it
+                error.show()
+            else:
+                from icm.data.console import error as print_error
+
+                print_error(usage_error_line(error))
+            sys.exit(error.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 class RecipeTyper(typer.Typer):
-    """A Typer app whose commands all take ``--config``, ``-q`` and ``-v`` (see :func:`with_common_options`).
+    """A Typer app whose commands all take ``--config``, ``-q`` and ``-v`` (see :func:`with_common_options`), with
+    usage errors on one line (:class:`OneLineErrorsGroup`).
 
     ``recipe``: the command's :class:`RecipeSpec` (where it writes ``recipe.yaml``, its sections)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(cls=OneLineErrorsGroup, **kwargs)
 
     def command(self, name: str | None = None, *, recipe: RecipeSpec | None = None,  # type: ignore[override]
                 **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

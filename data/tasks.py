@@ -8,14 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from icm.config import DEFAULT_INSTRUCTION
 from icm.data.answers import extract_answer, normalize_answer
 from icm.data.io import InputError, read_records, require_fields, text_value
 
 DEFAULT_TASK_SIZE = 100
-DEFAULT_INSTRUCTION = (  # for open math questions; the default of ``icm generate`` and ``icm eval``
-    "Solve the following math problem step by step. End your response with 'The answer is N', "
-    "where N is the final number."
-)
 
 
 @dataclass
@@ -139,9 +136,8 @@ def _twice(r: random.Random, name: str, item: str) -> tuple[str, int, str]:
             "have?", 2 * a, f"{other} has 2 x {a} = {2 * a} {item}.")
 
 
-# One operation on single digits. Sampling 4 candidates at temperature 0.8 with the default instruction,
-# SmolLM2-135M-Instruct got 26% right (5-45% by kind) and 60% of questions had both a correct and an incorrect
-# candidate; two-step problems ("finds a, b and c", "buys b more and then loses c") were nearly always wrong.
+# One operation on single digits, so that a small model gets some right and some wrong: the questions then have
+# both correct and incorrect candidates (two-step problems are nearly always wrong for a 135M model).
 TEMPLATES: list[Callable[[random.Random, str, str], tuple[str, int, str]]] = [_together, _more, _mul, _sub, _twice]
 
 

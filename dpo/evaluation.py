@@ -9,46 +9,18 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from icm.data.answers import answers_match, check_extractor, extract_answer
-from icm.data.candidates import GenerationConfig
+from icm.config import EvalConfig, GenerationConfig
+from icm.data.answers import answers_match, extract_answer
 from icm.data.claims import claims_from_records, gold_labels
 from icm.data.io import InputError, check_output, read_records, write_json
-from icm.data.tasks import DEFAULT_INSTRUCTION, Question, load_questions
+from icm.data.tasks import Question, load_questions
 from icm.sampling import generate_texts, user_message
-
-
-@dataclass
-class EvalConfig:
-    """How ``icm eval`` scores a model.
-
-    Args:
-        instruction: text before each question (``icm generate``'s default, so answers end "The answer is N").
-        use_chat_template: wrap the question in the model's chat template when it has one.
-        max_new_tokens: the most tokens generated per answer.
-        batch_size: questions generated, or claims scored, together.
-        extractor: answer extractor (``data.answers.EXTRACTORS``) or ``auto``.
-        num_shots: claims only: demonstrations with gold labels put before each claim.
-        seed: claims only: which demonstrations are drawn.
-        limit: evaluate only the first ``limit`` items.
-    """
-
-    instruction: str = DEFAULT_INSTRUCTION
-    use_chat_template: bool = True
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    extractor: str = "auto"
-    num_shots: int = 4
-    seed: int = 0
-    limit: int | None = None
-
-    def __post_init__(self) -> None:
-        check_extractor(self.extractor)
 
 
 def evaluate_questions(questions: list[Question], model, tokenizer, config: EvalConfig | None = None,

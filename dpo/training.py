@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from icm.config import DPOTrainingConfig
 from icm.data.console import console
 from icm.data.io import InputError, check_output, read_records, require_fields, write_json
 from icm.models import (
@@ -38,104 +39,6 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SUMMARY_FILE = "icm_dpo.json"  # written next to the model: base model spec, config, metrics
 KEY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
                "logps/rejected", "grad_norm", "learning_rate")
-
-
-@dataclass
-class DPOTrainingConfig:
-    """Hyperparameters of ``icm dpo`` (the names follow TRL's ``DPOConfig`` where they overlap).
-
-    Args:
-        beta: strength of the KL penalty towards the reference model (higher = stay closer).
-        learning_rate: peak learning rate; ``None`` picks 5e-5 with LoRA and 5e-6 for full fine-tuning.
-        num_train_epochs: passes over the pairs (ignored when ``max_steps`` > 0).
-        max_steps: total optimizer steps; -1 trains for ``num_train_epochs``.
-        batch_size: pairs per device per forward pass.
-        gradient_accumulation_steps: forward passes per optimizer step.
-        max_length: truncate prompt + completion to this many tokens (``None``: no truncation).
-        lora: train LoRA adapters (peft) instead of all weights.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``).
-        lora_dropout: dropout on the LoRA branch.
-        lora_target_modules: module names to adapt, or ``"all-linear"`` (every linear layer but the LM head).
-        merge_lora: save the base model with the adapters merged in instead of the adapters alone.
-        loss_type: TRL DPO loss (``sigmoid`` is the original DPO loss; ``ipo``, ``hinge``, ``robust``, ...), or several
-            comma-separated, summed with ``loss_weights``: ``sigmoid,sft`` adds the chosen answers' negative
-            log-likelihood (RPO), which keeps them likely; plain DPO can lower both answers of a pair and push the
-            probability to words that are neither.
-        loss_weights: weight of each ``loss_type`` (``None``: 1.0 each), e.g. ``(1.0, 0.5)``.
-        label_smoothing: ``robust``: the assumed probability that a pair's preference is flipped (in [0, 0.5)).
-        precision: ``auto`` (bf16 mixed precision on GPUs and bf16-capable CPUs, fp16 on older GPUs, fp32
-            otherwise), ``bf16``, ``fp16`` or ``fp32``. Master weights stay in float32.
-        gradient_checkpointing: recompute activations in the backward pass (less memory, ~20% slower).
-        chat_template: wrap string pairs as user/assistant messages so the tokenizer's chat template is
-            applied (as ``icm generate`` does); ``None`` does it when the tokenizer has a chat template.
-            Without it the prompt is written as ``icm generate`` does for raw prompts (``...\\nAnswer:``).
-        warmup_steps: learning-rate warmup: a number of steps, or a float in [0, 1) for a fraction of them.
-        lr_scheduler_type: transformers scheduler name (``linear``, ``cosine``, ``constant``, ...).
-        weight_decay: AdamW weight decay.
-        logging_steps: log (and show) the loss every this many steps.
-        save_steps: write a resumable checkpoint every this many steps (0: only the final model).
-        save_total_limit: keep at most this many checkpoints.
-        split: split to use when the pairs are a Hub dataset id.
-        seed: random seed (data order, LoRA initialisation).
-        trust_remote_code: allow model code from the Hub.
-    """
-
-    beta: float = 0.1
-    learning_rate: float | None = None
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int | None = 512
-    lora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | str = "all-linear"
-    merge_lora: bool = False
-    loss_type: str = "sigmoid"
-    loss_weights: tuple[float, ...] | None = None
-    label_smoothing: float = 0.0
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    chat_template: bool | None = None
-    warmup_steps: float = 0
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = 0.0
-    logging_steps: int = 1
-    save_steps: int = 50
-    save_total_limit: int = 2
-    split: str = "train"
-    seed: int = 0
-    trust_remote_code: bool = False
-
-    def __post_init__(self) -> None:
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got '{self.precision}'")
-        if self.beta <= 0:
-            raise ValueError("beta must be > 0")
-        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
-        if self.loss_weights is not None:
-            self.loss_weights = tuple(float(w) for w in self.loss_weights)
-            if len(self.loss_weights) != len(self.loss_types):
-                raise ValueError(f"loss_weights needs one weight per loss type ({len(self.loss_types)}: "
-                                 f"{', '.join(self.loss_types)}), got {len(self.loss_weights)}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
-            self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
-
-    @property
-    def loss_types(self) -> list[str]:
-        return [t.strip() for t in self.loss_type.split(",") if t.strip()]
-
-    @property
-    def lr(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 5e-5 if self.lora else 5e-6
 
 
 def mixed_precision(precision: str = "auto", device: torch.device | str | None = None) -> str:

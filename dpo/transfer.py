@@ -23,16 +23,15 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from rich.table import Table
 
+from icm.config import STAGES, TransferConfig
 from icm.data.answers import closed_answers
-from icm.data.candidates import GenerationConfig
-from icm.data.claims import check_claim_mode
 from icm.data.console import console
 from icm.data.io import (
     InputError,
@@ -43,70 +42,12 @@ from icm.data.io import (
     write_json,
     write_parquet,
 )
-from icm.data.pairs import PairsConfig, build_pairs, load_labels, split_paths, write_pairs
+from icm.data.pairs import build_pairs, load_labels, split_paths, write_pairs
 from icm.data.tasks import Question
-from icm.dpo.evaluation import EvalConfig, evaluate_question_list, paired_bootstrap
-from icm.dpo.training import SUMMARY_FILE, DPOTrainingConfig, train_dpo
+from icm.dpo.evaluation import evaluate_question_list, paired_bootstrap
+from icm.dpo.training import SUMMARY_FILE, train_dpo
 from icm.generate import generate_file
 from icm.label import label_file
-from icm.search import ICMConfig
-
-STAGES = ("eval_before", "generate", "label", "pairs", "dpo", "eval_after")  # in the order they run
-ARMS = ("icm", "gold", "random", "zero_shot")
-
-
-@dataclass
-class TransferConfig:
-    """Settings of ``icm transfer``; each stage's own config is nested.
-
-    Args:
-        eval_size: held-out questions for the before/after evaluation: a fraction (0 < f < 1) or a count.
-        train_size: train on at most this many of the other questions (the first of the seeded split's
-            training part; ``None``: all of them). The held-out set does not depend on it, so runs that train on
-            fewer questions are scored on the same held-out questions.
-        generator: who samples the candidates: ``policy`` (on-policy pairs, the default) or ``labeller``.
-        claims: what ICM labels: ``candidates``, ``answers`` or ``pivot`` (``icm.label.label_file``).
-        bootstrap_samples: resamples of the held-out questions for the CI of the accuracy change.
-        confidence: level of that CI.
-        seed: seed of the train/held-out split and of the random arm's labels (the stages have their own seeds).
-        dtype: dtype for generation, labelling and evaluation (``auto``: bf16 where supported).
-        generation: candidate sampling (``icm generate``).
-        icm: the ICM search (``icm label``).
-        pairs: pair construction (``icm pairs``).
-        dpo: DPO training (``icm dpo``).
-        eval: evaluation (``icm eval``).
-        arms: which labels to train the policy on, one policy each (see the module docstring): any of
-            ``icm``, ``gold``, ``random``, ``zero_shot``.
-    """
-
-    eval_size: float = 0.25
-    train_size: int | None = None
-    generator: str = "policy"
-    claims: str = "candidates"
-    bootstrap_samples: int = 2000
-    confidence: float = 0.95
-    seed: int = 0
-    dtype: str = "auto"
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    icm: ICMConfig = field(default_factory=ICMConfig)
-    pairs: PairsConfig = field(default_factory=PairsConfig)
-    dpo: DPOTrainingConfig = field(default_factory=DPOTrainingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    arms: tuple[str, ...] = ("icm",)
-
-    def __post_init__(self) -> None:
-        self.arms = tuple(self.arms)
-        unknown = [a for a in self.arms if a not in ARMS]
-        if not self.arms or unknown or len(set(self.arms)) != len(self.arms):
-            raise ValueError(f"arms must be distinct names among {', '.join(ARMS)}, "
-                             f"got {', '.join(self.arms) or 'none'}")
-        check_claim_mode(self.claims, closed_answers(self.generation.extractor))
-        if self.generator not in ("policy", "labeller"):
-            raise ValueError(f"generator must be 'policy' or 'labeller', got '{self.generator}'")
-        if not (0 < self.eval_size < 1 or (self.eval_size >= 1 and float(self.eval_size).is_integer())):
-            raise ValueError(f"eval_size must be a fraction in (0, 1) or a whole count, got {self.eval_size}")
-        if self.train_size is not None and self.train_size < 1:
-            raise ValueError(f"train_size must be at least 1, got {self.train_size}")
 
 
 def split_questions(questions: list[Question], eval_size: float, seed: int,
@@ -364,7 +305,7 @@ def arm_report(run_dir: Path, arm: str, before: dict[str, Any], config: Transfer
 
 def build_report(run_dir: Path, labeller: str, policy: str, generator: str, config: TransferConfig,
                  stages: Stages, names: list[str], n_train: int, source: str) -> dict[str, Any]:
-    """``transfer.json``: the run, every arm (``arms``) and, at the top level as before arms, the ICM arm's
+    """``transfer.json``: the run, every arm (``arms``) and, at the top level, the ICM arm's
     accuracy change, labels, pairs and DPO summary (None where the ICM arm was not run or had no pairs)."""
     before = json.loads((run_dir / "eval_before.json").read_text())
     arms = {arm: arm_report(run_dir, arm, before, config) for arm in config.arms}

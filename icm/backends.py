@@ -18,10 +18,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from icm.config import PromptTemplate
 from icm.data.candidates import Completion
 from icm.data.claims import Claim
 from icm.sampling import sample_completions
-from icm.scoring import ClaimScorer, PromptTemplate
+from icm.scoring import ClaimScorer
 
 
 class Scorer(Protocol):

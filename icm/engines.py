@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 from icm.backends import Backend, InProcessBackend
 
 if TYPE_CHECKING:
-    from icm.server import ServerConfig
-    from icm.vllm_engine import VLLMConfig
+    from icm.config import ServerConfig, VLLMConfig
 
 
 def load_backend(model_spec: str, server: ServerConfig | VLLMConfig | None = None, *, dtype: str = "auto",
@@ -23,7 +22,8 @@ def load_backend(model_spec: str, server: ServerConfig | VLLMConfig | None = Non
         from icm.models import load_model
 
         return InProcessBackend(*load_model(model_spec, dtype=dtype, device=device))
-    from icm.vllm_engine import VLLMConfig, start_engine
+    from icm.config import VLLMConfig
+    from icm.vllm_engine import start_engine
 
     if isinstance(server, VLLMConfig):
         return start_engine(model_spec, server)

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from icm.backends import Backend
+from icm.config import GenerationConfig
 from icm.data.answers import check_extractor
-from icm.data.candidates import GenerationConfig, candidate_rows, claims_table, diversity_report, report_path
+from icm.data.candidates import candidate_rows, claims_table, diversity_report, report_path
 from icm.data.io import InputError, atomic_path, write_json, write_parquet
 from icm.data.tasks import Question
 from icm.sampling import Completion, GenerationStats, user_message
 
 if TYPE_CHECKING:
-    from icm.server import ServerConfig
-    from icm.vllm_engine import VLLMConfig
+    from icm.config import ServerConfig, VLLMConfig
 
 
 def sample(backend: Backend, prompts: list[str], config: GenerationConfig, **kwargs: Any) -> list[list[Completion]]:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +26,13 @@ import numpy as np
 import torch
 
 from icm.backends import InProcessBackend
+from icm.config import ICMConfig, IterativeConfig, PromptTemplate
 from icm.data.claims import Claim
 from icm.data.io import write_json
-from icm.scoring import ClaimScorer, PromptTemplate
-from icm.search import ICMConfig, batch_labels, label_claims
+from icm.scoring import ClaimScorer
+from icm.search import batch_labels, label_claims
 
 FINETUNE_FILE = "icm_finetune.json"
-
-
-@dataclass
-class IterativeConfig:
-    """How iterative ICM splits the claims and fine-tunes the labeller between batches."""
-
-    batches: int = 4
-    """K: batches the claims are split into, in input order, whole consistency groups, near-equal sizes."""
-    steps: int = 16
-    """Optimizer steps of each fine-tuning (0: no fine-tuning, plain batch-by-batch labelling)."""
-    batch_size: int = 8
-    """Claims per fine-tuning step."""
-    learning_rate: float = 2e-4
-    """AdamW learning rate of the LoRA adapters."""
-    lora_r: int = 8
-    """LoRA rank."""
-    lora_alpha: int = 16
-    """LoRA alpha."""
-    lora_target_modules: str = "all-linear"
-    """Modules that get adapters: comma-separated names, or all-linear."""
-
-    def __post_init__(self) -> None:
-        if self.batches < 1:
-            raise ValueError(f"batches must be >= 1, got {self.batches}")
-        if self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ValueError("fine-tuning needs steps >= 0, batch_size >= 1 and learning_rate > 0")
 
 
 def split_batches(claims: list[Claim], k: int) -> list[list[int]]:

@@ -19,27 +19,18 @@ import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from icm.backends import Backend
+from icm.config import GenerationConfig, ICMConfig, IterativeConfig, PromptTemplate, check_claim_mode
 from icm.data.answers import closed_answers
-from icm.data.candidates import GenerationConfig
-from icm.data.claims import (
-    AnswerClaims,
-    Claim,
-    ClaimFields,
-    answer_claims,
-    check_claim_mode,
-    claims_from_records,
-    gold_labels,
-)
+from icm.data.claims import AnswerClaims, Claim, ClaimFields, answer_claims, claims_from_records, gold_labels
 from icm.data.console import console
 from icm.data.io import InputError, check_output, read_parquet_metadata, read_records, write_json, write_parquet
 from icm.data.tasks import load_questions
 from icm.generate import generate_candidates
-from icm.iterative import IterativeConfig, label_iteratively
-from icm.scoring import PromptTemplate
-from icm.search import Checkpoint, ICMConfig, fingerprint, label_claims
+from icm.iterative import label_iteratively
+from icm.search import Checkpoint, fingerprint, label_claims
 
 if TYPE_CHECKING:
-    from icm.server import ServerConfig
+    from icm.config import ServerConfig
 
 
 def run_dir_for(output: str | Path, run_dir: str | Path | None = None) -> Path:
@@ -150,7 +141,7 @@ def zero_shot_records(records: list[dict[str, Any]], backend: Backend, config: I
 
 def label_file(input_path: str | Path, output: str | Path, model_spec: str, config: ICMConfig | None = None, *,
                template: PromptTemplate | None = None, fields: ClaimFields | None = None,
-               run_dir: str | Path | None = None, resume: bool = False, dtype: str = "auto",
+               run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = True, dtype: str = "auto",
                generation: GenerationConfig | None = None, answer_field: str = "answer",
                claims: str = "candidates", answers: tuple[str, ...] | None = None,
                command: str = "", zero_shot: bool = False, iterative: IterativeConfig | None = None,
@@ -164,6 +155,8 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     ``claims`` says what the search labels: ``candidates`` (each row is a claim, as given), or claims about the
     candidates' final answers (``answers`` or ``pivot``, see :func:`data.claims.answer_claims`; ``answers`` is
     the closed answer set when there is one), whose labels are then copied back to the candidate rows.
+
+    An existing ``output`` is replaced only with ``overwrite`` (or continued with ``resume``).
 
     ``zero_shot=True`` labels with :func:`zero_shot_records` (the baseline) instead of the ICM search;
     ``iterative`` with iterative ICM (:mod:`icm.iterative`). ``server`` scores (and samples) through
@@ -191,6 +184,9 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         claims_from_records(records, input_path, fields)  # fail fast, before loading a model
         gold_labels(records, input_path, fields.label)
     output = Path(output)
+    if output.exists() and not (resume or overwrite):
+        raise InputError(output, "labels already exist; pass --overwrite to replace them, or --resume to continue "
+                         "an interrupted run")
     run_dir = run_dir_for(output, run_dir)
 
     def formulate() -> tuple[AnswerClaims | None, list[dict[str, Any]], ClaimFields]:

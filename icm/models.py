@@ -16,8 +16,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     target = cache_dir() / "models" / f"{name}-{_fingerprint(gguf)}"
     if (target / "config.json").exists():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf, target)
@@ -223,6 +226,8 @@ def check_weights(path: Path) -> None:
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -236,6 +241,8 @@ def cpu_supports_bf16() -> bool:
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     """bf16 on GPUs and on CPUs with native bf16 instructions, float32 otherwise."""
+    import torch
+
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -243,6 +250,8 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
 
 
 def parse_dtype(name: str | None, device: torch.device | str | None = None) -> torch.dtype:
+    import torch
+
     if name in (None, "auto"):
         return default_dtype(device)
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -268,6 +277,7 @@ def load_model(
     trust_remote_code: bool = False,
 ):
     """Load ``(model, tokenizer)`` for inference, in eval mode on ``device``."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from icm.config import DEFAULT_INSTRUCTION
 from icm.data.candidates import Completion, GenerationStats
 from icm.data.console import progress_bar
-from icm.data.tasks import DEFAULT_INSTRUCTION
 
 # Extra end-of-turn tokens some chat templates use besides the tokenizer's eos token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")

@@ -28,32 +28,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from icm.config import DEMO_ORDERS, PromptTemplate
 from icm.data.claims import Claim
-
-
-@dataclass
-class PromptTemplate:
-    """How a claim is written for the model. ``{question}``, ``{choice}``, ``{choice_2}`` are filled in."""
-
-    claim: str = "Question: {question}\nClaim: {choice}\nI think this claim is "
-    """Template for a plain claim (the paper's wording, trailing space included)."""
-    comparison: str = (
-        "Question: {question}\nResponse 1: {choice}\nResponse 2: {choice_2}\n"
-        "Claim: Response 1 is better than Response 2.\nI think this claim is "
-    )
-    """Template for a comparison claim (rows with ``choice_2``)."""
-    true_word: str = "True"
-    false_word: str = "False"
-    separator: str = "\n\n"
-    """Text after each demonstration's label."""
-    space: str = "auto"
-    """Where the space before the label goes: ``label`` scores the tokens " True"/" False" after a prompt
-    ending in "is" (natural for BPE vocabularies), ``prompt`` keeps the paper's "is " + "True" split, and
-    ``auto`` picks ``label`` when " True" and " False" are single tokens."""
-
-    def render(self, claim: Claim) -> str:
-        template = self.comparison if claim.choice_2 is not None else self.claim
-        return template.format(question=claim.question, choice=claim.choice, choice_2=claim.choice_2 or "")
 
 
 def unescape(text: str, name: str = "text") -> str:
@@ -323,10 +299,6 @@ class ClaimScorer:
         self.uncached_tokens += len(batch) * past + total
         self.attended_keys += sum(_attended(n, past) for n in lengths)
         return (logits[:, 0] - logits[:, 1]).tolist()
-
-
-DEMO_ORDERS = ("labelling", "fixed")
-"""The orders :class:`MutualPredictor` can put demonstrations in."""
 
 
 class MutualPredictor:

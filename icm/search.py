@@ -22,94 +22,11 @@ from typing import Any
 import numpy as np
 
 from icm.backends import Backend, Scorer
+from icm.config import ICMConfig
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
 from icm.data.claims import Claim
 from icm.data.io import InputError, write_json
-from icm.scoring import DEMO_ORDERS, ClaimScorer, MutualPredictor
-
-
-@dataclass
-class ICMConfig:
-    """Hyperparameters of the ICM search (defaults from the paper where it gives one)."""
-
-    alpha: float = 50.0
-    """Weight of mutual predictability against the number of inconsistencies."""
-    initial_labels: int = 8
-    """K: claims labelled at random (half True, half False) before the search starts."""
-    iterations: int | None = None
-    """Search steps per batch; None means 4 x the number of claims in the batch."""
-    initial_temperature: float = 10.0
-    """T0 of the schedule T = max(Tmin, T0 / (1 + beta * log n))."""
-    final_temperature: float = 0.01
-    """Tmin."""
-    cooling: float = 0.99
-    """beta."""
-    polish_iterations: int | None = None
-    """Greedy steps after the annealing (T = 0): the labelled claim whose label its prediction contradicts
-    most confidently is flipped (then ConsistencyFix) if that raises U. The schedule above is still far from
-    Tmin after a few hundred steps, so the annealing alone ends on a labelling that single flips can improve.
-    None means a quarter of the batch; polishing stops early once no contradicted label can be improved."""
-    consistency_fix_iterations: int = 10
-    """M: pairs repaired per ConsistencyFix call."""
-    group_weight: float = 100.0
-    """Sampling weight of an unlabelled claim whose consistency group already has a labelled member."""
-    batch_size: int = 256
-    """Claims searched together (whole consistency groups); larger inputs are split into batches."""
-    folds: int = 2
-    """Mutual predictability approximation: a claim is scored with the labelled claims of the other folds
-    as context (one shared prefix per fold). 0 means exact leave-one-out (one fold per claim)."""
-    see_group: bool = True
-    """Whether a claim's context holds its own consistency group's other claims (the paper's prompts do).
-    False predicts each claim from other questions only (see ``MutualPredictor``)."""
-    max_context_tokens: int | None = 2048
-    """Token budget of demonstrations plus target (capped by the model's context length)."""
-    balance: str = "center"
-    """Guard against collapse to one label: ``center`` subtracts each fold's mean log-odds before labels are
-    scored and predicted (an all-True labelling no longer predicts itself, and the bias a shared context
-    puts on all its targets is removed); ``none`` is the paper's raw objective."""
-    average: bool = True
-    """Average the predictability term over |D|, as the paper's code does, rather than summing it as its formula
-    reads. With the sum, one label change moves U by ~alpha >> T0, the search is greedy and stalls (3% of
-    proposals accepted, 67% vs 77% label accuracy on 64 Gemma capital claims)."""
-    scoring_batch_size: int = 16
-    """Targets scored together on one shared prefix."""
-    exact_every: int = 32
-    """Search steps per exact evaluation of U. In between, a proposal's U is approximate and costs at most one
-    target's forward pass: every claim keeps the log-odds of its last exact scoring, and a sampled unlabelled
-    claim is predicted against the labels of the last exact step, whose prefix caches are kept (a flip changes
-    the context of the other fold's claims, which the next exact step catches up on). Every
-    ``exact_every``-th step and the last annealing step re-score the current labels and evaluate their
-    proposal exactly, and count how often the approximate U would have decided otherwise
-    (``approximate_disagreements`` of ``approximate_checks`` in run.json). Polishing steps are counted the
-    same way from the start of polishing, and polishing ends only on exact scores. 1 = every proposal exact
-    (the paper's search). 32 was chosen over 16 (the default before 2026-12-02) on bench claim sets, 12 seeds of
-    Gemma3 capitals and 6 of SmolLM2 sentiment: the only setting measured within 2 points of the exact search's
-    mean accuracy on both (README, "Scoring speed")."""
-    check_every: int = 4
-    """Exact annealing steps per exact evaluation of their proposal. Every exact step re-scores the current labels;
-    the proposal of every ``check_every``-th one (and of the last annealing step) is then scored exactly as well,
-    which costs one more fold, and counted in ``approximate_checks``; the others decide their proposal with the
-    approximate U on the fresh scores. 1 = every exact step's proposal exact (the search before this setting).
-    Ignored with ``exact_every`` 1 (every proposal exact) and while polishing (exact steps stay exact)."""
-    demo_order: str = "labelling"
-    """Order of the demonstrations in a fold's prompt: ``labelling`` (the order the claims were first labelled, so a
-    new label appends to the cached prefix and costs only its own tokens) or ``fixed`` (a seeded order grouped by
-    consistency group, each fold starting at a different place: the order before this setting; a new label lands
-    mid-prompt and the rest of the prefix is recomputed). See ``MutualPredictor``."""
-    reuse_scores: bool = True
-    """Re-score only the targets whose context or group changed, and keep the previous prefix cache of each
-    fold so that a rejected proposal costs nothing to undo (exact; False is the previous implementation)."""
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.balance not in ("center", "none"):
-            raise ValueError(f"balance must be 'center' or 'none', not {self.balance!r}")
-        if self.demo_order not in DEMO_ORDERS:
-            raise ValueError(f"demo_order must be 'labelling' or 'fixed', not {self.demo_order!r}")
-        if (self.initial_labels < 0 or self.batch_size < 1 or self.alpha < 0 or self.exact_every < 1
-                or self.check_every < 1):
-            raise ValueError("initial_labels >= 0, batch_size >= 1, alpha >= 0, exact_every >= 1 and check_every >= 1 "
-                             "are required")
+from icm.scoring import ClaimScorer, MutualPredictor
 
 
 def temperature(n: int, config: ICMConfig) -> float:
@@ -414,7 +331,7 @@ def label_claims(claims: list[Claim], backend: Backend, config: ICMConfig | None
     A backend with several lanes (``Backend.lanes``: one per server) searches up to that many batches at the
     same time, one thread each, each batch's requests going to its lane's server; the lane is the only thing
     that differs, so the labels are those of a sequential run. One lane (in-process, one server, a labeller, or a
-    single batch left): one batch after another in this thread, as before."""
+    single batch left): one batch after another in this thread."""
     config = config or ICMConfig()
 
     def make_scorer(searcher: Backend, lane: int | None = None) -> Scorer:
@@ -476,7 +393,7 @@ def label_claims(claims: list[Claim], backend: Backend, config: ICMConfig | None
     def lane_work(lane: int) -> None:
         """Search batches on ``lane`` until none is left or another lane stops the run."""
         try:
-            pinned = lane if lanes > 1 else None  # one lane: requests spread over every server, as before
+            pinned = lane if lanes > 1 else None  # one lane: requests spread over every server
             scorer = make_scorer(backend, pinned) if labeller is None else None
             while True:
                 with lock:

@@ -34,43 +34,18 @@ from typing import Any, TypeVar
 import numpy as np
 
 from icm.backends import Backend
+from icm.config import PromptTemplate, ServerConfig
 from icm.data.candidates import Completion, GenerationStats
 from icm.data.claims import Claim
 from icm.data.console import console, progress_bar
 from icm.data.io import InputError, ServerError
 from icm.sampling import build_prompt, prompt_token_ids, truncate_at_stop
-from icm.scoring import PromptTemplate, _adds_bos, resolve_label_tokens
+from icm.scoring import _adds_bos, resolve_label_tokens
 
 TOP_LOGPROBS = 20
 """Logprobs asked for per scoring request: the paper's number, and vLLM's default maximum."""
 
 T = TypeVar("T")
-
-
-@dataclass
-class ServerConfig:
-    """Where the model is served and how to talk to it."""
-
-    base_urls: tuple[str, ...]
-    """OpenAI-compatible endpoints, e.g. ``http://127.0.0.1:8000/v1``; requests are spread over them."""
-    model: str
-    """The served model's name (``--model``)."""
-    tokenizer: str | None = None
-    """Local tokenizer of the served model (a ``--model`` spec: alias, directory, Hub id); default ``model``."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the API key (only its name is ever recorded)."""
-    concurrency: int = 16
-    """Requests in flight per server."""
-    timeout: float = 600.0
-    """Seconds per request before it is retried."""
-    retries: int = 6
-    """Retries per request (exponential backoff, 0.5 s doubling to 8 s) before the run stops."""
-
-    def __post_init__(self):
-        if not self.base_urls:
-            raise ValueError("give at least one --base-url")
-        if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0:
-            raise ValueError("concurrency >= 1, retries >= 0 and timeout > 0 are required")
 
 
 @dataclass
@@ -295,9 +270,9 @@ class ServerBackend(Backend):
         if warn:
             console.print(f"[yellow]warning:[/] {self.config.base_urls[0]} takes text prompts only and tokenizes the "
                           f"joined demonstrations (separator {separator!r}) into other tokens than the in-process "
-                          "scorer runs (log-odds moved by up to 0.45 on SmolLM2); serve the model with a server that "
+                          "scorer runs; serve the model with a server that "
                           "takes token-id prompts (vLLM, SGLang, llama.cpp's llama-server), or pass --separator '\\n' "
-                          "(measured to give the same tokens for SmolLM2)", highlight=False, soft_wrap=True)
+                          "(the same tokens for SmolLM2)", highlight=False, soft_wrap=True)
 
     def sample_completions(self, prompts: list[str], *, num_samples: int = 1, temperature: float = 0.0,
                            top_p: float = 1.0, max_new_tokens: int = 256, stop: Sequence[str] = (),

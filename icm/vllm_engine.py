@@ -15,35 +15,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from icm.backends import Backend
+from icm.config import VLLMConfig
 from icm.data.candidates import Completion, GenerationStats
 from icm.data.console import progress_bar
 from icm.data.io import InputError
 from icm.sampling import prompt_token_ids, truncate_at_stop
-
-
-@dataclass(frozen=True)
-class VLLMConfig:
-    """How ``vllm.LLM`` is started (its own keyword arguments of the same names)."""
-
-    tensor_parallel_size: int = 1
-    """GPUs the model is sharded over."""
-    gpu_memory_utilization: float = 0.9
-    """Share of each GPU's memory vLLM may take (weights, KV cache)."""
-    max_model_len: int | None = None
-    """Longest prompt plus completion; None: the model's own limit."""
-    dtype: str = "auto"
-    """Weights' dtype: auto, bfloat16, float16, float32."""
-
-    def __post_init__(self):
-        if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError("--tensor-parallel-size >= 1 and 0 < --gpu-memory-utilization <= 1 are required")
-
-
-VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def start_engine(model_spec: str, config: VLLMConfig) -> VLLMBackend:

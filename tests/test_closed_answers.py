@@ -9,9 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from icm.cli import app
+from icm.config import GenerationConfig
 from icm.consistency import build_constraints
 from icm.data.answers import check_extractor, closed_answers, extract_answer
-from icm.data.candidates import GenerationConfig, candidate_rows, enumerated_answers, swap_answer
+from icm.data.candidates import candidate_rows, enumerated_answers, swap_answer
 from icm.data.claims import answer_claims, claims_from_records
 from icm.data.io import read_records
 from icm.data.tasks import SENTIMENT_FILE, get_task, load_questions

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
+from icm.config import ICMConfig
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
 from icm.data.claims import Claim
-from icm.search import ICMConfig, metropolis_accept, temperature
+from icm.search import metropolis_accept, temperature
 
 
 def claims_for_one_question():

@@ -15,16 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 from icm.cli import app
+from icm.config import DPOTrainingConfig
 from icm.data.io import InputError, write_parquet
-from icm.dpo.training import (
-    DPOTrainingConfig,
-    PushError,
-    build_trainer,
-    load_pairs,
-    load_trained_model,
-    push_model,
-    train_dpo,
-)
+from icm.dpo.training import PushError, build_trainer, load_pairs, load_trained_model, push_model, train_dpo
 from icm.models import load_model, resolve_model
 
 PAIRS = [

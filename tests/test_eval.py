@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import icm.dpo.evaluation as evaluation
 from icm.cli import app
-from icm.data.tasks import DEFAULT_INSTRUCTION
-from icm.dpo.evaluation import EvalConfig, evaluate, paired_bootstrap
+from icm.config import DEFAULT_INSTRUCTION, EvalConfig
+from icm.dpo.evaluation import evaluate, paired_bootstrap
 from icm.models import load_model
 
 QUESTIONS = [

@@ -11,15 +11,9 @@ from typer.testing import CliRunner
 
 from icm.backends import InProcessBackend
 from icm.cli import app
+from icm.config import GenerationConfig
 from icm.data.answers import extract_answer
-from icm.data.candidates import (
-    Completion,
-    GenerationConfig,
-    GenerationStats,
-    candidate_rows,
-    diversity_report,
-    report_path,
-)
+from icm.data.candidates import Completion, GenerationStats, candidate_rows, diversity_report, report_path
 from icm.data.io import InputError, read_parquet_metadata, read_records
 from icm.data.tasks import Question, arithmetic_questions, load_questions, reference_answer
 from icm.generate import checkpoint_path, generate_candidates, generate_file

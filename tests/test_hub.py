@@ -110,7 +110,7 @@ def test_pairs_card_front_matter_and_content(tmp_path):
     assert "| label balance (True / False) | 7 / 5 |" in body
     assert "| pair correct (chosen correct and rejected wrong) | 100.0% |" in body
     assert "icm label claims.jsonl --token *** -o labels.parquet" in body
-    assert "icm pairs " in body and "--test-size 0.34" in body and 'load_dataset("me/icm-pairs")' in body
+    assert "icm pairs " in body and "--eval-size 0.34" in body and 'load_dataset("me/icm-pairs")' in body
     assert "conversational preference format" in body
     assert SECRET not in card
 

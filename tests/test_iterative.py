@@ -7,10 +7,11 @@ from typer.testing import CliRunner
 import icm.iterative as iterative_module
 from icm.backends import InProcessBackend
 from icm.cli import app
+from icm.config import ICMConfig, IterativeConfig
 from icm.data.claims import claims_from_records
-from icm.iterative import IterativeConfig, label_iteratively, split_batches
+from icm.iterative import label_iteratively, split_batches
 from icm.models import load_model
-from icm.search import ICMConfig, batch_labels
+from icm.search import batch_labels
 
 runner = CliRunner()
 

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from icm.cli import app
+from icm.config import PairsConfig
 from icm.data.io import InputError, read_parquet_metadata, write_parquet
 from icm.data.pairs import (
     BELOW_MARGIN,
@@ -21,7 +22,6 @@ from icm.data.pairs import (
     NO_TRUE,
     NOT_BEST,
     OVER_MAX,
-    PairsConfig,
     build_pairs,
     load_labels,
     split_pairs,

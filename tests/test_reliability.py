@@ -236,8 +236,9 @@ def test_well_formed_variants_are_read(tmp_path):
     ('{"format": 4, "fingerprint": "other", "done": {}, "current": {}}', "checkpoint was made with other claims"),
 ])
 def test_damaged_label_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path, content, message):
+    from icm.config import ICMConfig
     from icm.data.claims import claims_from_records
-    from icm.search import ICMConfig, fingerprint
+    from icm.search import fingerprint
 
     claims = tmp_path / "c.jsonl"
     claims.write_text(jsonl(*[CLAIM | {"choice": f"The answer is {k}.", "answer": str(k)} for k in range(4)]))
@@ -255,7 +256,7 @@ def test_damaged_label_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path, 
 
 
 def test_generate_checkpoint_of_another_version_or_settings_is_refused(tmp_path):
-    from icm.data.candidates import GenerationConfig
+    from icm.config import GenerationConfig
     from icm.data.tasks import arithmetic_questions
     from icm.generate import checkpoint_path, generate_file
 

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from icm.config import PromptTemplate
 from icm.data.claims import Claim
 from icm.models import load_model
-from icm.scoring import ClaimScorer, MutualPredictor, PromptTemplate, resolve_label_tokens
+from icm.scoring import ClaimScorer, MutualPredictor, resolve_label_tokens
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,11 @@
 import pytest
 
 from icm.backends import InProcessBackend
+from icm.config import ICMConfig
 from icm.data.claims import claims_from_records
 from icm.models import load_model
 from icm.scoring import ClaimScorer
-from icm.search import ICMConfig, ICMSearch, label_claims
+from icm.search import ICMSearch, label_claims
 from tests.test_label import arithmetic_claims
 
 

@@ -22,10 +22,11 @@ import pytest
 from typer.testing import CliRunner
 
 from icm.cli import app
+from icm.config import PromptTemplate, ServerConfig
 from icm.data.claims import claims_from_records
 from icm.models import ModelNotFoundError, _alias_gguf, float_gguf, load_model, load_tokenizer
-from icm.scoring import ClaimScorer, PromptTemplate
-from icm.server import ServerBackend, ServerConfig, connect
+from icm.scoring import ClaimScorer
+from icm.server import ServerBackend, connect
 
 runner = CliRunner()
 MODEL = "smollm2-135m"
@@ -143,7 +144,8 @@ def scores_both_ways(url: str, in_process,
     """(in-process, served) log-odds of 8 capital claims with no demonstrations and with 8 gold-labelled ones, and
     whether the text the server was sent tokenizes to the token ids the in-process scorer ran."""
     claims = claims_from_records(capital_claims(), "capitals")
-    backend, tokenizer = connect(ServerConfig(base_urls=(url,), model=MODEL, concurrency=4))
+    backend = connect(ServerConfig(base_urls=(url,), model=MODEL, concurrency=4))
+    tokenizer = backend.tokenizer
     try:
         assert not backend.token_prompts  # llama-cpp-python's server takes text prompts only
         remote = backend.scorer(claims, template, 512, 16)

@@ -13,14 +13,10 @@ from test_report import check_transfer_report
 from typer.testing import CliRunner
 
 from icm.cli import app
-from icm.data.candidates import GenerationConfig
+from icm.config import ARMS, DPOTrainingConfig, EvalConfig, GenerationConfig, ICMConfig, PairsConfig, TransferConfig
 from icm.data.io import read_parquet_metadata, read_records, write_parquet
-from icm.data.pairs import PairsConfig
 from icm.data.tasks import arithmetic_questions, load_questions
-from icm.dpo.evaluation import EvalConfig
-from icm.dpo.training import DPOTrainingConfig
-from icm.dpo.transfer import ARMS, TransferConfig, arms_table, random_labels, run_transfer, split_questions
-from icm.search import ICMConfig
+from icm.dpo.transfer import arms_table, random_labels, run_transfer, split_questions
 
 ARGS = ["--task", "arithmetic", "--limit", "5", "--eval-size", "2", "--num-candidates", "3", "--temperature", "1.0",
         "--max-new-tokens", "10", "--icm-iterations", "6", "--max-steps", "2", "--batch-size", "2",

@@ -15,13 +15,13 @@ import pytest
 from typer.testing import CliRunner
 
 from icm.cli import app
-from icm.data.candidates import GenerationConfig
+from icm.config import GenerationConfig, VLLMConfig
 from icm.data.io import InputError, read_records
 from icm.data.tasks import arithmetic_questions
 from icm.engines import load_backend
 from icm.generate import checkpoint_path, generate_file
 from icm.sampling import build_prompt
-from icm.vllm_engine import VLLMBackend, VLLMConfig
+from icm.vllm_engine import VLLMBackend
 
 
 class FakeLLM:
