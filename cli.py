@@ -293,7 +293,7 @@ def generate(
         server = VLLMConfig(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                             dtype=VLLM_DTYPES[dtype])
     report = generate_file(questions, output, model, gen_config, dtype=dtype, device=device, resume=resume,
-                           command=" ".join(["icm", *sys.argv[1:]]), server=server)
+                           command=" ".join(["icm", *sys.argv[1:]]), engine=server)
     console.print(report_table(report))
     result(f"wrote {report['claims']} claims to {output} (report: {report_path(output)})")
 
@@ -391,9 +391,9 @@ def label(
     command = shlex.join(["icm", *sys.argv[1:]])
     try:
         run = label_file(input, output, model, config, template=template, fields=fields_, run_dir=run_dir,
-                         resume=resume, overwrite=overwrite, dtype=dtype, generation=generation, claims=claims,
+                         resume=resume, overwrite=overwrite, dtype=dtype, generation=generation, claim_mode=claims,
                          answers=options, command=command, iterative=iterative_config,
-                         server=server_config(base_url, model, tokenizer, api_key_env, concurrency))
+                         engine=server_config(base_url, model, tokenizer, api_key_env, concurrency))
     except KeyboardInterrupt:
         print_error("interrupted: the search state is saved; rerun with --resume to continue")
         raise typer.Exit(130) from None

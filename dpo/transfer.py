@@ -215,7 +215,7 @@ def run_transfer(
                 write_fixed_labels(candidates, files["labels"], arm, config.seed)
             else:
                 label_file(candidates, files["labels"], labeller, config.icm, run_dir=files["label_run"],
-                           resume=True, dtype=config.dtype, claims=config.claims,
+                           resume=True, dtype=config.dtype, claim_mode=config.claims,
                            answers=closed_answers(config.generation.extractor), command=command or "",
                            zero_shot=arm == "zero_shot")
 

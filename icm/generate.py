@@ -114,13 +114,13 @@ def generate_file(
     resume: bool = False,
     command: str = "",
     progress: bool = True,
-    server: ServerConfig | VLLMConfig | None = None,
+    engine: ServerConfig | VLLMConfig | None = None,
 ) -> dict[str, Any]:
     """Generate candidates for ``questions`` with ``model_spec`` and write the claims Parquet ``output`` and
     its diversity report (``OUT.report.json``), both atomically. Finished samples are appended to
     ``OUT.partial.jsonl`` as they come, a batch at a time; with ``resume`` the batches completed there are not
     generated again, and since batch ``i`` is always seeded with ``seed + i``, the result is exactly that of an
-    uninterrupted run (a run killed at any moment included). ``server`` samples through OpenAI-compatible
+    uninterrupted run (a run killed at any moment included). ``engine`` samples through OpenAI-compatible
     servers serving ``model_spec`` (a ``ServerConfig``, ``icm.server``), checked before anything is written, or
     in vLLM's offline engine (a ``VLLMConfig``, ``icm.vllm_engine``). Returns the report."""
     from icm.engines import load_backend
@@ -134,11 +134,11 @@ def generate_file(
     ckpt = checkpoint_path(output)
     if ckpt.exists() and not resume:
         raise InputError(ckpt, "an interrupted run left this checkpoint: pass --resume to continue it, or delete it")
-    engine = "in-process" if server is None else type(server).__name__  # ServerConfig or VLLMConfig
-    fingerprint = _fingerprint(model_spec, config, by_id, dtype, device, engine)
+    kind = "in-process" if engine is None else type(engine).__name__  # ServerConfig or VLLMConfig
+    fingerprint = _fingerprint(model_spec, config, by_id, dtype, device, kind)
     order = {q.id: i for i, q in enumerate(questions)}
     done, lines = _load_checkpoint(ckpt, order, config, fingerprint) if resume and ckpt.exists() else ({}, [])
-    backend = load_backend(model_spec, server, dtype=dtype, device=device)
+    backend = load_backend(model_spec, engine, dtype=dtype, device=device)
     with atomic_path(ckpt) as tmp:  # only whole batches are kept: a line cut short by a kill goes
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     stats = GenerationStats()

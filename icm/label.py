@@ -69,9 +69,21 @@ def label_records(records: list[dict[str, Any]], backend: Backend, config: ICMCo
     summary. The gold column (``fields.label``) is read only to report accuracy after the fact.
     ``iterative`` labels batch by batch with a labeller fine-tuned as it goes (:mod:`icm.iterative`)."""
     fields = fields or ClaimFields()
+    results, summary = search_labels(claims_from_records(records, source, fields), backend, config,
+                                     gold=gold_labels(records, source, fields.label), template=template,
+                                     run_dir=run_dir, resume=resume, model_name=model_name,
+                                     show_progress=show_progress, iterative=iterative)
+    return [{**record, **result} for record, result in zip(records, results)], summary
+
+
+def search_labels(claims: list[Claim], backend: Backend, config: ICMConfig | None = None, *,
+                  gold: list[bool | None] | None = None, template: PromptTemplate | None = None,
+                  run_dir: Path | None = None, resume: bool = False, model_name: str = "", show_progress: bool = True,
+                  iterative: IterativeConfig | None = None) -> tuple[list[dict[str, Any]], dict]:
+    """The ICM search over ``claims`` with a progress display: one result per claim (``icm_label``,
+    ``icm_score``, ``icm_searched``) and the summary, with accuracy against ``gold`` when given (after the fact,
+    and in the progress bar for display only)."""
     config = config or ICMConfig()
-    claims: list[Claim] = claims_from_records(records, source, fields)
-    gold = gold_labels(records, source, fields.label)
     progress = Progress(TextColumn("[bold]ICM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), disable=not show_progress, console=console)
     task = progress.add_task("", total=None)
@@ -92,37 +104,42 @@ def label_records(records: list[dict[str, Any]], backend: Backend, config: ICMCo
         summary["gold_accuracy"] = accuracy(labels, gold)
         summary["gold_accuracy_searched"] = accuracy(searched, gold)
         summary["gold_true_share"] = float(np.mean([g for g in gold if g is not None]))
-    return [{**record, **result} for record, result in zip(records, results)], summary
+    return results, summary
 
 
-def candidate_labels(records: list[dict[str, Any]], formulated: AnswerClaims,
-                     claim_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Candidate rows with the labels of the answer claims that decide them (``icm_claim`` names the claim);
-    a candidate with no allowed answer is False, scored below every claim."""
-    floor = min((r["icm_score"] for r in claim_rows), default=0.0) - 1.0
+def candidate_labels(formulated: AnswerClaims, claim_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each candidate's result from the answer claim that decides it (``icm_claim`` names the claim); a candidate
+    with no allowed answer is False, scored below every claim."""
+    floor = min((r["icm_score"] for r in claim_results), default=0.0) - 1.0
     out = []
-    for record, link in zip(records, formulated.source):
+    for link in formulated.source:
         if link is None:
-            out.append({**record, "icm_label": False, "icm_score": floor, "icm_searched": False, "icm_claim": ""})
+            out.append({"icm_label": False, "icm_score": floor, "icm_searched": False, "icm_claim": ""})
             continue
-        claim = claim_rows[link[0]]
-        same = link[1]
-        out.append({**record, "icm_label": claim["icm_label"] == same,
+        claim, same = claim_results[link[0]], link[1]
+        out.append({"icm_label": claim["icm_label"] == same,
                     "icm_score": claim["icm_score"] if same else -claim["icm_score"],
-                    "icm_searched": claim["icm_searched"], "icm_claim": claim["choice"]})
+                    "icm_searched": claim["icm_searched"], "icm_claim": formulated.rows[link[0]]["choice"]})
     return out
 
 
 def zero_shot_records(records: list[dict[str, Any]], backend: Backend, config: ICMConfig | None = None, *,
                       template: PromptTemplate | None = None, fields: ClaimFields | None = None,
                       source: str | Path = "<input>") -> tuple[list[dict[str, Any]], dict]:
+    """:func:`zero_shot_labels` of claim rows; returns rows and a summary as :func:`label_records` does."""
+    fields = fields or ClaimFields()
+    results, summary = zero_shot_labels(claims_from_records(records, source, fields), backend, config,
+                                        gold=gold_labels(records, source, fields.label), template=template)
+    return [{**record, **result} for record, result in zip(records, results)], summary
+
+
+def zero_shot_labels(claims: list[Claim], backend: Backend, config: ICMConfig | None = None, *,
+                     gold: list[bool | None] | None = None,
+                     template: PromptTemplate | None = None) -> tuple[list[dict[str, Any]], dict]:
     """The zero-shot baseline of the paper: each claim's log-odds with no demonstrations, minus their mean
     (the collapse guard of ICM's ``balance="center"``; kept raw with ``"none"``), labelled True when above 0.
-    Returns rows and a summary as :func:`label_records` does; ``icm_searched`` is False everywhere."""
-    fields = fields or ClaimFields()
+    ``icm_searched`` is False everywhere."""
     config = config or ICMConfig()
-    claims = claims_from_records(records, source, fields)
-    gold = gold_labels(records, source, fields.label)
     started = time.monotonic()
     scorer = backend.scorer(claims, template, config.max_context_tokens, config.scoring_batch_size)
     scores = scorer.score(list(range(len(claims))), demos=())
@@ -135,31 +152,50 @@ def zero_shot_records(records: list[dict[str, Any]], backend: Backend, config: I
     if gold is not None:
         summary["gold_accuracy"] = accuracy(labels, gold)
         summary["gold_true_share"] = float(np.mean([g for g in gold if g is not None]))
-    results = [{"icm_label": y, "icm_score": float(z), "icm_searched": False} for y, z in zip(labels, scores)]
-    return [{**record, **result} for record, result in zip(records, results)], summary
+    return [{"icm_label": y, "icm_score": float(z), "icm_searched": False} for y, z in zip(labels, scores)], summary
+
+
+LABEL_COLUMNS = {"icm_label": pa.bool_(), "icm_score": pa.float64(), "icm_searched": pa.bool_(),
+                 "icm_claim": pa.string()}
+"""The columns ``icm label`` adds to its input (``icm_claim`` only for ``--claims answers`` / ``pivot``)."""
+
+
+def labels_table(records: list[dict[str, Any]], results: list[dict[str, Any]], source: str | Path) -> pa.Table:
+    """The input rows as a table with the typed label columns of ``results`` set (replacing input columns of the
+    same names in place, else appended)."""
+    try:
+        table = pa.Table.from_pylist(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise InputError(source, f"columns with mixed types cannot be written to Parquet ({error})") from None
+    for name, kind in LABEL_COLUMNS.items():
+        if results and name in results[0]:
+            column = pa.array([r[name] for r in results], kind)
+            table = table.set_column(table.column_names.index(name), name, column) if name in table.column_names \
+                else table.append_column(name, column)
+    return table
 
 
 def label_file(input_path: str | Path, output: str | Path, model_spec: str, config: ICMConfig | None = None, *,
                template: PromptTemplate | None = None, fields: ClaimFields | None = None,
                run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = True, dtype: str = "auto",
                generation: GenerationConfig | None = None, answer_field: str = "answer",
-               claims: str = "candidates", answers: tuple[str, ...] | None = None,
+               claim_mode: str = "candidates", answers: tuple[str, ...] | None = None,
                command: str = "", zero_shot: bool = False, iterative: IterativeConfig | None = None,
-               server: ServerConfig | None = None) -> dict[str, Any]:
+               engine: ServerConfig | None = None) -> dict[str, Any]:
     """Label a claims file end to end. Input is validated before the model loads; the output Parquet
     and run.json are written atomically at the end, so a failure never leaves a half-written file.
 
     A file of questions (no ``choice`` column) is first turned into candidate claims by sampling
     ``generation.num_candidates`` solutions per question from the same model (as ``icm generate`` does).
 
-    ``claims`` says what the search labels: ``candidates`` (each row is a claim, as given), or claims about the
+    ``claim_mode`` says what the search labels: ``candidates`` (each row is a claim, as given), or claims about the
     candidates' final answers (``answers`` or ``pivot``, see :func:`data.claims.answer_claims`; ``answers`` is
     the closed answer set when there is one), whose labels are then copied back to the candidate rows.
 
     An existing ``output`` is replaced only with ``overwrite`` (or continued with ``resume``).
 
-    ``zero_shot=True`` labels with :func:`zero_shot_records` (the baseline) instead of the ICM search;
-    ``iterative`` with iterative ICM (:mod:`icm.iterative`). ``server`` scores (and samples) through
+    ``zero_shot=True`` labels with :func:`zero_shot_labels` (the baseline) instead of the ICM search;
+    ``iterative`` with iterative ICM (:mod:`icm.iterative`). ``engine`` scores (and samples) through
     OpenAI-compatible servers serving ``model_spec`` (:mod:`icm.server`) instead of loading the model here;
     the servers are checked before anything is written."""
     from icm.engines import load_backend
@@ -171,71 +207,66 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     check_output(output, input_path)
     if run_dir is not None:
         check_output(run_dir, input_path, directory=True)
-    if answers is None and claims != "candidates" and Path(input_path).suffix == ".parquet":
+    if answers is None and claim_mode != "candidates" and Path(input_path).suffix == ".parquet":
         answers = closed_answers(read_parquet_metadata(input_path).get("config", {}).get("extractor", "auto"))
     try:
-        check_claim_mode(claims, answers)
+        check_claim_mode(claim_mode, answers)
     except ValueError as error:
         raise InputError(input_path, str(error)) from None
     questions = None
     if not any(fields.choice in r for r in records):
         questions = load_questions(str(input_path), question_field=fields.question, answer_field=answer_field)
-    else:
-        claims_from_records(records, input_path, fields)  # fail fast, before loading a model
-        gold_labels(records, input_path, fields.label)
     output = Path(output)
+    run_dir = run_dir_for(output, run_dir)
+
+    def formulate() -> tuple[AnswerClaims | None, list[Claim], list[bool | None] | None]:
+        """What the search labels (parsed once, before any model loads when the input holds claims) and its gold."""
+        formulated = answer_claims(records, claim_mode, answers) if claim_mode != "candidates" else None
+        claim_records, claim_fields = (formulated.rows, ClaimFields()) if formulated else (records, fields)
+        return (formulated, claims_from_records(claim_records, input_path, claim_fields),
+                gold_labels(claim_records, input_path, claim_fields.label))
+
+    if questions is None:
+        gold = gold_labels(records, input_path, fields.label)
+        formulated, claims, claims_gold = formulate()
+        if resume and not zero_shot and iterative is None:  # a damaged checkpoint: reported before the model loads
+            Checkpoint(run_dir, fingerprint(claims, config, model_spec)).load()
     if output.exists() and not (resume or overwrite):
         raise InputError(output, "labels already exist; pass --overwrite to replace them, or --resume to continue "
                          "an interrupted run")
-    run_dir = run_dir_for(output, run_dir)
-
-    def formulate() -> tuple[AnswerClaims | None, list[dict[str, Any]], ClaimFields]:
-        formulated = answer_claims(records, claims, answers) if claims != "candidates" else None
-        return (formulated, formulated.rows, ClaimFields()) if formulated else (None, records, fields)
-
-    if questions is None:
-        formulated, claim_records, claim_fields = formulate()
-        if resume and not zero_shot and iterative is None:  # a damaged checkpoint: reported before the model loads
-            Checkpoint(run_dir, fingerprint(claims_from_records(claim_records, input_path, claim_fields), config,
-                                            model_spec)).load()
-    if server is not None and iterative is not None:
+    if engine is not None and iterative is not None:
         raise InputError("--iterative", "fine-tunes the labeller in this process; it cannot run with --base-url")
     started = time.time()
-    backend = load_backend(model_spec, server, dtype=dtype)
+    backend = load_backend(model_spec, engine, dtype=dtype)
     run_dir.mkdir(parents=True, exist_ok=True)
     generation_report = None
     if questions is not None:
         generation = generation or GenerationConfig(seed=config.seed)
         records, generation_report = generate_candidates(questions, backend, generation, model_spec)
         fields = ClaimFields()
-        formulated, claim_records, claim_fields = formulate()
+        gold = gold_labels(records, input_path, fields.label)
+        formulated, claims, claims_gold = formulate()
     if zero_shot:
-        rows, summary = zero_shot_records(claim_records, backend, config, template=template,
-                                          fields=claim_fields, source=input_path)
+        results, summary = zero_shot_labels(claims, backend, config, gold=claims_gold, template=template)
     else:
-        rows, summary = label_records(claim_records, backend, config, template=template, fields=claim_fields,
-                                      run_dir=run_dir, resume=resume, model_name=model_spec, source=input_path,
-                                      iterative=iterative)
-    if formulated:
-        write_json(run_dir / "claims.json", rows)  # what was labelled, before the copy to the candidates
-        rows = candidate_labels(records, formulated, rows)
+        results, summary = search_labels(claims, backend, config, gold=claims_gold, template=template,
+                                         run_dir=run_dir, resume=resume, model_name=model_spec, iterative=iterative)
+    if formulated:  # what was labelled, before the copy to the candidates
+        write_json(run_dir / "claims.json", [{**row, **r} for row, r in zip(formulated.rows, results)])
+        results = candidate_labels(formulated, results)
         summary["answer_claims"] = len(formulated.rows)
-        if (gold := gold_labels(records, input_path, fields.label)) is not None:
+        if gold is not None:
             summary["claims_gold_accuracy"] = summary.get("gold_accuracy")
-            summary["gold_accuracy"] = accuracy([r["icm_label"] for r in rows], gold)
-        summary["true_share"] = float(np.mean([r["icm_label"] for r in rows]))
+            summary["gold_accuracy"] = accuracy([r["icm_label"] for r in results], gold)
+        summary["true_share"] = float(np.mean([r["icm_label"] for r in results]))
     run = {"model": model_spec, "input": str(input_path), "output": str(output), "command": command,
-           "claims_mode": claims,
+           "claims_mode": claim_mode,
            "generation": generation_report,
            "template": asdict(template), "config": asdict(config), "seed": config.seed,
            "gold_accuracy": summary.get("gold_accuracy"), "seconds": time.time() - started,
            "backend": backend.report(), **summary}
     metadata = {k: run[k] for k in ("model", "template", "config", "seed", "command", "gold_accuracy")}
     metadata["true_share"] = summary["true_share"]
-    try:
-        table = pa.Table.from_pylist(rows)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise InputError(input_path, f"columns with mixed types cannot be written to Parquet ({error})") from None
-    write_parquet(output, table, metadata)
+    write_parquet(output, labels_table(records, results, input_path), metadata)
     write_json(run_dir / "run.json", run)
     return run

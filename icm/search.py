@@ -333,98 +333,113 @@ def label_claims(claims: list[Claim], backend: Backend, config: ICMConfig | None
     that differs, so the labels are those of a sequential run. One lane (in-process, one server, a labeller, or a
     single batch left): one batch after another in this thread."""
     config = config or ICMConfig()
-
-    def make_scorer(searcher: Backend, lane: int | None = None) -> Scorer:
-        return searcher.scorer(claims, template, config.max_context_tokens, config.scoring_batch_size,
-                               prefix_versions=2 if config.reuse_scores else 1, lane=lane)
-
     batches = batches or make_batches(claims, config.batch_size, config.seed)
     checkpoint = Checkpoint(run_dir, fingerprint(claims, config, model_name))
     if resume:
         checkpoint.load()
     elif run_dir and checkpoint.path.exists():
         checkpoint.path.unlink()
-    todo = [b for b in range(len(batches)) if str(b) not in checkpoint.done]
-    lanes = 1 if labeller is not None else max(1, min(backend.lanes, len(todo)))
-    pending = iter(todo)
-    lock, stop = threading.Lock(), threading.Event()  # the lock guards checkpoint, running, pending and errors
-    running: dict[int, tuple[int, int]] = {}  # batch -> (steps done, steps in all), for the progress display
-    errors: list[BaseException] = []
     started = time.monotonic()
+    _Lanes(claims, batches, backend, config, template, checkpoint, progress, labeller).run()
+    return _collect(claims, checkpoint.done, time.monotonic() - started)
 
-    def search_batch(b: int, scorer: Scorer, lane: int | None) -> None:
-        tokens = (scorer.forward_tokens, scorer.uncached_tokens)
-        search = ICMSearch(scorer, batches[b], config, batch_index=b)
+
+class _Lanes:
+    """Searches the batches not yet in ``checkpoint`` on the backend's lanes (threads), checkpointing every step;
+    the first error (a Ctrl-C, a server gone) stops every lane after its last finished step is saved."""
+
+    def __init__(self, claims: list[Claim], batches: list[list[int]], backend: Backend, config: ICMConfig, template,
+                 checkpoint: Checkpoint, progress: Callable[[dict[str, Any]], None] | None,
+                 labeller: Callable[[int, dict[str, dict[str, Any]]], Backend] | None):
+        self.claims, self.batches, self.backend, self.config, self.template = claims, batches, backend, config, template
+        self.checkpoint, self.progress, self.labeller = checkpoint, progress, labeller
+        todo = [b for b in range(len(batches)) if str(b) not in checkpoint.done]
+        self.lanes = 1 if labeller is not None else max(1, min(backend.lanes, len(todo)))
+        self.pending = iter(todo)
+        self.lock, self.stop = threading.Lock(), threading.Event()  # lock: checkpoint, running, pending, errors
+        self.running: dict[int, tuple[int, int]] = {}  # batch -> (steps done, steps in all), for the progress display
+        self.errors: list[BaseException] = []
+
+    def scorer(self, searcher: Backend, lane: int | None = None) -> Scorer:
+        config = self.config
+        return searcher.scorer(self.claims, self.template, config.max_context_tokens, config.scoring_batch_size,
+                               prefix_versions=2 if config.reuse_scores else 1, lane=lane)
+
+    def run(self) -> None:
+        helpers = [threading.Thread(target=self.work, args=(k,), name=f"icm-lane-{k}", daemon=True)
+                   for k in range(1, self.lanes)]
+        for thread in helpers:
+            thread.start()
+        self.work(0)  # in this thread, where a Ctrl-C lands
+        try:
+            for thread in helpers:
+                thread.join()
+        except BaseException as error:  # Ctrl-C while the other lanes finish
+            self.errors.append(error)
+            self.stop.set()
+            for thread in helpers:
+                thread.join()
+        if self.errors:
+            self.checkpoint.save(force=True)
+            raise self.errors[0]
+
+    def work(self, lane: int) -> None:
+        """Search batches on ``lane`` until none is left or another lane stops the run."""
+        try:
+            pinned = lane if self.lanes > 1 else None  # one lane: requests spread over every server
+            scorer = self.scorer(self.backend, pinned) if self.labeller is None else None
+            while True:
+                with self.lock:
+                    b = None if self.stop.is_set() else next(self.pending, None)
+                if b is None:
+                    return
+                searcher = self.scorer(self.labeller(b, self.checkpoint.done)) if self.labeller else scorer
+                self.search(b, searcher, pinned)
+        except _Stopped:
+            pass
+        except BaseException as error:  # Ctrl-C, a server gone: every lane's last finished step is kept
+            with self.lock:
+                self.errors.append(error)
+            self.stop.set()
+
+    def search(self, b: int, scorer: Scorer, lane: int | None) -> None:
+        """Search batch ``b`` (from its checkpointed state, if any) and record it as done."""
+        checkpoint, tokens = self.checkpoint, (scorer.forward_tokens, scorer.uncached_tokens)
+        search = ICMSearch(scorer, self.batches[b], self.config, batch_index=b)
         steps = search.iterations + search.polish_iterations
-        with lock:
+        with self.lock:
             state = checkpoint.current.get(b)
-            running[b] = (state.iteration if state else 0, steps)
-
-        def on_step(s: BatchState) -> None:
-            with lock:
-                checkpoint.current[b] = snapshot = s.copy()
-                running[b] = (s.iteration, steps)
-                checkpoint.save()
-                info = {"batch": b, "batches": len(batches), "iteration": s.iteration, "iterations": steps,
-                        "utility": s.trajectory[-1], "labels": snapshot.labels,
-                        "acceptance": s.accepted / max(s.proposals, 1), "done": len(checkpoint.done),
-                        "running": dict(running)}
-            if stop.is_set():
-                raise _Stopped
-            if progress:
-                progress(info)
-
-        state, z = search.run(state, on_step)
+            self.running[b] = (state.iteration if state else 0, steps)
+        state, z = search.run(state, lambda s: self.on_step(b, s, steps))
         entry = {
-            "labels": {str(i): y for i, y in state.labels.items()}, "scores": {str(i): z[i] for i in batches[b]},
+            "labels": {str(i): y for i, y in state.labels.items()}, "scores": {str(i): z[i] for i in self.batches[b]},
             "trajectory": state.trajectory, "proposals": state.proposals, "accepted": state.accepted,
             "iterations": state.iteration, "inconsistencies": search.index.count(state.labels),
             "checks": state.checks, "disagreements": state.disagreements,
             "constraints": len(search.index.constraints), "outcomes": state.outcomes,
             "forward_tokens": scorer.forward_tokens - tokens[0], "uncached_tokens": scorer.uncached_tokens - tokens[1],
         }
-        with lock:
+        with self.lock:
             checkpoint.done[str(b)] = entry
             checkpoint.current.pop(b, None)
-            running.pop(b, None)
+            self.running.pop(b, None)
             checkpoint.save(force=True)
-        backend.batch_done(lane)
+        self.backend.batch_done(lane)
 
-    def lane_work(lane: int) -> None:
-        """Search batches on ``lane`` until none is left or another lane stops the run."""
-        try:
-            pinned = lane if lanes > 1 else None  # one lane: requests spread over every server
-            scorer = make_scorer(backend, pinned) if labeller is None else None
-            while True:
-                with lock:
-                    b = None if stop.is_set() else next(pending, None)
-                if b is None:
-                    return
-                search_batch(b, make_scorer(labeller(b, checkpoint.done)) if labeller else scorer, pinned)
-        except _Stopped:
-            pass
-        except BaseException as error:  # Ctrl-C, a server gone: every lane's last finished step is kept
-            with lock:
-                errors.append(error)
-            stop.set()
-
-    helpers = [threading.Thread(target=lane_work, args=(k,), name=f"icm-lane-{k}", daemon=True)
-               for k in range(1, lanes)]
-    for thread in helpers:
-        thread.start()
-    lane_work(0)  # in this thread, where a Ctrl-C lands
-    try:
-        for thread in helpers:
-            thread.join()
-    except BaseException as error:  # Ctrl-C while the other lanes finish
-        errors.append(error)
-        stop.set()
-        for thread in helpers:
-            thread.join()
-    if errors:
-        checkpoint.save(force=True)
-        raise errors[0]
-    return _collect(claims, checkpoint.done, time.monotonic() - started)
+    def on_step(self, b: int, s: BatchState, steps: int) -> None:
+        """After each step of batch ``b``: checkpoint it, show it, and stop if another lane failed."""
+        with self.lock:
+            self.checkpoint.current[b] = snapshot = s.copy()
+            self.running[b] = (s.iteration, steps)
+            self.checkpoint.save()
+            info = {"batch": b, "batches": len(self.batches), "iteration": s.iteration, "iterations": steps,
+                    "utility": s.trajectory[-1], "labels": snapshot.labels,
+                    "acceptance": s.accepted / max(s.proposals, 1), "done": len(self.checkpoint.done),
+                    "running": dict(self.running)}
+        if self.stop.is_set():
+            raise _Stopped
+        if self.progress:
+            self.progress(info)
 
 
 def batch_labels(batch: dict[str, Any]) -> dict[int, bool]:

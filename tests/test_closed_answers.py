@@ -90,7 +90,7 @@ def test_answer_claims_modes_and_the_map_back_to_candidates():
     # One pivot claim per question decides all its candidates; "hmm" states no answer and is False.
     labelled = [{**r, "icm_label": y, "icm_score": s, "icm_searched": True}
                 for r, y, s in zip(pivot.rows, [True, False], [2.0, -1.5])]
-    out = candidate_labels(rows, pivot, labelled)
+    out = [{**row, **result} for row, result in zip(rows, candidate_labels(pivot, labelled))]
     assert [(r["choice"], r["icm_label"], r["icm_score"]) for r in out] == [
         ("Positive.", True, 2.0), ("Negative.", False, -2.0), ("Positive!", False, -1.5), ("hmm", False, -2.5),
         ("Negative!", True, 1.5)]

@@ -95,7 +95,7 @@ def test_generate_file_resumes_with_the_uninterrupted_samples(tiny_model_dir, fa
     questions = arithmetic_questions(4)
     config = GenerationConfig(num_candidates=2, max_new_tokens=8, batch_size=2, temperature=1.0)
     whole = tmp_path / "whole.parquet"
-    generate_file(questions, whole, tiny_model_dir, config, progress=False, server=VLLMConfig())
+    generate_file(questions, whole, tiny_model_dir, config, progress=False, engine=VLLMConfig())
     records = read_records(whole)
     assert {r["consistency_id"] for r in records} == set(range(4))
 
@@ -109,13 +109,13 @@ def test_generate_file_resumes_with_the_uninterrupted_samples(tiny_model_dir, fa
     FakeLLM.generate = third_call_interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
-            generate_file(questions, cut, tiny_model_dir, config, progress=False, server=VLLMConfig())
+            generate_file(questions, cut, tiny_model_dir, config, progress=False, engine=VLLMConfig())
     finally:
         FakeLLM.generate = original
     assert not cut.exists() and len(checkpoint_path(cut).read_text().splitlines()) == 4  # two batches kept
     with pytest.raises(InputError, match="other questions, model or settings"):  # samples of another engine
         generate_file(questions, cut, tiny_model_dir, config, progress=False, resume=True)
-    generate_file(questions, cut, tiny_model_dir, config, progress=False, resume=True, server=VLLMConfig())
+    generate_file(questions, cut, tiny_model_dir, config, progress=False, resume=True, engine=VLLMConfig())
     assert len(fake_vllm.instances[-1].calls) == 2  # only the two unfinished batches were sampled
     assert read_records(cut) == records and not checkpoint_path(cut).exists()
 
