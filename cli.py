@@ -30,12 +30,14 @@ from icm.config import (
     Generator,
     ICMConfig,
     IterativeConfig,
+    LabelMethod,
     LabelSpace,
     PairFormat,
     PairsConfig,
     PairStrategy,
     PromptTemplate,
     ServerConfig,
+    SourceConfig,
     Stage,
     TransferConfig,
     VLLMConfig,
@@ -53,6 +55,7 @@ app = RecipeTyper(add_completion=False, no_args_is_help=True, help=__doc__.split
 
 IO, MODEL, SERVER, HUB = "Input and output", "Model", "Inference server", "Hugging Face Hub"
 PANELS = {GenerationConfig: "Sampling", PromptTemplate: "ICM search", ICMConfig: "ICM search",
+          SourceConfig: "Label-free alternatives",
           IterativeConfig: "Iterative ICM", PairsConfig: "Pairs", DPOTrainingConfig: "DPO training",
           EvalConfig: "Evaluation", TransferConfig: "Run", ServerConfig: SERVER, VLLMConfig: "vLLM engine"}
 TRANSFER_DEFAULTS = TransferConfig()
@@ -199,7 +202,8 @@ TRANSFER_SECTIONS = {
                  "enumerate_answers": "enumerate_answers", "batch_size": "generation_batch_size"},
     "label": {"claims": "claims", "iterations": "icm_iterations", "polish_iterations": "polish_iterations",
               "batch_size": "icm_batch_size", "alpha": "alpha", "exact_every": "exact_every",
-              "check_every": "check_every", "demo_order": "demo_order"},
+              "check_every": "check_every", "demo_order": "demo_order", "vote_samples": "vote_samples",
+              "vote_temperature": "vote_temperature"},
     "pairs": {"strategy": "pairs_strategy", "max_per_question": "max_per_question"},
     "dpo": {"lora": "lora", "beta": "beta", "learning_rate": "learning_rate", "epochs": "epochs",
             "max_steps": "max_steps", "batch_size": "batch_size", "max_length": "max_length",
@@ -342,6 +346,9 @@ def label(
     label_space: LabelSpace = option(PromptTemplate, "space", "--label-space"),
     separator: str = option(PromptTemplate, "separator", help=field_help(PromptTemplate, "separator")
                             + " Python escapes are read (\\n)."),
+    method: LabelMethod = option(SourceConfig, "method"),
+    vote_samples: int = option(SourceConfig, "vote_samples", min=1),
+    vote_temperature: float | None = option(SourceConfig, "vote_temperature", min=0.0),
     claims: ClaimMode = option(TransferConfig, "claims", rich_help_panel="ICM search"),
     answers: str | None = typer.Option(None, help="Closed answer set 'a|b' for --claims answers/pivot [default: the "
                                        "extractor `icm generate` used].", rich_help_panel="ICM search"),
@@ -384,6 +391,7 @@ def label(
         generation = GenerationConfig(num_candidates=num_candidates, temperature=temperature,
                                       max_new_tokens=max_new_tokens, seed=seed)
         options = closed_answers(answers) if answers else None
+        sources = SourceConfig(method=method, vote_samples=vote_samples, vote_temperature=vote_temperature)
     except ValueError as error:
         fail(str(error))
     fields_ = ClaimFields(question=question_field, choice=choice_field, choice_2=choice_2_field,
@@ -392,20 +400,23 @@ def label(
     try:
         run = label_file(input, output, model, config, template=template, fields=fields_, run_dir=run_dir,
                          resume=resume, overwrite=overwrite, dtype=dtype, generation=generation, claim_mode=claims,
-                         answers=options, command=command, iterative=iterative_config,
+                         answers=options, command=command, sources=sources,
+                         iterative=iterative_config,
                          engine=server_config(base_url, model, tokenizer, api_key_env, concurrency))
     except KeyboardInterrupt:
         print_error("interrupted: the search state is saved; rerun with --resume to continue")
         raise typer.Exit(130) from None
-    gold = run.get("gold_accuracy")
+    gold, searched = run.get("gold_accuracy"), method == "icm"
     console.print(summary_table("icm label", {
-        "model": run["model"], "claims": f"{run['claims']} ({run['searched']} searched)",
-        "labels": f"{run['true_share']:.0%} True", "inconsistencies": run["inconsistencies"],
-        "acceptance": f"{run['acceptance_rate']:.0%}", "gold accuracy": f"{gold:.1%}" if gold is not None else None,
+        "model": run["model"], "method": method, "claims": f"{run['claims']} ({run['searched']} searched)",
+        "labels": f"{run['true_share']:.0%} True", "inconsistencies": run["inconsistencies"] if searched else None,
+        "acceptance": f"{run['acceptance_rate']:.0%}" if searched else None,
+        "gold accuracy": f"{gold:.1%}" if gold is not None else None,
         "time": f"{run['seconds']:.0f} s", "labels file": output, "run directory": run_dir_for(output, run_dir)}))
-    result(f"labelled {run['claims']} claims ({run['searched']} searched), True share {run['true_share']:.0%}, "
-           f"inconsistencies {run['inconsistencies']}, acceptance {run['acceptance_rate']:.0%}"
-           + (f", gold accuracy {gold:.1%}" if gold is not None else "") + f" -> {output}")
+    search = f", inconsistencies {run['inconsistencies']}, acceptance {run['acceptance_rate']:.0%}" if searched else ""
+    result(f"labelled {run['claims']} claims by {method} ({run['searched']} searched), True share "
+           f"{run['true_share']:.0%}{search}" + (f", gold accuracy {gold:.1%}" if gold is not None else "")
+           + f" -> {output}")
     if push_to_hub:
         _push_or_exit({"train": output}, push_to_hub, private=private, revision=revision, license=license,
                       source=output)
@@ -688,6 +699,8 @@ def transfer(
     exact_every: int = option(TransferConfig, "icm.exact_every", min=1),
     check_every: int = option(TransferConfig, "icm.check_every", min=1),
     demo_order: DemoOrder = option(TransferConfig, "icm.demo_order"),
+    vote_samples: int = option(TransferConfig, "sources.vote_samples", min=1),
+    vote_temperature: float | None = option(TransferConfig, "sources.vote_temperature", min=0.0),
     pairs_strategy: PairStrategy = option(TransferConfig, "pairs.strategy", "--pairs-strategy"),
     max_per_question: int | None = option(TransferConfig, "pairs.max_per_question", min=1),
     lora: bool = option(TransferConfig, "dpo.lora", "--lora/--no-lora"),
@@ -726,6 +739,7 @@ def transfer(
             icm=ICMConfig(iterations=icm_iterations, polish_iterations=polish_iterations, batch_size=icm_batch_size,
                           alpha=alpha, seed=seed, exact_every=exact_every, check_every=check_every,
                           demo_order=demo_order),
+            sources=SourceConfig(vote_samples=vote_samples, vote_temperature=vote_temperature),
             pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, seed=seed),
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length,

@@ -23,7 +23,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,10 +214,10 @@ def run_transfer(
             if arm in ("gold", "random"):
                 write_fixed_labels(candidates, files["labels"], arm, config.seed)
             else:
-                label_file(candidates, files["labels"], labeller, config.icm, run_dir=files["label_run"],
-                           resume=True, dtype=config.dtype, claim_mode=config.claims,
+                label_file(candidates, files["labels"], policy if arm == "confidence" else labeller, config.icm,
+                           run_dir=files["label_run"], resume=True, dtype=config.dtype, claim_mode=config.claims,
                            answers=closed_answers(config.generation.extractor), command=command or "",
-                           zero_shot=arm == "zero_shot")
+                           sources=replace(config.sources, method=arm))
 
         plan = {
             "label": (files["labels"], label),

@@ -7,6 +7,7 @@ records them. Nothing heavy is imported here, so ``icm --help`` stays fast.
 - :class:`GenerationConfig`: how candidates are sampled (``icm generate``).
 - :class:`PromptTemplate`, :class:`ICMConfig`, :class:`IterativeConfig`: how claims are written and searched
   (``icm label``).
+- :class:`SourceConfig`: the label-free alternatives to ICM (``icm label --method``).
 - :class:`PairsConfig`: how labels become preference pairs (``icm pairs``).
 - :class:`DPOTrainingConfig`: DPO training (``icm dpo``); :class:`EvalConfig`: evaluation (``icm eval``).
 - :class:`TransferConfig`: the whole loop (``icm transfer``), each stage's config nested.
@@ -28,7 +29,8 @@ LabelSpace = Literal["auto", "label", "prompt"]
 PairStrategy = Literal["all", "best-margin"]
 PairFormat = Literal["standard", "conversational"]
 Generator = Literal["policy", "labeller"]
-Arm = Literal["icm", "gold", "random", "zero_shot"]
+LabelMethod = Literal["icm", "zero_shot", "majority", "judge", "confidence"]
+Arm = Literal["icm", "gold", "random", "zero_shot", "majority", "judge", "confidence"]
 Stage = Literal["eval_before", "generate", "label", "pairs", "dpo", "eval_after"]
 
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -36,6 +38,7 @@ CLAIM_MODES: tuple[str, ...] = get_args(ClaimMode)
 DEMO_ORDERS: tuple[str, ...] = get_args(DemoOrder)
 STRATEGIES: tuple[str, ...] = get_args(PairStrategy)
 FORMATS: tuple[str, ...] = get_args(PairFormat)
+LABEL_METHODS: tuple[str, ...] = get_args(LabelMethod)
 ARMS: tuple[str, ...] = get_args(Arm)
 STAGES: tuple[str, ...] = get_args(Stage)  # in the order they run
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -206,6 +209,26 @@ class IterativeConfig:
 
 
 @dataclass
+class SourceConfig:
+    """Where labels come from: the ICM search, its zero-shot baseline, or a label-free alternative
+    (``icm.sources``: majority vote, the model as a judge, confidence)."""
+
+    method: LabelMethod = setting("icm", "How to label: icm (the search), zero_shot (the model without "
+                                  "demonstrations), or a label-free alternative: majority (the model's majority vote "
+                                  "over sampled answers), judge (the model asked whether each candidate is correct), "
+                                  "confidence (the model's own log-probability of each candidate; give the policy "
+                                  "as --model).")
+    vote_samples: int = setting(8, "majority: answers the labeller samples per question.")
+    vote_temperature: float | None = setting(None, "majority: their sampling temperature [default: the "
+                                             "candidates' generation temperature].")
+
+    def __post_init__(self) -> None:
+        _choose("method", self.method, LABEL_METHODS)
+        if self.vote_samples < 1 or (self.vote_temperature is not None and self.vote_temperature < 0):
+            raise ValueError("vote_samples must be >= 1 and vote_temperature >= 0")
+
+
+@dataclass
 class PairsConfig:
     """How ICM labels become preference pairs (``icm pairs``)."""
 
@@ -341,9 +364,11 @@ class TransferConfig:
     pairs: PairsConfig = setting(factory=PairsConfig)
     dpo: DPOTrainingConfig = setting(factory=DPOTrainingConfig)
     eval: EvalConfig = setting(factory=lambda: EvalConfig(batch_size=16))
+    sources: SourceConfig = setting(factory=SourceConfig)
     arms: tuple[Arm, ...] = setting(("icm",), "Labels to train the policy on, one policy each, comma-separated: icm, "
                                     "gold (ceiling), random (control), zero_shot (the labeller without "
-                                    "demonstrations).")
+                                    "demonstrations), majority (the labeller's majority vote), judge (the "
+                                    "labeller as a judge), confidence (the policy's own confidence).")
 
     def __post_init__(self) -> None:
         self.arms = tuple(self.arms)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,14 @@ import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from icm.backends import Backend
-from icm.config import GenerationConfig, ICMConfig, IterativeConfig, PromptTemplate, check_claim_mode
+from icm.config import (
+    GenerationConfig,
+    ICMConfig,
+    IterativeConfig,
+    PromptTemplate,
+    SourceConfig,
+    check_claim_mode,
+)
 from icm.data.answers import closed_answers
 from icm.data.claims import AnswerClaims, Claim, ClaimFields, answer_claims, claims_from_records, gold_labels
 from icm.data.console import console
@@ -28,6 +36,7 @@ from icm.data.tasks import load_questions
 from icm.generate import generate_candidates
 from icm.iterative import label_iteratively
 from icm.search import Checkpoint, fingerprint, label_claims
+from icm.sources import confidence_labels, judge_labels, majority_labels
 
 if TYPE_CHECKING:
     from icm.config import ServerConfig
@@ -180,8 +189,8 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
                run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = True, dtype: str = "auto",
                generation: GenerationConfig | None = None, answer_field: str = "answer",
                claim_mode: str = "candidates", answers: tuple[str, ...] | None = None,
-               command: str = "", zero_shot: bool = False, iterative: IterativeConfig | None = None,
-               engine: ServerConfig | None = None) -> dict[str, Any]:
+               command: str = "", sources: SourceConfig | None = None,
+               iterative: IterativeConfig | None = None, engine: ServerConfig | None = None) -> dict[str, Any]:
     """Label a claims file end to end. Input is validated before the model loads; the output Parquet
     and run.json are written atomically at the end, so a failure never leaves a half-written file.
 
@@ -194,13 +203,18 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
 
     An existing ``output`` is replaced only with ``overwrite`` (or continued with ``resume``).
 
-    ``zero_shot=True`` labels with :func:`zero_shot_labels` (the baseline) instead of the ICM search;
-    ``iterative`` with iterative ICM (:mod:`icm.iterative`). ``engine`` scores (and samples) through
-    OpenAI-compatible servers serving ``model_spec`` (:mod:`icm.server`) instead of loading the model here;
-    the servers are checked before anything is written."""
+    ``sources.method`` is ``icm`` (the search), ``zero_shot`` (:func:`zero_shot_labels`, the paper's baseline) or one of
+    the label-free alternatives of :mod:`icm.sources` (``majority``, ``judge``, ``confidence``: they label the
+    candidates themselves, whatever ``claim_mode``, with the settings in ``sources``; ``generation``, or the
+    input's own ``icm generate`` settings when it has them, says how the candidates were prompted and their
+    answers extracted). ``iterative`` labels with iterative ICM (:mod:`icm.iterative`). ``engine`` scores (and
+    samples) through OpenAI-compatible servers serving ``model_spec`` (:mod:`icm.server`) instead of loading the
+    model here; the servers are checked before anything is written."""
     from icm.engines import load_backend
 
     config = config or ICMConfig()
+    sources = sources or SourceConfig()
+    method = sources.method
     template = template or PromptTemplate()
     fields = fields or ClaimFields()
     records = read_records(input_path)
@@ -229,7 +243,7 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     if questions is None:
         gold = gold_labels(records, input_path, fields.label)
         formulated, claims, claims_gold = formulate()
-        if resume and not zero_shot and iterative is None:  # a damaged checkpoint: reported before the model loads
+        if resume and method == "icm" and iterative is None:  # a damaged checkpoint: reported before the model loads
             Checkpoint(run_dir, fingerprint(claims, config, model_spec)).load()
     if output.exists() and not (resume or overwrite):
         raise InputError(output, "labels already exist; pass --overwrite to replace them, or --resume to continue "
@@ -246,7 +260,11 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         fields = ClaimFields()
         gold = gold_labels(records, input_path, fields.label)
         formulated, claims, claims_gold = formulate()
-    if zero_shot:
+    if method in SOURCE_METHODS:
+        formulated = None
+        prompted = _candidates_generation(input_path, generation, answers)
+        results, summary = source_labels(method, records, backend, prompted, sources, config, gold)
+    elif method == "zero_shot":
         results, summary = zero_shot_labels(claims, backend, config, gold=claims_gold, template=template)
     else:
         results, summary = search_labels(claims, backend, config, gold=claims_gold, template=template,
@@ -260,7 +278,7 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
             summary["gold_accuracy"] = accuracy([r["icm_label"] for r in results], gold)
         summary["true_share"] = float(np.mean([r["icm_label"] for r in results]))
     run = {"model": model_spec, "input": str(input_path), "output": str(output), "command": command,
-           "claims_mode": claim_mode,
+           "method": method, "claims_mode": claim_mode,
            "generation": generation_report,
            "template": asdict(template), "config": asdict(config), "seed": config.seed,
            "gold_accuracy": summary.get("gold_accuracy"), "seconds": time.time() - started,
@@ -270,3 +288,29 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     write_parquet(output, labels_table(records, results, input_path), metadata)
     write_json(run_dir / "run.json", run)
     return run
+
+
+SOURCE_METHODS = ("majority", "judge", "confidence")
+
+
+def _candidates_generation(path: str | Path, generation: GenerationConfig | None,
+                           answers: tuple[str, ...] | None) -> GenerationConfig:
+    """How the candidates were prompted and their answers extracted: the settings ``icm generate`` wrote into the
+    Parquet file, else ``generation`` (with the closed answer set ``answers`` as the extractor when given)."""
+    written = read_parquet_metadata(path).get("config") if Path(path).suffix == ".parquet" else None
+    if written:
+        known = {f.name for f in fields_of(GenerationConfig)}
+        return GenerationConfig(**{k: v for k, v in written.items() if k in known})
+    generation = generation or GenerationConfig()
+    return replace(generation, extractor="|".join(answers)) if answers else generation
+
+
+def source_labels(method: str, records: list[dict[str, Any]], backend: Backend, generation: GenerationConfig,
+                  sources: SourceConfig, config: ICMConfig,
+                  gold: list[bool | None] | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Labels of every candidate row by one of :mod:`icm.sources`' methods."""
+    if method == "majority":
+        return majority_labels(records, backend, generation, sources, gold)
+    if method == "judge":
+        return judge_labels(records, backend, generation.extractor, config.balance, gold, config.scoring_batch_size)
+    return confidence_labels(records, backend, generation, gold)

@@ -152,6 +152,15 @@ def test_each_arm_trains_the_policy_on_the_labels_it_names(arms_run):
     assert [r["icm_score"] for r in labels["random"]] == [1.0 if r["icm_label"] else -1.0 for r in labels["random"]]
     assert not any(r["icm_searched"] for r in labels["zero_shot"])
     assert json.loads((run / "arms" / "zero_shot" / "icm" / "run.json").read_text())["method"] == "zero-shot"
+    for arm in ("majority", "judge", "confidence"):  # the label-free alternatives: one True answer per question
+        assert json.loads((run / "arms" / arm / "icm" / "run.json").read_text())["method"] == arm
+        true_answers: dict = {}
+        for r in labels[arm]:
+            true_answers.setdefault(r["consistency_id"], set()).update([r["answer"]] if r["icm_label"] else [])
+        assert all(len(a) <= 1 for a in true_answers.values()), arm
+        assert not any(r["icm_searched"] for r in labels[arm])
+    stated = {r["consistency_id"] for r in labels["confidence"] if r["answer"]}
+    assert all(len(true_answers.get(q, ())) == 1 for q in stated)  # confidence: always its most confident answer
     gold_pairs = read_records(run / "arms" / "gold" / "pairs.parquet")
     assert gold_pairs and all(p["chosen_is_correct"] and not p["rejected_is_correct"] for p in gold_pairs)
     assert report["arms"]["gold"]["label_accuracy"] == report["arms"]["gold"]["pair_accuracy"] == 1.0
