@@ -204,7 +204,8 @@ TRANSFER_SECTIONS = {
               "batch_size": "icm_batch_size", "alpha": "alpha", "exact_every": "exact_every",
               "check_every": "check_every", "demo_order": "demo_order", "vote_samples": "vote_samples",
               "vote_temperature": "vote_temperature"},
-    "pairs": {"strategy": "pairs_strategy", "max_per_question": "max_per_question"},
+    "pairs": {"strategy": "pairs_strategy", "max_per_question": "max_per_question", "min_margin": "min_margin",
+              "margin_quantile": "margin_quantile"},
     "dpo": {"lora": "lora", "beta": "beta", "learning_rate": "learning_rate", "epochs": "epochs",
             "max_steps": "max_steps", "batch_size": "batch_size", "max_length": "max_length",
             "loss_type": "loss_type", "loss_weights": "loss_weights", "label_smoothing": "label_smoothing",
@@ -459,6 +460,7 @@ def pairs(
     strategy: PairStrategy = option(PairsConfig, "strategy"),
     max_per_question: int | None = option(PairsConfig, "max_per_question", min=1),
     min_margin: float | None = option(PairsConfig, "min_margin"),
+    margin_quantile: float | None = option(PairsConfig, "margin_quantile", min=0.0, max=1.0),
     fmt: PairFormat = option(PairsConfig, "format", "--format"),
     test_size: float | None = option(PairsConfig, "test_size", "--eval-size", "--test-size"),
     seed: int = option(PairsConfig, "seed"),
@@ -476,7 +478,7 @@ def pairs(
 
     try:
         config = PairsConfig(strategy=strategy, max_per_question=max_per_question, min_margin=min_margin,
-                             format=fmt, test_size=test_size, seed=seed)
+                             margin_quantile=margin_quantile, format=fmt, test_size=test_size, seed=seed)
         if push_to_hub:
             check_repo_id(push_to_hub)
     except ValueError as error:
@@ -488,6 +490,7 @@ def pairs(
         raise InputError(labels, "no pairs: " + ", ".join(f"{k}: {v}" for k, v in
                                                           (report["questions_skipped"] | report["dropped"]).items()))
     args = {"--strategy": strategy, "--max-per-question": max_per_question, "--min-margin": min_margin,
+            "--margin-quantile": margin_quantile,
             "--format": fmt, "--eval-size": test_size, "--seed": seed}
     command = shlex.join(["icm", "pairs", str(labels), "--output", str(output)]
                          + [str(x) for k, v in args.items() if v is not None for x in (k, v)])
@@ -703,6 +706,8 @@ def transfer(
     vote_temperature: float | None = option(TransferConfig, "sources.vote_temperature", min=0.0),
     pairs_strategy: PairStrategy = option(TransferConfig, "pairs.strategy", "--pairs-strategy"),
     max_per_question: int | None = option(TransferConfig, "pairs.max_per_question", min=1),
+    min_margin: float | None = option(TransferConfig, "pairs.min_margin"),
+    margin_quantile: float | None = option(TransferConfig, "pairs.margin_quantile", min=0.0, max=1.0),
     lora: bool = option(TransferConfig, "dpo.lora", "--lora/--no-lora"),
     beta: float = option(TransferConfig, "dpo.beta"),
     learning_rate: float | None = option(TransferConfig, "dpo.learning_rate"),
@@ -740,7 +745,8 @@ def transfer(
                           alpha=alpha, seed=seed, exact_every=exact_every, check_every=check_every,
                           demo_order=demo_order),
             sources=SourceConfig(vote_samples=vote_samples, vote_temperature=vote_temperature),
-            pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, seed=seed),
+            pairs=PairsConfig(strategy=pairs_strategy, max_per_question=max_per_question, min_margin=min_margin,
+                              margin_quantile=margin_quantile, seed=seed),
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length,
                                   loss_type=loss_type, loss_weights=loss_weights_option(loss_weights),

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from rich.table import Table
 
@@ -177,6 +178,15 @@ def _format(pair: dict[str, Any], fmt: str, gold: bool) -> dict[str, Any]:
     return out
 
 
+def min_margin(config: PairsConfig, margins: list[float]) -> float | None:
+    """The smallest margin a pair may have: ``config.min_margin``, or the ``config.margin_quantile`` quantile of
+    every candidate pair's margin (a floor that does not depend on the scale of the labels' scores), the higher."""
+    floors = [config.min_margin] if config.min_margin is not None else []
+    if config.margin_quantile and margins:
+        floors.append(float(np.quantile(margins, config.margin_quantile)))
+    return max(floors) if floors else None
+
+
 def build_pairs(rows: list[dict[str, Any]], config: PairsConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Pairs (already in ``config.format``) and a report: questions skipped and candidate pairs dropped, by reason,
     pairs per question, label balance and, when the rows carry gold ``label``, pair quality."""
@@ -186,7 +196,7 @@ def build_pairs(rows: list[dict[str, Any]], config: PairsConfig) -> tuple[list[d
     best = config.strategy == "best-margin"
     limit = config.max_per_question or (1 if best else None)
     skipped, dropped, seen = Counter(), Counter(), set()
-    pairs, merged = [], 0
+    pairs, merged, per_group = [], 0, []
     for qid, group in groups.items():
         plain = [r for r in group if not _is_comparison(r)]
         candidates = []
@@ -203,6 +213,9 @@ def build_pairs(rows: list[dict[str, Any]], config: PairsConfig) -> tuple[list[d
         for c in candidates:
             c |= {"prompt": prompt, "question_id": qid, "margin": c["chosen_score"] - c["rejected_score"]}
         candidates.sort(key=lambda c: -c["margin"])  # stable: ties keep row order
+        per_group.append(candidates)
+    floor = min_margin(config, [c["margin"] for candidates in per_group for c in candidates])
+    for candidates in per_group:
         kept, used = 0, set()
         for c in candidates:
             key = (c["prompt"], c["chosen"], c["rejected"])
@@ -210,7 +223,7 @@ def build_pairs(rows: list[dict[str, Any]], config: PairsConfig) -> tuple[list[d
                 reason = IDENTICAL
             elif key in seen:
                 reason = DUPLICATE
-            elif config.min_margin is not None and c["margin"] < config.min_margin:
+            elif floor is not None and c["margin"] < floor:
                 reason = BELOW_MARGIN
             elif best and (kept >= limit or c["chosen"] in used or c["rejected"] in used):
                 reason = NOT_BEST

@@ -239,6 +239,9 @@ class PairsConfig:
                                            "limit for all, 1 for best-margin].")
     min_margin: float | None = setting(None, "Drop pairs whose margin (chosen icm_score - rejected icm_score) is "
                                        "below this.")
+    margin_quantile: float | None = setting(None, "Drop the pairs whose margin is below this quantile of all "
+                                           "candidate pairs' margins (0.25: the least confident quarter), a floor "
+                                           "that does not depend on the scale of the labels' scores.")
     format: PairFormat = setting("standard", "standard: prompt/chosen/rejected strings (the prompt ends with a new "
                                  "line); conversational: lists of {role, content} messages (TRL's chat format).")
     test_size: float | None = setting(None, "Questions held out for a test split: a fraction (0-1) or a count; the "
@@ -251,6 +254,8 @@ class PairsConfig:
         if self.max_per_question is not None and self.max_per_question < 1:
             raise ValueError(f"max_per_question must be >= 1, got {self.max_per_question}")
         _check_size("test_size", self.test_size)
+        if self.margin_quantile is not None and not 0 <= self.margin_quantile < 1:
+            raise ValueError(f"margin_quantile must be in [0, 1), got {self.margin_quantile}")
 
 
 @dataclass

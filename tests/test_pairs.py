@@ -114,6 +114,20 @@ def test_min_margin_filters_and_counts():
     assert_accounted(report)
 
 
+def test_margin_quantile_drops_the_least_confident_pairs_whatever_the_scale():
+    rows = [claim(1, "A", True, 1.0), claim(1, "X", False, 0.5), claim(1, "Y", False, -2.0),
+            claim(2, "B", True, 0.1), claim(2, "Z", False, 0.0)]  # margins 3.0, 0.5, 0.1
+    for scale in (1.0, 100.0):
+        scaled = [r | {"icm_score": r["icm_score"] * scale} for r in rows]
+        pairs, report = build_pairs(scaled, PairsConfig(margin_quantile=0.5))
+        assert pairs_of(pairs) == [("1", "A", "Y"), ("1", "A", "X")] and report["dropped"] == {BELOW_MARGIN: 1}
+        assert_accounted(report)
+    pairs, _ = build_pairs(rows, PairsConfig(margin_quantile=0.5, min_margin=1.0))  # the higher floor wins
+    assert pairs_of(pairs) == [("1", "A", "Y")]
+    with pytest.raises(ValueError, match="margin_quantile"):
+        PairsConfig(margin_quantile=1.0)
+
+
 def test_comparison_claims_follow_the_accepted_ordering():
     rows = [claim(1, "resp A", True, 2.0, gold=True, choice_2="resp B"),
             claim(1, "resp B", False, -1.0, gold=False, choice_2="resp A"),  # the reverse claim: merged
