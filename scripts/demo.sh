@@ -8,7 +8,8 @@
 # paired-bootstrap CIs, in about 20 minutes on 2 cores. QUESTIONS_FILE (JSONL with `question` and `answer`, answers
 # positive/negative; the question text is used verbatim) runs the same recipe on other questions. Rerunning skips
 # finished stages. LABELLER=qwen2.5-coder-0.5b makes it weak-from-strong: Qwen2.5-Coder-0.5B labels, SmolLM2 is
-# trained. ARMS=icm,gold,random,zero_shot adds the paper's zero-shot baseline.
+# trained. ARMS=icm,gold,random,majority,judge adds the label-free alternatives (majority vote, the model as a
+# judge; also zero_shot, confidence).
 # The run directory keeps the resolved recipe: `icm transfer --config OUT_DIR/recipe.yaml` reruns it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
