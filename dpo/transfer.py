@@ -271,6 +271,24 @@ def answer_breakdown(evaluation: Path) -> dict[str, Any] | None:
     return out
 
 
+def evaluation_after(run_dir: Path, arm: str, before: dict[str, Any]) -> dict[str, Any]:
+    """The held-out evaluation of ``arm``'s policy (the base policy's when the arm had no pairs to train on)."""
+    files = arm_paths(run_dir, arm)
+    after = json.loads(files["eval_after"].read_text()) if _pair_count(files) else before
+    if [r["id"] for r in before["results"]] != [r["id"] for r in after["results"]]:
+        raise InputError(files["eval_after"], "before/after evaluations cover different questions")
+    return after
+
+
+def icm_advantage(run_dir: Path, arm: str, before: dict[str, Any], config: TransferConfig) -> dict[str, float]:
+    """The ICM arm's held-out accuracy after training minus ``arm``'s, with its paired bootstrap CI over the
+    held-out questions (both policies answer the same questions): is ICM worth its compute over this arm."""
+    correct = {a: [r["correct"] for r in evaluation_after(run_dir, a, before)["results"]] for a in (arm, "icm")}
+    ci = paired_bootstrap(correct[arm], correct["icm"], samples=config.bootstrap_samples, level=config.confidence,
+                          seed=config.seed)
+    return {"delta": ci["delta"], "low": ci["ci_low"], "high": ci["ci_high"]}
+
+
 def arm_report(run_dir: Path, arm: str, before: dict[str, Any], config: TransferConfig) -> dict[str, Any]:
     """One arm's entry in ``transfer.json``: held-out accuracy after DPO and its paired bootstrap CI of the change,
     the labels' and the pairs' accuracy against gold, the pair count, the share of True labels and, where the
@@ -278,9 +296,7 @@ def arm_report(run_dir: Path, arm: str, before: dict[str, Any], config: Transfer
     after = before) and says so in ``note``."""
     files = arm_paths(run_dir, arm)
     pairs = json.loads(files["pairs_report"].read_text())
-    after = json.loads(files["eval_after"].read_text()) if pairs["pairs"] else before
-    if [r["id"] for r in before["results"]] != [r["id"] for r in after["results"]]:
-        raise InputError(files["eval_after"], "before/after evaluations cover different questions")
+    after = evaluation_after(run_dir, arm, before)
     ci = paired_bootstrap([r["correct"] for r in before["results"]], [r["correct"] for r in after["results"]],
                           samples=config.bootstrap_samples, level=config.confidence, seed=config.seed)
     balance = pairs["label_balance"]
@@ -309,6 +325,9 @@ def build_report(run_dir: Path, labeller: str, policy: str, generator: str, conf
     accuracy change, labels, pairs and DPO summary (None where the ICM arm was not run or had no pairs)."""
     before = json.loads((run_dir / "eval_before.json").read_text())
     arms = {arm: arm_report(run_dir, arm, before, config) for arm in config.arms}
+    if "icm" in arms:
+        for arm in arms.keys() - {"icm"}:
+            arms[arm]["icm_advantage"] = icm_advantage(run_dir, arm, before, config)
     candidates = read_parquet_metadata(run_dir / "candidates.parquet").get("report", {})
     report: dict[str, Any] = {
         "mode": "self-improvement" if labeller == policy else "weak-from-strong",
@@ -359,12 +378,14 @@ def arms_table(report: dict[str, Any]) -> Table:
     table = Table(title=f"{report['mode']}: policy {report['policy']}, held-out accuracy "
                         f"{report['accuracy_before']:.3f} before, {report['held_out']} questions",
                   title_justify="left")
-    for name in ("arm", "label acc", "pairs", "pair acc", "accuracy after", f"delta [{level:.0%} CI]"):
+    for name in ("arm", "label acc", "pairs", "pair acc", "accuracy after", f"delta [{level:.0%} CI]",
+                 f"ICM - arm [{level:.0%} CI]"):
         table.add_column(name, justify="left" if name == "arm" else "right")
     for arm, r in report["arms"].items():
-        ci = r["delta_ci"]
+        ci, gap = r["delta_ci"], r.get("icm_advantage")
         table.add_row(arm, _fmt(r["label_accuracy"]), str(r["pairs"]), _fmt(r["pair_accuracy"]),
-                      _fmt(r["accuracy_after"]), f"{r['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]")
+                      _fmt(r["accuracy_after"]), f"{r['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]",
+                      f"{gap['delta']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}]" if gap else "")
     return table
 
 

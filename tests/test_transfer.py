@@ -200,6 +200,10 @@ def test_transfer_report_table_and_plot_cover_every_arm(arms_run):
         assert r["pair_accuracy"] == (pairs["quality"] or {}).get("pair_correct")
         assert r["delta"] == pytest.approx(r["accuracy_after"] - before["accuracy"])
         assert r["delta_ci"]["low"] <= r["delta"] <= r["delta_ci"]["high"]
+        if arm != "icm":  # ICM against this arm, on the same held-out questions
+            gap = r["icm_advantage"]
+            assert gap["delta"] == pytest.approx(report["arms"]["icm"]["accuracy_after"] - r["accuracy_after"])
+            assert gap["low"] <= gap["delta"] <= gap["high"]
         assert all(0 <= r[k] <= 1 for k in ("accuracy_after", "label_accuracy", "true_share"))
         assert r["pair_accuracy"] is None if not r["pairs"] else 0 <= r["pair_accuracy"] <= 1
         # the evaluation's answers, per question: unanswered share and accuracy per reference answer
@@ -221,6 +225,8 @@ def test_transfer_report_table_and_plot_cover_every_arm(arms_run):
     for arm in ARMS:
         assert arm in text
     assert "delta [95% CI]" in text and f"{report['arms']['gold']['pairs']}" in text
+    gap = report["arms"]["gold"]["icm_advantage"]
+    assert "ICM - arm [95% CI]" in text and f"{gap['delta']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}]" in text
 
 
 def test_rerun_skips_finished_arms(arms_run):
