@@ -98,6 +98,20 @@ def dtype_option(*decls: str, help: str = "Model dtype: auto (bf16 where fast), 
     return typer.Option("auto", *(decls or ("--dtype",)), rich_help_panel=MODEL, help=help)
 
 
+def check_device(device: str | None) -> None:
+    """``--device``: a device torch knows and this machine has (before any model loads)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as error:
+        fail(f"--device: {str(error).splitlines()[0]}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device here")
+
+
 def fail(message: str, code: int = 2) -> None:
     print_error(message)
     raise typer.Exit(code)
@@ -279,14 +293,15 @@ def generate(
 ) -> None:
     """Sample candidate solutions from a model and write them as claims for `icm label`."""
     from icm.data.candidates import report_path, report_table
-    from icm.data.io import check_outputs
+    from icm.data.io import check_outputs, files_of
     from icm.data.tasks import load_questions
     from icm.generate import checkpoint_path, generate_file
 
     if sum(map(bool, (input, task, dataset))) != 1:
         fail("give exactly one of INPUT, --task or --dataset")
     check_outputs({"the output": output, "its report": report_path(output), "its checkpoint": checkpoint_path(output),
-                   "its recipe": recipe_next_to(output)}, [input])
+                   "its recipe": recipe_next_to(output)}, [input, *files_of(model)])
+    check_device(device)
     instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
     try:
         gen_config = GenerationConfig(
@@ -386,6 +401,7 @@ def label(
 
     from icm.data.answers import closed_answers
     from icm.data.claims import ClaimFields
+    from icm.data.io import check_outputs, files_of
     from icm.label import label_file, run_dir_for
     from icm.scoring import unescape
 
@@ -405,6 +421,7 @@ def label(
     fields_ = ClaimFields(question=question_field, choice=choice_field, choice_2=choice_2_field,
                           consistency_id=id_field, consistency_key=key_field, label=label_field)
     command = shlex.join(["icm", *sys.argv[1:]])
+    check_outputs({"the output": output}, files_of(model))
     try:
         run = label_file(input, output, model, config, template=template, fields=fields_, run_dir=run_dir,
                          resume=resume, overwrite=overwrite, dtype=dtype, generation=generation, claim_mode=claims,
@@ -639,6 +656,7 @@ def eval_(
     """Accuracy of a model on held-out questions (greedy, `icm generate`'s extractors) or on labelled claims."""
     import json
 
+    from icm.data.io import check_outputs, files_of
     from icm.dpo.evaluation import evaluate
 
     if (input is None) == (task is None):
@@ -650,6 +668,7 @@ def eval_(
                             limit=limit)
     except ValueError as error:
         fail(str(error))
+    check_outputs({"the output": output, "the per-item file": items}, files_of(model))
     report = evaluate(model, input, task=task, config=config, output=output, items_output=items,
                       question_field=question_field, answer_field=answer_field, id_field=id_field, dtype=dtype)
     if not console.quiet:

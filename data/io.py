@@ -178,6 +178,8 @@ def _read_json(path: Path, text: str) -> list[Any]:
     if isinstance(loaded, dict):  # {"data": [...]} or a single column-oriented object
         lists = [v for v in loaded.values() if isinstance(v, list)]
         loaded = lists[0] if len(lists) == 1 else [loaded]
+    if not isinstance(loaded, list):
+        raise InputError(path, f"expected a JSON list of objects, got {_kind(loaded)}")
     return loaded
 
 
@@ -351,6 +353,15 @@ def check_output(path: str | Path, *inputs: str | Path | None, directory: bool =
     except OSError as error:
         raise InputError(path, f"cannot write in {existing} ({error.strerror or error})") from None
     return path
+
+
+def files_of(path: str | Path) -> list[Path]:
+    """The files of a local path: a directory's files, or the file itself (none for a name like a Hub id). A local
+    model's files are inputs that no output may replace."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return [p for p in path.iterdir() if p.is_file()]
+    return [path] if path.is_file() else []
 
 
 def check_outputs(outputs: dict[str, str | Path | None], inputs: list[str | Path | None]) -> None:

@@ -120,7 +120,7 @@ def evaluate(
     config = config or EvalConfig()
     source = str(input) if input is not None else f"task:{task}"
     records = read_records(input) if input is not None else None
-    check_outputs({"the report": output, "the per-item file": items_output}, [input])
+    check_outputs({"the output": output, "the per-item file": items_output}, [input])
     claims = records is not None and is_claims_file(records)
     if claims:  # every input error is found before the model loads
         claims_from_records(records, source)

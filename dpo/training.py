@@ -21,7 +21,16 @@ from transformers.trainer_callback import PrinterCallback
 
 from icm.config import DPOTrainingConfig
 from icm.data.console import console
-from icm.data.io import InputError, check_output, check_outputs, read_json, read_records, require_fields, write_json
+from icm.data.io import (
+    InputError,
+    check_output,
+    check_outputs,
+    files_of,
+    read_json,
+    read_records,
+    require_fields,
+    write_json,
+)
 from icm.models import (
     check_weights,
     default_device,
@@ -341,7 +350,7 @@ def train_dpo(
     output_dir = Path(output_dir)
     inputs = [p for p in (pairs, eval_pairs) if isinstance(p, (str, Path))]
     check_output(output_dir, *inputs, directory=True)
-    check_outputs({f"{name} in --output-dir": output_dir / name for name in WRITTEN}, inputs)
+    check_outputs({f"{name} in --output-dir": output_dir / name for name in WRITTEN}, inputs + files_of(model))
     for source in inputs:  # old checkpoints are deleted as new ones are saved
         if Path(source).exists() and Path(source).resolve().parent.name.startswith("checkpoint-") and \
                 Path(source).resolve().parent.parent == output_dir.resolve():

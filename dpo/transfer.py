@@ -51,6 +51,7 @@ from icm.dpo.evaluation import evaluate_question_list, paired_bootstrap
 from icm.dpo.training import SUMMARY_FILE, train_dpo
 from icm.generate import generate_file
 from icm.label import label_file
+from icm.models import load_tokenizer
 
 
 def split_questions(questions: list[Question], eval_size: float, seed: int,
@@ -226,6 +227,8 @@ def run_transfer(
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got '{stop_after}'")
     run_dir = check_output(output_dir, directory=True)
     check_run_dir(run_dir, config.arms, [Path(source)] if Path(source).is_file() else [])
+    for model in dict.fromkeys((labeller, policy)):  # a model that cannot be found fails before any stage runs
+        load_tokenizer(model)
     for row, q in enumerate(questions, start=1):
         if q.reference is None:
             raise InputError(source, "no reference answer (needed for the evaluation)", row=row, field="answer")

@@ -9,6 +9,7 @@ column, accuracy against it (computed after the search, and shown in the progres
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -60,6 +61,8 @@ def check_run_files(output: str | Path, run_dir: str | Path | None, input_path: 
         raise InputError(directory, f"is a file where the run directory of -o {output} goes; move it away or "
                          "pass --run-dir DIR")
     check_output(directory, input_path, directory=True)
+    if os.path.realpath(directory) == os.path.realpath(output):
+        raise InputError(output, "the output and its run directory are the same path; pass another --run-dir")
     check_outputs({"the output": output} | {f"the run's {name}": directory / name for name in RUN_FILES},
                   [input_path])
 

@@ -23,9 +23,11 @@ from tests.test_reliability import (
     LABELLED,
     NO_MODEL,
     PAIR,
+    Files,
     assert_one_line_error,
     invoke,
     jsonl,
+    make_files,
     parquet,
     snapshot,
 )
@@ -86,7 +88,6 @@ def usage(option: str) -> list[str]:
     return [f"Invalid value for '{option}'"]
 
 
-Files = dict[str, "str | bytes | Callable[[Path], None]"]
 # (id, files (created in order), command ({d}: the directory, {m}: the model that does not exist; a list is not
 #  split), the pieces of the one-line error)
 CASES: list[tuple[str, Files, str | list[str], list[str]]] = [
@@ -149,6 +150,10 @@ CASES: list[tuple[str, Files, str | list[str], list[str]]] = [
      "label {d}/r/claims.json -o {d}/out.parquet --run-dir {d}/r", ["the run's claims.json is the input file"]),
     ("label-output-is-a-run-file", {"c.jsonl": jsonl(CLAIM)}, "label {d}/c.jsonl -o {d}/r/run.json --run-dir {d}/r",
      ["the run's run.json and the output are the same file"]),
+    ("label-run-dir-is-the-output", {"c.jsonl": jsonl(CLAIM)}, LABEL + " --run-dir {d}/out.parquet",
+     ["the output and its run directory are the same path"]),
+    ("label-output-is-a-model-file", {"c.jsonl": jsonl(CLAIM), "model": directory, "model/config.json": "{}"},
+     "label {d}/c.jsonl -o {d}/model/config.json --model {d}/model", ["the output is the input file"]),
     ("label-checkpoint-fifo", {"c.jsonl": jsonl(CLAIM), "out.run": directory, "out.run/checkpoint.json": fifo},
      LABEL + " --resume", ["checkpoint.json: exists and is a FIFO (named pipe)"]),
     # ---- icm label: --config and option values
@@ -214,6 +219,9 @@ CASES: list[tuple[str, Files, str | list[str], list[str]]] = [
      usage("--max-new-tokens")),
     ("generate-gpu-memory-nan", {"q.jsonl": jsonl(QUESTION)}, GENERATE + " --vllm --gpu-memory-utilization nan",
      ["--gpu-memory-utilization"]),
+    ("generate-device-unknown", {"q.jsonl": jsonl(QUESTION)}, GENERATE + " --device gpu0", ["--device:"]),
+    ("generate-output-is-a-model-file", {"q.jsonl": jsonl(QUESTION), "m.gguf": "weights"},
+     "generate {d}/q.jsonl -o {d}/m.gguf --model {d}/m.gguf", ["the output is the input file"]),
     ("generate-output-not-parquet", {"q.jsonl": jsonl(QUESTION)}, "generate {d}/q.jsonl -o {d}/out.csv",
      ["out.csv: the output must be a .parquet file"]),
     # ---- icm pairs
@@ -260,6 +268,8 @@ CASES: list[tuple[str, Files, str | list[str], list[str]]] = [
     ("dpo-input-in-a-checkpoint", {"policy": directory, "policy/checkpoint-1": directory,
                                    "policy/checkpoint-1/p.jsonl": jsonl(PAIR)},
      "dpo {d}/policy/checkpoint-1/p.jsonl -o {d}/policy", ["lies in a checkpoint of"]),
+    ("dpo-output-dir-is-the-model", {"p.jsonl": jsonl(PAIR), "model": directory, "model/config.json": "{}"},
+     "dpo {d}/p.jsonl -o {d}/model --model {d}/./model", ["config.json in --output-dir is the input file"]),
     ("dpo-lora-r-zero", {"p.jsonl": jsonl(PAIR)}, DPO + " --lora-r 0", usage("--lora-r")),
     ("dpo-learning-rate-negative", {"p.jsonl": jsonl(PAIR)}, DPO + " --learning-rate -1", usage("--learning-rate")),
     ("dpo-learning-rate-zero", {"p.jsonl": jsonl(PAIR)}, DPO + " --learning-rate 0",
@@ -288,11 +298,11 @@ CASES: list[tuple[str, Files, str | list[str], list[str]]] = [
     ("eval-items-is-the-input", {"q.jsonl": jsonl(QUESTION)}, EVAL + " --items {d}/q.jsonl",
      ["q.jsonl: the per-item file is the input file"]),
     ("eval-output-is-the-input", {"q.jsonl": jsonl(QUESTION)}, EVAL + " --output {d}/q.jsonl",
-     ["q.jsonl: the report is the input file"]),
+     ["q.jsonl: the output is the input file"]),
     ("eval-output-hard-link-to-input", {"q.jsonl": jsonl(QUESTION), "e.json": hard_link_to("q.jsonl")},
-     EVAL + " -o {d}/e.json", ["e.json: the report is the input file"]),
+     EVAL + " -o {d}/e.json", ["e.json: the output is the input file"]),
     ("eval-output-and-items-the-same", {"q.jsonl": jsonl(QUESTION)}, EVAL + " -o {d}/e.json --items {d}/./e.json",
-     ["the per-item file and the report are the same file"]),
+     ["the per-item file and the output are the same file"]),
     ("eval-output-fifo", {"q.jsonl": jsonl(QUESTION), "e.json": fifo}, EVAL + " -o {d}/e.json",
      ["e.json: exists and is a FIFO (named pipe)"]),
     ("eval-corrupt-adapter-config", {"q.jsonl": jsonl(QUESTION), **adapter_dir('{"base_model_name_or_path": ')},
@@ -302,6 +312,8 @@ CASES: list[tuple[str, Files, str | list[str], list[str]]] = [
     ("eval-adapter-config-fifo", {"q.jsonl": jsonl(QUESTION), "policy": directory,
                                   "policy/config.json": "{}", "policy/adapter_config.json": fifo},
      "eval {d}/q.jsonl --model {d}/policy", ["adapter_config.json: not a regular file or folder"]),
+    ("eval-output-is-a-model-file", {"q.jsonl": jsonl(QUESTION), **adapter_dir("{}")},
+     "eval {d}/q.jsonl --model {d}/policy -o {d}/policy/adapter_config.json", ["the output is the input file"]),
     ("eval-dtype-unknown", {"q.jsonl": jsonl(QUESTION)}, EVAL + " --dtype float64", usage("--dtype")),
     ("eval-limit-zero", {"q.jsonl": jsonl(QUESTION)}, EVAL + " --limit 0", usage("--limit")),
     ("eval-num-shots-negative", {"q.jsonl": jsonl(QUESTION)}, EVAL + " --num-shots -1", usage("--num-shots")),
@@ -386,17 +398,6 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
-
-
-def make_files(d: Path, files: Files) -> None:
-    for name, content in files.items():
-        path = d / name
-        if callable(content):
-            content(path)
-        elif isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content, encoding="utf-8")
 
 
 @pytest.mark.parametrize("files, command, pieces", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
