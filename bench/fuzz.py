@@ -2,10 +2,11 @@
 
 Generated tables (JSONL, JSON, CSV, Parquet; arbitrary column types, nulls, unicode, huge and non-finite numbers,
 odd file names, raw bytes), generated run state for ``icm report``, and generated option values (NaN, infinities,
-5,000-digit numbers, negatives, zero, empty strings, random text) go through the commands, in-process, and one
-invariant is asserted everywhere: the command exits 0 with valid output, or exits 2 with at most one line, no
-traceback, and every file that was there byte-identical. No model runs: the commands that load one get a model
-that does not exist, so a valid input ends at "model not found" (exit 2, one line) instead.
+5,000-digit numbers, negatives, zero, empty strings, random text), on the command line and in ``--config`` recipes,
+go through the commands, in-process, and one invariant is asserted everywhere: the command exits 0 with valid
+output, or exits 2 with at most one line, no traceback, and every file that was there byte-identical. No model
+runs: the commands that load one get a model that does not exist, so a valid input ends at "model not found"
+(exit 2, one line) instead.
 
 ``tests/test_fuzz.py`` runs a short profile; the long one:
 
@@ -317,9 +318,30 @@ def fuzz_options(command: str, settings_: list[tuple[str, str | None]]) -> None:
         check(command, argv, d)
 
 
+def fuzz_recipe(command: str, recipe: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "in.jsonl").write_text(GOOD_INPUT[command])
+        (d / "r.yaml").write_text(recipe, encoding="utf-8", errors="surrogatepass")
+        check(command, command_line(command, "in.jsonl") + ["--config", "r.yaml"], d)
+
+
 @st.composite
-def option_settings(draw, command: str) -> list[tuple[str, str | None]]:
-    options = fuzzable_options(command)
+def recipe_text(draw, options: list[tuple[str, bool]]) -> str:
+    """A ``--config`` recipe of a command's own keys (dashes or underscores) with YAML values of any type."""
+    import yaml
+
+    keys = [name.lstrip("-") for name, _ in options]
+    yaml_values = st.one_of(values.map(_plain), option_values, st.sampled_from([float("nan"), float("inf"), 10**40]))
+    separator = draw(st.sampled_from("-_"))
+    mapping = draw(st.dictionaries(st.sampled_from(keys).map(lambda k: k.replace("-", separator)), yaml_values,
+                                   min_size=1, max_size=3))
+    text = yaml.safe_dump(mapping, allow_unicode=True)
+    return draw(st.sampled_from([text, text[:len(text) // 2], f"{text}\nlimit: {HUGE}\n", "- a list\n", "{"]))
+
+
+@st.composite
+def option_settings(draw, options: list[tuple[str, bool]]) -> list[tuple[str, str | None]]:
     chosen = draw(st.lists(st.sampled_from(options), min_size=1, max_size=3, unique=True))
     return [(name, None if flag else draw(option_values)) for name, flag in chosen]
 
@@ -341,10 +363,16 @@ def property_report(files: dict[str, str], as_dir: bool) -> None:
 
 @given(data=st.data(), command=st.sampled_from(COMMANDS))
 def property_options(data, command: str) -> None:
-    fuzz_options(command, data.draw(option_settings(command)))
+    fuzz_options(command, data.draw(option_settings(fuzzable_options(command))))
 
 
-PROPERTIES = {"tables": property_tables, "report": property_report, "options": property_options}
+@given(data=st.data(), command=st.sampled_from(COMMANDS))
+def property_recipes(data, command: str) -> None:
+    fuzz_recipe(command, data.draw(recipe_text(fuzzable_options(command))))
+
+
+PROPERTIES = {"tables": property_tables, "report": property_report, "options": property_options,
+              "recipes": property_recipes}
 
 
 def run(examples: int, seed: int | None = None) -> Tally:
