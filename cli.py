@@ -293,12 +293,13 @@ def generate(
 ) -> None:
     """Sample candidate solutions from a model and write them as claims for `icm label`."""
     from icm.data.candidates import report_path, report_table
-    from icm.data.io import check_outputs, files_of
+    from icm.data.io import check_output, check_outputs, files_of
     from icm.data.tasks import load_questions
     from icm.generate import checkpoint_path, generate_file
 
     if sum(map(bool, (input, task, dataset))) != 1:
         fail("give exactly one of INPUT, --task or --dataset")
+    check_output(output, input)  # a directory (or an empty path) first: it has no siblings
     check_outputs({"the output": output, "its report": report_path(output), "its checkpoint": checkpoint_path(output),
                    "its recipe": recipe_next_to(output)}, [input, *files_of(model)])
     check_device(device)
@@ -494,9 +495,10 @@ def pairs(
     import shlex
 
     from icm.data.hub import check_repo_id
-    from icm.data.io import check_outputs
+    from icm.data.io import check_output, check_outputs
     from icm.data.pairs import build_pairs, load_labels, report_table, split_paths, write_pairs
 
+    check_output(output, labels)  # a directory (or an empty path) first: it has no siblings
     check_outputs({"the output": output, "its test split": split_paths(output)["test"],
                    "its report": split_paths(output)["report"], "its recipe": recipe_next_to(output)}, [labels])
     try:
@@ -508,8 +510,7 @@ def pairs(
         fail(str(error))
     rows, metadata = load_labels(labels)
     kept, report = build_pairs(rows, config)
-    if not kept:
-        console.print(report_table(report))
+    if not kept:  # the reasons on the one line of the error (the report table would be more lines)
         raise InputError(labels, "no pairs: " + ", ".join(f"{k}: {v}" for k, v in
                                                           (report["questions_skipped"] | report["dropped"]).items()))
     args = {"--strategy": strategy, "--max-per-question": max_per_question, "--min-margin": min_margin,

@@ -419,7 +419,8 @@ _COMMAND_SECRETS: set[str] = set()
 
 def add_secrets(values: list[Any]) -> None:
     """Also scrub, from every file written until :func:`clear_secrets`, the tokens inside these option values of the
-    running command (a token given as ``--push-to-hub``, ``--revision``, ...: anything that looks like one)."""
+    running command (a token given as ``--push-to-hub``, ``--revision``, ...: anything that looks like one; paths
+    are not option values that hold tokens)."""
     for value in values:
         if isinstance(value, (list, tuple)):
             add_secrets(list(value))

@@ -222,6 +222,8 @@ CASES: list[tuple[str, Files, str | list[str], list[str]]] = [
     ("generate-device-unknown", {"q.jsonl": jsonl(QUESTION)}, GENERATE + " --device gpu0", ["--device:"]),
     ("generate-output-is-a-model-file", {"q.jsonl": jsonl(QUESTION), "m.gguf": "weights"},
      "generate {d}/q.jsonl -o {d}/m.gguf --model {d}/m.gguf", ["the output is the input file"]),
+    ("generate-output-empty-path", {"q.jsonl": jsonl(QUESTION)}, ["generate", "{d}/q.jsonl", "-o", ""],
+     ["is a directory; give a file path"]),
     ("generate-output-not-parquet", {"q.jsonl": jsonl(QUESTION)}, "generate {d}/q.jsonl -o {d}/out.csv",
      ["out.csv: the output must be a .parquet file"]),
     # ---- icm pairs
@@ -234,6 +236,13 @@ CASES: list[tuple[str, Files, str | list[str], list[str]]] = [
      "pairs {d}/p.test.parquet -o {d}/p.parquet --eval-size 0.5", ["its test split is the input file"]),
     ("pairs-input-is-the-report", {"p.report.json": json.dumps([LABELLED])},
      "pairs {d}/p.report.json -o {d}/p.parquet", ["its report is the input file"]),
+    ("pairs-min-margin-above-every-pair", {"l.jsonl": jsonl(LABELLED, LABELLED | {
+        "choice": "6", "icm_label": False, "icm_score": 0.0})}, PAIRS + " --min-margin 2015829",
+     ["l.jsonl: no pairs: below min margin: 1"]),
+    ("pairs-output-empty-path", {"l.jsonl": jsonl(LABELLED)}, ["pairs", "{d}/l.jsonl", "-o", ""],
+     ["is a directory; give a file path"]),
+    ("eval-items-empty-path", {"q.jsonl": jsonl(QUESTION)}, ["eval", "{d}/q.jsonl", "--items", ""],
+     ["is a directory; give a file path"]),
     ("pairs-score-5000-digits", {"l.jsonl": jsonl(LABELLED).replace("1.5", HUGE)}, PAIRS,
      ["l.jsonl, row 1: an integer of 5,000 digits"]),
     ("pairs-score-infinite", {"l.jsonl": jsonl(LABELLED).replace("1.5", "1e999")}, PAIRS,
