@@ -660,7 +660,7 @@ def eval_(
     from icm.data.io import check_outputs, files_of
     from icm.dpo.evaluation import evaluate
 
-    if (input is None) == (task is None):
+    if bool(input) == bool(task):
         fail("give exactly one of INPUT or --task")
     instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
     try:

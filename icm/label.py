@@ -31,6 +31,7 @@ from icm.data.io import (
     first_line,
     read_parquet_metadata,
     read_records,
+    text_value,
     write_json,
     write_parquet,
 )
@@ -260,6 +261,9 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
                 gold_labels(claim_records, input_path, claim_fields.label))
 
     if questions is None:
+        if claim_mode != "candidates":  # claims about answers group the candidates by question
+            for row, record in enumerate(records, start=1):
+                text_value(input_path, row, "consistency_id", record.get("consistency_id"))
         gold = gold_labels(records, input_path, fields.label)
         formulated, claims, claims_gold = formulate()
         labels_table(records, [], input_path)  # the output holds every input column: one Parquet cannot store fails now
