@@ -17,9 +17,11 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Optional  # noqa: F401  (typer needs real Optional at runtime on 3.10)
 
+import click
 import typer
 
 from icm.config import (
+    SEED_MAX,
     Balance,
     ClaimMode,
     DemoOrder,
@@ -59,6 +61,7 @@ PANELS = {GenerationConfig: "Sampling", PromptTemplate: "ICM search", ICMConfig:
           IterativeConfig: "Iterative ICM", PairsConfig: "Pairs", DPOTrainingConfig: "DPO training",
           EvalConfig: "Evaluation", TransferConfig: "Run", ServerConfig: SERVER, VLLMConfig: "vLLM engine"}
 TRANSFER_DEFAULTS = TransferConfig()
+SEED = {"min": 0, "max": SEED_MAX}  # the range of every --seed (icm/config.py checks it too)
 
 
 def _field(config: type, name: str) -> tuple[type, Any]:
@@ -98,6 +101,20 @@ def dtype_option(*decls: str, help: str = "Model dtype: auto (bf16 where fast), 
     return typer.Option("auto", *(decls or ("--dtype",)), rich_help_panel=MODEL, help=help)
 
 
+def check_device(device: str | None) -> None:
+    """``--device``: a device torch knows and this machine has (before any model loads)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as error:
+        fail(f"--device: {str(error).splitlines()[0]}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device here")
+
+
 def fail(message: str, code: int = 2) -> None:
     print_error(message)
     raise typer.Exit(code)
@@ -135,6 +152,8 @@ def cli_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
         except (InputError, ModelNotFoundError, FileNotFoundError) as problem:
             fail(str(problem).splitlines()[0] if str(problem) else repr(problem))
         except (OutputError, OSError, ServerError) as problem:  # a full disk, a server gone: nothing half-written
@@ -142,6 +161,12 @@ def cli_errors(fn):
         except KeyboardInterrupt:
             print_error("interrupted")
             raise typer.Exit(130) from None
+        except Exception as problem:  # a bug: one line; the traceback with -v
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            reason = str(problem).splitlines()[0] if str(problem) else ""
+            fail(f"unexpected {type(problem).__name__}{': ' + reason if reason else ''} (a bug; -v shows the "
+                 "traceback)", code=1)
 
     return wrapper
 
@@ -170,9 +195,13 @@ def main(
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
 
+def recipe_next_to(output: Path) -> Path:
+    return Path(f"{Path(output).with_suffix('')}.recipe.yaml")
+
+
 def output_sibling(key: str) -> RecipeSpec:
     """Recipe written next to the output file ``--KEY``: ``NAME.recipe.yaml`` (nowhere without one)."""
-    return RecipeSpec(path=lambda p: Path(f"{Path(p[key]).with_suffix('')}.recipe.yaml") if p.get(key) else None)
+    return RecipeSpec(path=lambda p: recipe_next_to(p[key]) if p.get(key) else None)
 
 
 def in_directory(key: str) -> RecipeSpec:
@@ -262,20 +291,23 @@ def generate(
     instruction: str | None = typer.Option(None, help=INSTRUCTION_HELP, rich_help_panel="Sampling"),
     raw_prompt: bool = typer.Option(False, help="Don't use the model's chat template.", rich_help_panel="Sampling"),
     batch_size: int = option(GenerationConfig, "batch_size", min=1),
-    seed: int = option(GenerationConfig, "seed", help="Seed for sampling, --shuffle and the built-in task."),
+    seed: int = option(GenerationConfig, "seed", **SEED, help="Seed for sampling, --shuffle and the built-in task."),
     extractor: str | None = typer.Option(None, help=EXTRACTOR_HELP, rich_help_panel="Sampling"),
     include_reference: bool = option(GenerationConfig, "include_reference"),
     enumerate_answers: bool = option(GenerationConfig, "enumerate_answers"),
 ) -> None:
     """Sample candidate solutions from a model and write them as claims for `icm label`."""
     from icm.data.candidates import report_path, report_table
-    from icm.data.io import check_output
+    from icm.data.io import check_output, check_outputs, files_of
     from icm.data.tasks import load_questions
-    from icm.generate import generate_file
+    from icm.generate import checkpoint_path, generate_file
 
     if sum(map(bool, (input, task, dataset))) != 1:
         fail("give exactly one of INPUT, --task or --dataset")
-    check_output(output, input)
+    check_output(output, input)  # a directory (or an empty path) first: it has no siblings
+    check_outputs({"the output": output, "its report": report_path(output), "its checkpoint": checkpoint_path(output),
+                   "its recipe": recipe_next_to(output)}, [input, *files_of(model)])
+    check_device(device)
     instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
     try:
         gen_config = GenerationConfig(
@@ -331,7 +363,7 @@ def label(
     tokenizer: str | None = option(ServerConfig, "tokenizer"),
     api_key_env: str = option(ServerConfig, "api_key_env"),
     concurrency: int = option(ServerConfig, "concurrency", min=1),
-    seed: int = option(ICMConfig, "seed"),
+    seed: int = option(ICMConfig, "seed", **SEED),
     iterations: int | None = option(ICMConfig, "iterations", min=0),
     polish_iterations: int | None = option(ICMConfig, "polish_iterations", min=0),
     alpha: float = option(ICMConfig, "alpha", min=0),
@@ -378,6 +410,7 @@ def label(
 
     from icm.data.answers import closed_answers
     from icm.data.claims import ClaimFields
+    from icm.data.io import check_outputs, files_of
     from icm.label import label_file, run_dir_for
     from icm.scoring import unescape
 
@@ -398,6 +431,7 @@ def label(
     fields_ = ClaimFields(question=question_field, choice=choice_field, choice_2=choice_2_field,
                           consistency_id=id_field, consistency_key=key_field, label=label_field)
     command = shlex.join(["icm", *sys.argv[1:]])
+    check_outputs({"the output": output}, files_of(model))
     try:
         run = label_file(input, output, model, config, template=template, fields=fields_, run_dir=run_dir,
                          resume=resume, overwrite=overwrite, dtype=dtype, generation=generation, claim_mode=claims,
@@ -462,8 +496,8 @@ def pairs(
     min_margin: float | None = option(PairsConfig, "min_margin"),
     margin_quantile: float | None = option(PairsConfig, "margin_quantile", min=0.0, max=1.0),
     fmt: PairFormat = option(PairsConfig, "format", "--format"),
-    test_size: float | None = option(PairsConfig, "test_size", "--eval-size", "--test-size"),
-    seed: int = option(PairsConfig, "seed"),
+    test_size: float | None = option(PairsConfig, "test_size", "--eval-size", "--test-size", min=0),
+    seed: int = option(PairsConfig, "seed", **SEED),
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME", help=PUSH_HELP,
                                            rich_help_panel=HUB),
     private: bool = typer.Option(False, help="Create the Hub repository private.", rich_help_panel=HUB),
@@ -474,8 +508,12 @@ def pairs(
     import shlex
 
     from icm.data.hub import check_repo_id
+    from icm.data.io import check_output, check_outputs
     from icm.data.pairs import build_pairs, load_labels, report_table, split_paths, write_pairs
 
+    check_output(output, labels)  # a directory (or an empty path) first: it has no siblings
+    check_outputs({"the output": output, "its test split": split_paths(output)["test"],
+                   "its report": split_paths(output)["report"], "its recipe": recipe_next_to(output)}, [labels])
     try:
         config = PairsConfig(strategy=strategy, max_per_question=max_per_question, min_margin=min_margin,
                              margin_quantile=margin_quantile, format=fmt, test_size=test_size, seed=seed)
@@ -485,8 +523,7 @@ def pairs(
         fail(str(error))
     rows, metadata = load_labels(labels)
     kept, report = build_pairs(rows, config)
-    if not kept:
-        console.print(report_table(report))
+    if not kept:  # the reasons on the one line of the error (the report table would be more lines)
         raise InputError(labels, "no pairs: " + ", ".join(f"{k}: {v}" for k, v in
                                                           (report["questions_skipped"] | report["dropped"]).items()))
     args = {"--strategy": strategy, "--max-per-question": max_per_question, "--min-margin": min_margin,
@@ -544,20 +581,20 @@ def dpo(
     lora_alpha: int = option(DPOTrainingConfig, "lora_alpha", min=1),
     lora_target_modules: str = option(DPOTrainingConfig, "lora_target_modules"),
     merge_lora: bool = option(DPOTrainingConfig, "merge_lora"),
-    beta: float = option(DPOTrainingConfig, "beta"),
-    learning_rate: float | None = option(DPOTrainingConfig, "learning_rate"),
-    epochs: float = option(DPOTrainingConfig, "num_train_epochs", "--epochs"),
-    max_steps: int = option(DPOTrainingConfig, "max_steps"),
+    beta: float = option(DPOTrainingConfig, "beta", min=0),
+    learning_rate: float | None = option(DPOTrainingConfig, "learning_rate", min=0),
+    epochs: float = option(DPOTrainingConfig, "num_train_epochs", "--epochs", min=0),
+    max_steps: int = option(DPOTrainingConfig, "max_steps", min=-1),
     batch_size: int = option(DPOTrainingConfig, "batch_size", min=1),
     gradient_accumulation_steps: int = option(DPOTrainingConfig, "gradient_accumulation_steps", min=1),
     max_length: int = option(DPOTrainingConfig, "max_length", min=8),
     loss_type: str = option(DPOTrainingConfig, "loss_type"),
     loss_weights: str | None = option(DPOTrainingConfig, "loss_weights", help="Comma-separated weight per "
                                       "--loss-type [default: 1 each]."),
-    label_smoothing: float = option(DPOTrainingConfig, "label_smoothing"),
+    label_smoothing: float = option(DPOTrainingConfig, "label_smoothing", min=0, max=0.5),
     gradient_checkpointing: bool = option(DPOTrainingConfig, "gradient_checkpointing"),
     save_steps: int = option(DPOTrainingConfig, "save_steps", min=0),
-    seed: int = option(DPOTrainingConfig, "seed"),
+    seed: int = option(DPOTrainingConfig, "seed", **SEED),
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME", help="Upload the result "
                                            "to this Hub model repository.", rich_help_panel=HUB),
     private: bool = typer.Option(False, help="Create the Hub repository private.", rich_help_panel=HUB),
@@ -629,14 +666,15 @@ def eval_(
     extractor: str | None = typer.Option(None, help=EXTRACTOR_HELP, rich_help_panel=PANELS[EvalConfig]),
     num_shots: int = option(EvalConfig, "num_shots", min=0),
     chat_template: bool = option(EvalConfig, "use_chat_template", "--chat-template/--no-chat-template"),
-    seed: int = option(EvalConfig, "seed"),
+    seed: int = option(EvalConfig, "seed", **SEED),
 ) -> None:
     """Accuracy of a model on held-out questions (greedy, `icm generate`'s extractors) or on labelled claims."""
     import json
 
+    from icm.data.io import check_outputs, files_of
     from icm.dpo.evaluation import evaluate
 
-    if (input is None) == (task is None):
+    if bool(input) == bool(task):
         fail("give exactly one of INPUT or --task")
     instruction, extractor, max_new_tokens = task_settings(task, instruction, extractor, max_new_tokens)
     try:
@@ -645,6 +683,7 @@ def eval_(
                             limit=limit)
     except ValueError as error:
         fail(str(error))
+    check_outputs({"the output": output, "the per-item file": items}, files_of(model))
     report = evaluate(model, input, task=task, config=config, output=output, items_output=items,
                       question_field=question_field, answer_field=answer_field, id_field=id_field, dtype=dtype)
     if not console.quiet:
@@ -680,10 +719,10 @@ def transfer(
                                "the same as --labeller for plain self-improvement)."),
     dtype: Dtype = option(TransferConfig, "dtype", rich_help_panel=MODEL),
     arms: str = option(TransferConfig, "arms", as_text=True),
-    eval_size: float = option(TransferConfig, "eval_size"),
+    eval_size: float = option(TransferConfig, "eval_size", min=0),
     train_size: int | None = option(TransferConfig, "train_size", min=1),
     bootstrap_samples: int = option(TransferConfig, "bootstrap_samples", min=100),
-    seed: int = option(TransferConfig, "seed"),
+    seed: int = option(TransferConfig, "seed", **SEED),
     generator: Generator = option(TransferConfig, "generator", rich_help_panel="Sampling"),
     num_candidates: int = option(TransferConfig, "generation.num_candidates", min=1),
     temperature: float = option(TransferConfig, "generation.temperature", min=0.0),
@@ -709,17 +748,17 @@ def transfer(
     min_margin: float | None = option(TransferConfig, "pairs.min_margin"),
     margin_quantile: float | None = option(TransferConfig, "pairs.margin_quantile", min=0.0, max=1.0),
     lora: bool = option(TransferConfig, "dpo.lora", "--lora/--no-lora"),
-    beta: float = option(TransferConfig, "dpo.beta"),
-    learning_rate: float | None = option(TransferConfig, "dpo.learning_rate"),
-    epochs: float = option(TransferConfig, "dpo.num_train_epochs", "--epochs"),
-    max_steps: int = option(TransferConfig, "dpo.max_steps"),
+    beta: float = option(TransferConfig, "dpo.beta", min=0),
+    learning_rate: float | None = option(TransferConfig, "dpo.learning_rate", min=0),
+    epochs: float = option(TransferConfig, "dpo.num_train_epochs", "--epochs", min=0),
+    max_steps: int = option(TransferConfig, "dpo.max_steps", min=-1),
     batch_size: int = option(TransferConfig, "dpo.batch_size", min=1),
     max_length: int = option(TransferConfig, "dpo.max_length", min=8),
     loss_type: str = option(TransferConfig, "dpo.loss_type"),
     loss_weights: str | None = option(TransferConfig, "dpo.loss_weights", help="Comma-separated weight per "
                                       "--loss-type [default: 1 each]."),
-    label_smoothing: float = option(TransferConfig, "dpo.label_smoothing"),
-    dpo_seed: int | None = typer.Option(None, rich_help_panel="DPO training", help="Seed of DPO training alone "
+    label_smoothing: float = option(TransferConfig, "dpo.label_smoothing", min=0, max=0.5),
+    dpo_seed: int | None = typer.Option(None, **SEED, rich_help_panel="DPO training", help="Seed of DPO training alone "
                                         "(data order, LoRA init), to repeat the training on the same labels "
                                         "[default: --seed]."),
 ) -> None:

@@ -4,10 +4,11 @@ For each stage (label, generate, dpo, transfer) the harness runs the ``icm`` com
 reference), then runs it again in a fresh directory and SIGKILLs it after a seeded random delay drawn uniformly
 from [0.9 x the time the reference took to show progress on disk, reference time] (before that the process is
 importing libraries and loading the model, and a kill there tests nothing), restarts the same command (which
-resumes), kills it again, and so on, until it finishes on its own or ``--kills`` kills have landed; then it lets
-the command finish and compares the outputs with the reference. A kill *survived* when the run it interrupted
-ended with exactly the reference outputs (every kill of a chain shares the verdict of the chain's end). When a
-chain ends before enough kills have landed, a new chain starts in a new directory.
+resumes), kills it again, and so on, until it finishes on its own or ``--kills`` kills have landed mid-work (with
+state on disk; for dpo: between two checkpoints, the final model not yet saved); then it lets the command finish
+and compares the outputs with the reference. A kill *survived* when the run it interrupted ended with exactly the
+reference outputs (every kill of a chain shares the verdict of the chain's end). When a chain ends before enough
+kills have landed, a new chain starts in a new directory.
 
 What is compared, per stage (everything else a run writes is bookkeeping: timings, token counts):
 
@@ -99,7 +100,13 @@ def _generate_progress(d: Path) -> str:
 
 def _dpo_progress(d: Path) -> str:
     steps = sorted(int(p.name.split("-")[1]) for p in (d / "policy").glob("checkpoint-*"))
-    return f"checkpoints {steps}" if steps else "no checkpoint yet"
+    final = ", final model saved" if (d / "policy" / "adapter_model.safetensors").exists() else ""
+    return (f"checkpoints {steps}" if steps else "no checkpoint yet") + final
+
+
+def _dpo_mid(state: str) -> bool:
+    """Between two checkpoints of the training: one is on disk and the final model is not."""
+    return state.startswith("checkpoints") and "final" not in state
 
 
 def _transfer_progress(d: Path) -> str:
@@ -118,6 +125,12 @@ class Stage:
     result: Callable[[Path], Any]
     progress: Callable[[Path], str]
     notes: str = ""
+    mid: Callable[[str], bool] | None = None
+    """Whether a kill that left this progress on disk landed in the middle of the work [default: any progress]."""
+
+
+DPO_BENCH_STEPS, DPO_BENCH_SAVE_STEPS = "240", "10"
+"""Enough steps that the training outlasts the restart (imports, model loading), so kills land between checkpoints."""
 
 
 def stages(model: str, inputs: Path, size: str = "bench") -> dict[str, Stage]:
@@ -135,9 +148,11 @@ def stages(model: str, inputs: Path, size: str = "bench") -> dict[str, Stage]:
                                        "-o", "candidates.parquet", "--resume"], _generate_result, _generate_progress,
                           "candidates table bit-identical; metadata identical but for timings and counters"),
         "dpo": Stage("dpo", ["dpo", str(inputs / "pairs.jsonl"), "--model", model, "-o", "policy", "--max-steps",
-                             "6" if small else "12", "--batch-size", "2", "--save-steps", "1", "--precision", "fp32",
-                             "--resume"], _dpo_result, _dpo_progress,
-                     "adapter weights bit-identical; icm_dpo.json identical but for timings and resumed_from"),
+                             "6" if small else DPO_BENCH_STEPS, "--batch-size", "2", "--save-steps",
+                             "1" if small else DPO_BENCH_SAVE_STEPS, "--precision", "fp32", "--resume"],
+                     _dpo_result, _dpo_progress,
+                     "adapter weights bit-identical; icm_dpo.json identical but for timings and resumed_from",
+                     mid=_dpo_mid),
         "transfer": Stage("transfer", ["transfer", "--task", "arithmetic", "--limit", n, "--eval-size", "4",
                                        "--labeller", model, "--policy", model, "-o", "run", "--num-candidates", "2",
                                        "--max-new-tokens", "8", "--icm-iterations", "16", "--max-steps", "3",
@@ -210,6 +225,9 @@ class Outcome:
     stage: str
     tried: int = 0
     survived: int = 0
+    mid_tried: int = 0
+    """Kills that landed in the middle of the work (``Stage.mid``: state on disk, the work not finished)."""
+    mid_survived: int = 0
     reference_seconds: float = 0.0
     first_progress_seconds: float = 0.0
     kills: list[Json] = field(default_factory=list)
@@ -217,11 +235,13 @@ class Outcome:
 
     def line(self) -> str:
         share = self.survived / self.tried if self.tried else float("nan")
-        return f"{self.stage}: {self.survived}/{self.tried} kills survived ({share:.0%})"
+        return (f"{self.stage}: {self.survived}/{self.tried} kills survived ({share:.0%}); landed mid-work: "
+                f"{self.mid_survived}/{self.mid_tried} survived")
 
 
 def chaos(stage: Stage, work: Path, kills: int, seed: int, timeout: float = 1800.0, log=print) -> Outcome:
-    """Run ``stage`` once uninterrupted in ``work/ref``, then in chains of kill -9 and resume; see the module doc."""
+    """Run ``stage`` once uninterrupted in ``work/ref``, then in chains of kill -9 and resume (see the module doc)
+    until ``kills`` kills have landed mid-work (``Stage.mid``), or ``5 * kills`` in all."""
     env = environment(work)
     ref = work / f"{stage.name}-ref"
     shutil.rmtree(ref, ignore_errors=True)
@@ -234,12 +254,14 @@ def chaos(stage: Stage, work: Path, kills: int, seed: int, timeout: float = 1800
     rng = random.Random(seed)
     earliest = 0.9 * outcome.first_progress_seconds
     chain = 0
-    while outcome.tried < kills:
+    mid = stage.mid or (lambda state, initial=stage.progress(work / "no-such-dir"): state != initial)
+    while outcome.mid_tried < kills and outcome.tried < 5 * kills:
         d = work / f"{stage.name}-chaos-{chain}"
         shutil.rmtree(d, ignore_errors=True)
         d.with_suffix(".log").unlink(missing_ok=True)
         chain_kills: list[Json] = []
-        while outcome.tried + len(chain_kills) < kills:
+        while (outcome.mid_tried + sum(mid(k["state"]) for k in chain_kills) < kills
+               and outcome.tried + len(chain_kills) < 5 * kills):
             delay = rng.uniform(earliest, outcome.reference_seconds)
             proc = _start(stage, d, env)
             try:
@@ -254,11 +276,13 @@ def chaos(stage: Stage, work: Path, kills: int, seed: int, timeout: float = 1800
         _finish(stage, d, env, timeout)  # a no-op rerun when the last start finished: that must hold too
         same = stage.result(d) == expected
         for k in chain_kills:
-            k["survived"] = same
-            log(f"  kill {outcome.tried + 1} (chain {chain}) after {k['after_seconds']:.1f} s, {k['state']}: "
-                + ("survived" if same else "OUTPUT DIFFERS"))
+            k["survived"], k["mid_work"] = same, mid(k["state"])
+            log(f"  kill {outcome.tried + 1} (chain {chain}) after {k['after_seconds']:.1f} s, {k['state']}"
+                + ("" if k["mid_work"] else " (not mid-work)") + ": " + ("survived" if same else "OUTPUT DIFFERS"))
             outcome.tried += 1
             outcome.survived += same
+            outcome.mid_tried += k["mid_work"]
+            outcome.mid_survived += same and k["mid_work"]
         outcome.kills += chain_kills
         chain += 1
     return outcome
@@ -267,7 +291,7 @@ def chaos(stage: Stage, work: Path, kills: int, seed: int, timeout: float = 1800
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", default="label,generate,dpo,transfer")
-    parser.add_argument("--kills", type=int, default=10, help="Kills that must land per stage.")
+    parser.add_argument("--kills", type=int, default=10, help="Kills that must land mid-work per stage.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="Work directory [default: a temporary one].")
     parser.add_argument("--size", default="bench", choices=("bench", "test"))

@@ -21,6 +21,7 @@ from functools import partialmethod
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=True)  # progress displays, tables, notes: silenced by -q
@@ -28,7 +29,7 @@ _always = Console(stderr=True)  # errors and the final result line
 
 # Read by the libraries when they are imported: covers a library first imported during the command.
 LIBRARY_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-               "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+               "HF_HUB_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
                "HF_DATASETS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
 LIBRARY_LOGGERS = ("transformers", "trl", "accelerate", "peft", "datasets", "huggingface_hub", "torch")
 
@@ -50,12 +51,19 @@ def set_quiet(quiet: bool) -> None:
 
 
 def result(message: str) -> None:
-    """The command's final result line (shown in quiet mode too)."""
-    _always.print(message, highlight=False, soft_wrap=True)
+    """The command's final result line (shown in quiet mode too), printed as it is (no markup)."""
+    _always.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line with its markup shown as it is: file names like ``claims [v2].jsonl`` print unchanged,
+    and a new line (in a file name, in a library's message) is written as ``\\n``."""
+    return escape(text.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def error(message: str) -> None:
-    _always.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr: ``error: MESSAGE``."""
+    _always.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)
 
 
 def summary(title: str, rows: dict[str, Any]) -> Table:
@@ -65,7 +73,7 @@ def summary(title: str, rows: dict[str, Any]) -> Table:
     table.add_column()
     for key, value in rows.items():
         if value is not None:
-            table.add_row(key, str(value))
+            table.add_row(key, escape(str(value)))
     return table
 
 

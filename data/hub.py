@@ -7,10 +7,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pyarrow as pa
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from icm.data.io import InputError, read_parquet_metadata, scrub, scrub_all  # noqa: F401  (re-exported)
+from icm.data.io import InputError, read_parquet_metadata, regular_file, scrub, scrub_all  # noqa: F401  (re-exported)
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -29,13 +28,8 @@ def hub_path(split: str) -> str:
 def split_files(path: str | Path) -> dict[str, Path]:
     """Split name -> file for an existing labels or pairs Parquet file: a pairs file written with a test split
     brings its sibling (named in its ``icm`` metadata); anything else is the train split."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        metadata = read_parquet_metadata(path)
-    except (pa.ArrowInvalid, OSError, ValueError) as error:
-        raise InputError(path, f"not a readable Parquet file ({error})") from None
+    path = regular_file(path)
+    metadata = read_parquet_metadata(path)  # an unreadable file or damaged metadata: an InputError
     names = metadata.get("splits") or {"train": path.name}
     files = {split: path if split == metadata.get("split") else path.parent / name for split, name in names.items()}
     for split, file in files.items():

@@ -74,7 +74,8 @@ def load_labels(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
         row["icm_score"] = score
         row["choice"] = text_value(path, i, "choice", row["choice"])
         for name in ("prompt", "question", "choice_2", "answer"):
-            text_value(path, i, name, row.get(name), required=False)
+            if name in row:
+                row[name] = text_value(path, i, name, row[name], required=False)
         if not _text(row.get("prompt")) and not _text(row.get("question")):
             raise InputError(path, "missing or empty (the prompt column is absent too)", row=i, field="question")
         if row.get("label") is not None and row.get("label") != "":

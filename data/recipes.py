@@ -29,10 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from icm.data.console import console, quiet_libraries, set_quiet
-from icm.data.io import atomic_path
+from icm.data.io import (
+    InputError,
+    OutputError,
+    add_secret,
+    add_secrets,
+    atomic_path,
+    clear_secrets,
+    regular_file,
+    scrub,
+    scrub_all,
+)
 
 RECIPE_FILE = "recipe.yaml"
 RUN_CONTROL = frozenset({"resume", "overwrite", "stop_after"})  # how to run, not what: never written
@@ -87,15 +98,17 @@ def read_recipe(path: Path, ctx: Any) -> dict[str, Any]:
 
     command = ctx.command
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: file not found") from None
+        data = yaml.safe_load(regular_file(path).read_text(encoding="utf-8"))
+    except InputError as error:  # missing, a directory, a FIFO (never opened), a device
+        raise RecipeError(str(error)) from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"{path}: cannot be read ({error})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{path}: not valid YAML{where} ({getattr(error, 'problem', None) or error})") from None
+    except (ValueError, RecursionError) as error:  # an integer of 4,300+ digits, nesting deeper than Python goes
+        raise RecipeError(f"{path}: not a readable recipe ({type(error).__name__}: {error})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -180,9 +193,9 @@ def write_recipe(path: Path, command: Any, params: dict[str, Any]) -> None:
 
     header = (f"# icm {command.name} recipe (icm {version()}): every option's value; rerun with\n"
               f"#   icm {command.name} --config {path}\n# Flags given with --config override these values.\n")
-    text = yaml.safe_dump(resolved_recipe(command, params), sort_keys=False, allow_unicode=True, width=120)
+    text = yaml.safe_dump(scrub_all(resolved_recipe(command, params)), sort_keys=False, allow_unicode=True, width=120)
     with atomic_path(path) as tmp:
-        tmp.write_text(header + text, encoding="utf-8")
+        tmp.write_text(scrub(header + text), encoding="utf-8")
 
 
 def _read_config(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -245,6 +258,9 @@ def with_common_options(fn: Callable[..., Any], name: str) -> Callable[..., Any]
         level = root.level
         root.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else level)
         set_quiet(quiet)
+        add_secrets(list(kwargs.values()))  # a token given in any option reaches no file this command writes
+        if isinstance(kwargs.get("api_key_env"), str):
+            add_secret(os.environ.get(kwargs["api_key_env"]))
         try:
             with quiet_libraries(not verbose):
                 out = fn(**kwargs)
@@ -252,8 +268,9 @@ def with_common_options(fn: Callable[..., Any], name: str) -> Callable[..., Any]
             target = spec.path(ctx.params) if spec and spec.path else None
             if target is not None and _main_process():
                 write_recipe(Path(target), ctx.command, {k: v for k, v in ctx.params.items() if k not in COMMON})
-                console.print(f"[dim]recipe: {target}[/]", highlight=False)
+                console.print(f"[dim]recipe: {escape(str(target))}[/]", highlight=False)
         finally:
+            clear_secrets()
             set_quiet(False)
             root.setLevel(level)
         return out
@@ -282,6 +299,11 @@ class OneLineErrorsGroup(TyperGroup):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except Exception as error:  # click's exceptions are the vendored copy's: recognised by what they offer
+            if isinstance(error, (InputError, OutputError)):  # writing the recipe after the command, say
+                from icm.data.console import error as print_error
+
+                print_error(str(error))
+                sys.exit(2 if isinstance(error, InputError) else 1)
             if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
                 raise
             if type(error).__name__ == "NoArgsIsHelpError":  # `icm` alone: the help, as click shows it

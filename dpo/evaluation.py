@@ -18,7 +18,7 @@ import numpy as np
 from icm.config import EvalConfig, GenerationConfig
 from icm.data.answers import answers_match, extract_answer
 from icm.data.claims import claims_from_records, gold_labels
-from icm.data.io import InputError, check_output, read_records, write_json
+from icm.data.io import InputError, check_outputs, read_records, scrub_text, write_json
 from icm.data.tasks import Question, load_questions
 from icm.sampling import generate_texts, user_message
 
@@ -120,9 +120,7 @@ def evaluate(
     config = config or EvalConfig()
     source = str(input) if input is not None else f"task:{task}"
     records = read_records(input) if input is not None else None
-    for path in (output, items_output):
-        if path is not None:
-            check_output(path, input)
+    check_outputs({"the output": output, "the per-item file": items_output}, [input])
     claims = records is not None and is_claims_file(records)
     if claims:  # every input error is found before the model loads
         claims_from_records(records, source)
@@ -173,7 +171,7 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     from icm.data.io import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows), encoding="utf-8")
+        tmp.write_text(scrub_text("".join(json.dumps(r, default=str) + "\n" for r in rows)), encoding="utf-8")
 
 
 def paired_bootstrap(before: list[bool], after: list[bool], samples: int = 2000, level: float = 0.95,

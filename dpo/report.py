@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from icm.data.io import InputError, atomic_path, read_records
+from icm.data.io import InputError, atomic_path, check_output, read_json, read_records, scrub
 from icm.data.pairs import split_paths
 
 KINDS = ("label", "pairs", "transfer")
@@ -42,6 +41,9 @@ img { max-width: 100%; border: 1px solid #e4e7eb; margin: 0.5em 0; } .note { col
 .row { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
 """
 TITLES = {"label": "label run", "pairs": "preference pairs", "transfer": "transfer run"}
+RERUN = "rerun the command that wrote it"
+PAIRS_REPORT_KEYS = ("rows", "questions", "label_balance", "candidate_pairs", "pairs", "questions_with_pairs",
+                     "pairs_per_question", "questions_skipped", "dropped")
 
 
 @dataclass
@@ -85,8 +87,8 @@ class Page:
 
 def _is_pairs_report(path: Path) -> bool:
     try:
-        return "pairs_per_question" in json.loads(path.read_text())
-    except (OSError, ValueError):
+        return "pairs_per_question" in read_json(path, keys=())
+    except InputError:  # not a file, not JSON, not an object: not a pairs report
         return False
 
 
@@ -192,7 +194,7 @@ def calibration(scores: np.ndarray, gold: np.ndarray, bins: int = 8) -> list[tup
 def label_sections(page: Page, run_dir: Path, prefix: str = "", title: str = "") -> None:
     """Summary, search (U and acceptance per step), label balance, scores by label and by gold, calibration."""
     plt = _pyplot()
-    run = json.loads((run_dir / "run.json").read_text())
+    run = read_json(run_dir / "run.json", RERUN, keys=())
     rows = [("model", run.get("model")), ("input", run.get("input")), ("claims", run.get("claims")),
             ("searched by ICM", run.get("searched")), ("batches", run.get("batches")),
             ("True share", _fmt(run.get("true_share"), share=True)),
@@ -304,7 +306,7 @@ def label_sections(page: Page, run_dir: Path, prefix: str = "", title: str = "")
 def pairs_sections(page: Page, report_path: Path, prefix: str = "", title: str = "") -> None:
     """Summary of the pairs report, pairs per question and the margin distribution (by gold correctness)."""
     plt = _pyplot()
-    report = json.loads(report_path.read_text())
+    report = read_json(report_path, RERUN, keys=PAIRS_REPORT_KEYS)
     balance, ppq = report["label_balance"], report["pairs_per_question"]
     rows: list[tuple[str, Any]] = [("rows (candidates)", report["rows"]), ("questions", report["questions"]),
                                    ("labels True / False", f"{balance['true']} / {balance['false']}"),
@@ -362,7 +364,8 @@ def transfer_sections(page: Page, run_dir: Path) -> None:
     """Held-out accuracy before and after, per arm with its CI, then the ICM arm's label run and pairs."""
     from icm.dpo.transfer import plot_transfer
 
-    report = json.loads((run_dir / "transfer.json").read_text())
+    report = read_json(run_dir / "transfer.json", RERUN, keys=("mode", "labeller", "policy", "held_out",
+                                                                 "accuracy_before", "config", "arms"))
     questions = report.get("questions") or {}
     rows = [("mode", report["mode"]), ("labeller", report["labeller"]), ("policy", report["policy"]),
             ("questions (train / held out)", f"{questions.get('train')} / {report['held_out']}"),
@@ -391,15 +394,26 @@ def write_report(path: str | Path, output: str | Path | None = None) -> tuple[st
     """Write the HTML page for the run at ``path`` (atomic); returns its kind, the page and the PNGs."""
     kind, target = detect(path)
     output = Path(output) if output else default_output(kind, target)
+    if output.suffix.lower() not in (".html", ".htm"):
+        raise InputError(output, "the report is an HTML page: give a path ending in .html")
+    run_dir = target if target.is_dir() else target.parent
+    check_output(output, target, *(p for d in (run_dir, run_dir / "icm") if d.is_dir() for p in d.iterdir()
+                                   if p.suffix.lower() not in (".html", ".htm", ".png")))
     output.parent.mkdir(parents=True, exist_ok=True)
     page = Page(output)
-    if kind == "transfer":
-        transfer_sections(page, target)
-    elif kind == "label":
-        label_sections(page, target)
-    else:
-        pairs_sections(page, target)
+    try:
+        if kind == "transfer":
+            transfer_sections(page, target)
+        elif kind == "label":
+            label_sections(page, target)
+        else:
+            pairs_sections(page, target)
+    except InputError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:  # a value of the wrong shape
+        raise InputError(target, f"damaged or of another icm version ({type(error).__name__}: {error}); "
+                         f"{RERUN}") from None
     title = f"icm report: {TITLES[kind]}"
     with atomic_path(output) as tmp:
-        tmp.write_text(page.render(title, str(target)), encoding="utf-8")
+        tmp.write_text(scrub(page.render(title, str(target))), encoding="utf-8")
     return kind, output, page.images

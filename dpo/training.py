@@ -21,7 +21,16 @@ from transformers.trainer_callback import PrinterCallback
 
 from icm.config import DPOTrainingConfig
 from icm.data.console import console
-from icm.data.io import InputError, check_output, read_records, require_fields, write_json
+from icm.data.io import (
+    InputError,
+    check_output,
+    check_outputs,
+    files_of,
+    read_json,
+    read_records,
+    require_fields,
+    write_json,
+)
 from icm.models import (
     check_weights,
     default_device,
@@ -37,6 +46,10 @@ log = logging.getLogger(__name__)
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SUMMARY_FILE = "icm_dpo.json"  # written next to the model: base model spec, config, metrics
+WRITTEN = (SUMMARY_FILE, "README.md", "adapter_config.json", "adapter_model.safetensors", "config.json",
+           "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json", "chat_template.jinja", "training_args.bin", "recipe.yaml")
+"""Files ``train_dpo`` (the Trainer, the card, the recipe) writes in the output directory: never an input."""
 KEY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
                "logps/rejected", "grad_norm", "learning_rate")
 
@@ -335,7 +348,13 @@ def train_dpo(
     """
     config = config or DPOTrainingConfig()
     output_dir = Path(output_dir)
-    check_output(output_dir, *(p for p in (pairs, eval_pairs) if isinstance(p, (str, Path))), directory=True)
+    inputs = [p for p in (pairs, eval_pairs) if isinstance(p, (str, Path))]
+    check_output(output_dir, *inputs, directory=True)
+    check_outputs({f"{name} in --output-dir": output_dir / name for name in WRITTEN}, inputs + files_of(model))
+    for source in inputs:  # old checkpoints are deleted as new ones are saved
+        if Path(source).exists() and Path(source).resolve().parent.name.startswith("checkpoint-") and \
+                Path(source).resolve().parent.parent == output_dir.resolve():
+            raise InputError(source, f"lies in a checkpoint of {output_dir}, which training replaces; move it out")
     if not (resume or overwrite) and output_dir.is_dir() and (
             (output_dir / SUMMARY_FILE).exists() or any(output_dir.glob("checkpoint-*"))):
         raise InputError(output_dir, "already holds a trained model or checkpoints (resume, or overwrite it)")
@@ -437,14 +456,19 @@ def load_trained_model(spec: str, dtype: str | torch.dtype | None = "auto", devi
 
     check_weights(path)
     base = None
+    fix = "not an adapter directory written by icm dpo or peft"
     if (path / SUMMARY_FILE).is_file():
-        base = json.loads((path / SUMMARY_FILE).read_text()).get("base_model")
+        base = read_json(path / SUMMARY_FILE, fix, keys=()).get("base_model")
     if base is None:
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
+        base = read_json(path / "adapter_config.json", fix, keys=()).get("base_model_name_or_path")
+    if not base or not isinstance(base, str):
         raise InputError(path / "adapter_config.json", "adapter has no base model", field="base_model_name_or_path")
     model, tokenizer = load_model(base, dtype=dtype, device=device)
-    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:  # a config peft cannot use
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(path / "adapter_config.json", f"not a loadable adapter ({reason})") from None
     model.eval()
     if (path / "tokenizer_config.json").is_file():  # the tokenizer saved with the adapters
         from transformers import AutoTokenizer

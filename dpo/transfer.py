@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from rich.markup import escape
 from rich.table import Table
 
 from icm.config import STAGES, TransferConfig
@@ -37,6 +38,8 @@ from icm.data.io import (
     InputError,
     atomic_path,
     check_output,
+    check_outputs,
+    read_json,
     read_parquet_metadata,
     read_records,
     write_json,
@@ -48,6 +51,7 @@ from icm.dpo.evaluation import evaluate_question_list, paired_bootstrap
 from icm.dpo.training import SUMMARY_FILE, train_dpo
 from icm.generate import generate_file
 from icm.label import label_file
+from icm.models import load_tokenizer
 
 
 def split_questions(questions: list[Question], eval_size: float, seed: int,
@@ -88,7 +92,7 @@ class Stages:
     def run(self, name: str, output: Path, fn: Callable[[], Any]) -> bool:
         if output.exists():
             return self.skip(name, f"{output.name} exists")
-        console.print(f"[bold]{name}[/] -> {output}", highlight=False)
+        console.print(f"[bold]{name}[/] -> {escape(str(output))}", highlight=False)
         start = time.perf_counter()
         fn()
         self.timings[name] = round(time.perf_counter() - start, 3)
@@ -98,7 +102,7 @@ class Stages:
 
     def skip(self, name: str, why: str) -> bool:
         self.skipped.append(name)
-        console.print(f"[dim]{name}: {why}, skipped[/]", highlight=False)
+        console.print(f"[dim]{name}: {escape(why)}, skipped[/]", highlight=False)
         return False
 
 
@@ -109,6 +113,47 @@ def arm_paths(run_dir: Path, arm: str) -> dict[str, Path]:
     return {"dir": base, "labels": base / "labels.parquet", "label_run": base / "icm", "pairs": pairs,
             "pairs_report": split_paths(pairs)["report"], "policy": base / "policy",
             "eval_after": base / "eval_after.json"}
+
+
+REDO = "delete it to run its stage again"
+EVAL_KEYS = ("accuracy", "n", "results")
+PAIRS_KEYS = ("pairs", "label_balance", "labels_gold_accuracy", "quality", "questions_with_pairs", "questions_skipped",
+              "dropped")
+
+
+def check_run_dir(run_dir: Path, arms: tuple[str, ...], inputs: list[Path]) -> None:
+    """Before any model loads: no input is a file the run writes (or lies in an arm's label run or policy directory),
+    and every state file a rerun reads back is whole (a damaged one is an :class:`InputError` saying to delete it)."""
+    shared = ["split.json", "stages.json", "eval_before.json", "eval_before.items.jsonl", "candidates.parquet",
+              "candidates.report.json", "candidates.partial.jsonl", "transfer.json", "transfer.png", "recipe.yaml"]
+    files = {f"the run's {name}": run_dir / name for name in shared}
+    for arm in arms:
+        paths = arm_paths(run_dir, arm)
+        files |= {f"the {arm} arm's {key}": path for key, path in paths.items() if key not in ("dir", "label_run",
+                                                                                                 "policy")}
+        files[f"the {arm} arm's test pairs"] = split_paths(paths["pairs"])["test"]
+        for key in ("label_run", "policy"):
+            inside = [p for p in inputs if Path(p).resolve().is_relative_to(paths[key].resolve())]
+            if inside:
+                raise InputError(inside[0], f"lies in {paths[key]}, which this run writes; move it out")
+    check_outputs(files, list(inputs))
+    json_files = {run_dir / "split.json": ("train", "heldout", "questions"), run_dir / "stages.json": ("seconds",),
+                  run_dir / "eval_before.json": EVAL_KEYS}
+    parquet_files = [run_dir / "candidates.parquet"]
+    for arm in arms:
+        paths = arm_paths(run_dir, arm)
+        json_files |= {paths["pairs_report"]: PAIRS_KEYS, paths["eval_after"]: EVAL_KEYS,
+                       paths["policy"] / SUMMARY_FILE: ("global_step", "metrics", "seconds_per_step", "adapter")}
+        parquet_files += [paths["labels"], paths["pairs"]]
+    for path, keys in json_files.items():
+        if path.exists() or path.is_symlink():
+            read_json(path, REDO, keys)
+    for path in parquet_files:
+        if path.exists() or path.is_symlink():
+            try:
+                read_parquet_metadata(path)
+            except InputError as error:
+                raise InputError(path, f"{str(error).removeprefix(f'{path}: ')}; {REDO}") from None
 
 
 def random_labels(rows: list[dict[str, Any]], seed: int) -> list[bool]:
@@ -146,8 +191,8 @@ def _pairs_stage(labels: Path, pairs: Path, config: TransferConfig, command: str
     if kept:
         write_pairs(pairs, kept, report, config.pairs, labels_metadata=metadata, command=command, source=labels)
         return
-    console.print(f"[yellow]warning:[/] {labels} gives no preference pairs ({_no_pairs_reasons(report)}); this arm's "
-                  "policy is not trained", highlight=False)
+    console.print(f"[yellow]warning:[/] {escape(str(labels))} gives no preference pairs "
+                  f"({_no_pairs_reasons(report)}); this arm's policy is not trained", highlight=False)
     write_json(split_paths(pairs)["report"], report)
 
 
@@ -181,6 +226,9 @@ def run_transfer(
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got '{stop_after}'")
     run_dir = check_output(output_dir, directory=True)
+    check_run_dir(run_dir, config.arms, [Path(source)] if Path(source).is_file() else [])
+    for model in dict.fromkeys((labeller, policy)):  # a model that cannot be found fails before any stage runs
+        load_tokenizer(model)
     for row, q in enumerate(questions, start=1):
         if q.reference is None:
             raise InputError(source, "no reference answer (needed for the evaluation)", row=row, field="answer")
@@ -192,7 +240,7 @@ def run_transfer(
              "questions": {q.id: q.question for q in questions}}
     split_path = run_dir / "split.json"
     if split_path.exists():
-        if {k: v for k, v in json.loads(split_path.read_text()).items() if k != "source"} != split:
+        if {k: v for k, v in read_json(split_path, REDO).items() if k != "source"} != split:
             raise InputError(split_path, "this run directory was made for other questions or another split; "
                              "use a new --output-dir")
     else:
@@ -375,7 +423,7 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 def arms_table(report: dict[str, Any]) -> Table:
     """The comparison as a rich table: one row per arm."""
     level = report["config"]["confidence"]
-    table = Table(title=f"{report['mode']}: policy {report['policy']}, held-out accuracy "
+    table = Table(title=f"{report['mode']}: policy {escape(report['policy'])}, held-out accuracy "
                         f"{report['accuracy_before']:.3f} before, {report['held_out']} questions",
                   title_justify="left")
     for name in ("arm", "label acc", "pairs", "pair acc", "accuracy after", f"delta [{level:.0%} CI]",

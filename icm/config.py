@@ -16,6 +16,8 @@ records them. Nothing heavy is imported here, so ``icm --help`` stays fast.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -72,6 +74,33 @@ def check_claim_mode(mode: str, options: tuple[str, ...] | None) -> None:
         raise ValueError("--claims pivot needs a closed two-way answer set (an extractor like 'positive|negative')")
 
 
+SEED_MAX = 2**32 - 1
+"""Largest seed (numpy's legacy seeding, which transformers' ``set_seed`` calls, takes [0, 2**32 - 1])."""
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                above: bool = False, below: bool = False) -> None:
+    """Raise ValueError unless ``value`` (None passes: an unset optional field) is a finite number, >= ``low``
+    (> with ``above``) and <= ``high`` (< with ``below``). NaN and infinities never pass."""
+    if value is None:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if above else value >= low))
+    ok = ok and (high is None or (value < high if below else value <= high))
+    if not ok:
+        if low is not None and high is not None:
+            bounds = f"in {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}"
+        elif low is not None:
+            bounds = f"{'>' if above else '>='} {low:g}"
+        else:
+            bounds = f"{'<' if below else '<='} {high:g}" if high is not None else "a finite number"
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+
+
+def _check_seed(value: Any) -> None:
+    check_range("seed", value, 0, SEED_MAX)
+
+
 def _check_size(name: str, value: float | None) -> None:
     """A held-out share: a fraction in (0, 1) or a whole count >= 1."""
     if value is not None and not (0 < value < 1 or (value >= 1 and float(value).is_integer())):
@@ -104,10 +133,11 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         self.stop = tuple(self.stop)
         check_extractor(self.extractor)
-        if self.num_candidates < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("num_candidates, max_new_tokens and batch_size must be >= 1")
-        if self.temperature < 0 or not 0 <= self.top_p <= 1:
-            raise ValueError(f"temperature must be >= 0 and top_p in [0, 1], got {self.temperature}, {self.top_p}")
+        for name in ("num_candidates", "max_new_tokens", "batch_size"):
+            check_range(name, getattr(self, name), 1)
+        check_range("temperature", self.temperature, 0)
+        check_range("top_p", self.top_p, 0, 1)
+        _check_seed(self.seed)
 
 
 @dataclass
@@ -182,10 +212,14 @@ class ICMConfig:
     def __post_init__(self) -> None:
         _choose("balance", self.balance, get_args(Balance))
         _choose("demo_order", self.demo_order, DEMO_ORDERS)
-        if (self.initial_labels < 0 or self.batch_size < 1 or self.alpha < 0 or self.exact_every < 1
-                or self.check_every < 1):
-            raise ValueError("initial_labels >= 0, batch_size >= 1, alpha >= 0, exact_every >= 1 and check_every >= 1 "
-                             "are required")
+        for name in ("alpha", "initial_labels", "iterations", "polish_iterations", "consistency_fix_iterations",
+                     "folds", "cooling"):
+            check_range(name, getattr(self, name), 0)
+        for name in ("batch_size", "scoring_batch_size", "exact_every", "check_every", "max_context_tokens"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("initial_temperature", "final_temperature", "group_weight"):
+            check_range(name, getattr(self, name), 0, above=True)
+        _check_seed(self.seed)
 
 
 @dataclass
@@ -202,10 +236,12 @@ class IterativeConfig:
                                        "all-linear.")
 
     def __post_init__(self) -> None:
-        if self.batches < 1:
-            raise ValueError(f"batches must be >= 1, got {self.batches}")
-        if self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ValueError("fine-tuning needs steps >= 0, batch_size >= 1 and learning_rate > 0")
+        for name in ("batches", "batch_size", "lora_r", "lora_alpha"):
+            check_range(name, getattr(self, name), 1)
+        check_range("steps", self.steps, 0)
+        check_range("learning_rate", self.learning_rate, 0, above=True)
+        if not self.lora_target_modules.strip(" ,"):
+            raise ValueError("lora_target_modules must name at least one module (or all-linear)")
 
 
 @dataclass
@@ -224,8 +260,8 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         _choose("method", self.method, LABEL_METHODS)
-        if self.vote_samples < 1 or (self.vote_temperature is not None and self.vote_temperature < 0):
-            raise ValueError("vote_samples must be >= 1 and vote_temperature >= 0")
+        check_range("vote_samples", self.vote_samples, 1)
+        check_range("vote_temperature", self.vote_temperature, 0)
 
 
 @dataclass
@@ -251,11 +287,11 @@ class PairsConfig:
     def __post_init__(self) -> None:
         _choose("strategy", self.strategy, STRATEGIES)
         _choose("format", self.format, FORMATS)
-        if self.max_per_question is not None and self.max_per_question < 1:
-            raise ValueError(f"max_per_question must be >= 1, got {self.max_per_question}")
+        check_range("max_per_question", self.max_per_question, 1)
+        check_range("min_margin", self.min_margin)
         _check_size("test_size", self.test_size)
-        if self.margin_quantile is not None and not 0 <= self.margin_quantile < 1:
-            raise ValueError(f"margin_quantile must be in [0, 1), got {self.margin_quantile}")
+        check_range("margin_quantile", self.margin_quantile, 0, 1, below=True)
+        _check_seed(self.seed)
 
 
 @dataclass
@@ -301,23 +337,33 @@ class DPOTrainingConfig:
 
     def __post_init__(self) -> None:
         _choose("precision", self.precision, DTYPES)
-        if self.beta <= 0:
-            raise ValueError("beta must be > 0")
-        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("batch_size and gradient_accumulation_steps must be >= 1")
+        for name in ("beta", "learning_rate", "num_train_epochs"):
+            check_range(name, getattr(self, name), 0, above=True)
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_r", "lora_alpha",
+                     "logging_steps", "save_total_limit"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("save_steps", "warmup_steps", "weight_decay"):
+            check_range(name, getattr(self, name), 0)
+        check_range("lora_dropout", self.lora_dropout, 0, 1, below=True)
+        if self.max_steps != -1:
+            check_range("max_steps (-1: train for num_train_epochs)", self.max_steps, 1)
+        _check_seed(self.seed)
         unknown = [t for t in self.loss_types if t not in DPO_LOSS_TYPES]
         if unknown or not self.loss_types:
             raise ValueError(f"unknown loss type {', '.join(unknown) or repr(self.loss_type)} "
                              f"(TRL's DPO losses: {', '.join(DPO_LOSS_TYPES)})")
         if self.loss_weights is not None:
             self.loss_weights = tuple(float(w) for w in self.loss_weights)
+            for weight in self.loss_weights:
+                check_range("loss_weights", weight)
             if len(self.loss_weights) != len(self.loss_types):
                 raise ValueError(f"loss_weights needs one weight per loss type ({len(self.loss_types)}: "
                                  f"{', '.join(self.loss_types)}), got {len(self.loss_weights)}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_range("label_smoothing", self.label_smoothing, 0, 0.5, below=True)
         if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module (or all-linear)")
 
     @property
     def loss_types(self) -> list[str]:
@@ -346,6 +392,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_extractor(self.extractor)
+        for name in ("max_new_tokens", "batch_size", "limit"):
+            check_range(name, getattr(self, name), 1)
+        check_range("num_shots", self.num_shots, 0)
+        _check_seed(self.seed)
 
 
 @dataclass
@@ -387,8 +437,10 @@ class TransferConfig:
         if self.eval_size is None:
             raise ValueError("eval_size is required")
         _check_size("eval_size", self.eval_size)
-        if self.train_size is not None and self.train_size < 1:
-            raise ValueError(f"train_size must be at least 1, got {self.train_size}")
+        check_range("train_size", self.train_size, 1)
+        check_range("bootstrap_samples", self.bootstrap_samples, 1)
+        check_range("confidence", self.confidence, 0, 1, above=True, below=True)
+        _check_seed(self.seed)
 
 
 @dataclass
@@ -413,8 +465,9 @@ class ServerConfig:
         self.base_urls = tuple(self.base_urls)
         if not self.base_urls:
             raise ValueError("give at least one --base-url")
-        if self.concurrency < 1 or self.retries < 0 or self.timeout <= 0:
-            raise ValueError("concurrency >= 1, retries >= 0 and timeout > 0 are required")
+        check_range("concurrency", self.concurrency, 1)
+        check_range("retries", self.retries, 0)
+        check_range("timeout", self.timeout, 0, above=True)
 
 
 VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -18,7 +18,7 @@ from icm.backends import Backend
 from icm.config import GenerationConfig
 from icm.data.answers import check_extractor
 from icm.data.candidates import candidate_rows, claims_table, diversity_report, report_path
-from icm.data.io import InputError, atomic_path, write_json, write_parquet
+from icm.data.io import InputError, atomic_path, regular_file, scrub_text, write_json, write_parquet
 from icm.data.tasks import Question
 from icm.sampling import Completion, GenerationStats, user_message
 
@@ -80,7 +80,7 @@ def _load_checkpoint(path: Path, order: dict[str, int], config: GenerationConfig
     restart = "delete it to start over, or write to another output path"
     found: dict[int, dict[tuple[int, int], tuple[Completion, str]]] = {}
     try:
-        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+        lines = regular_file(path).read_bytes().decode("utf-8", errors="replace").split("\n")
     except OSError as error:
         raise InputError(path, f"cannot read the checkpoint ({error.strerror}); {restart}") from None
     for line in lines:
@@ -146,10 +146,10 @@ def generate_file(
         def save(batch: list[Completion]) -> None:
             for c in batch:
                 q = questions[c.prompt_index]
-                f.write(json.dumps({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "question_id": q.id,
-                                    "batch": (c.prompt_index * config.num_candidates + c.sample_index)
-                                    // config.batch_size, "sample_index": c.sample_index, "text": c.text,
-                                    "num_tokens": c.num_tokens}) + "\n")
+                f.write(scrub_text(json.dumps({
+                    "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "question_id": q.id,
+                    "batch": (c.prompt_index * config.num_candidates + c.sample_index) // config.batch_size,
+                    "sample_index": c.sample_index, "text": c.text, "num_tokens": c.num_tokens})) + "\n")
             f.flush()
 
         completions = sample(backend, prompts, config, progress=progress, on_batch=save, stats=stats,

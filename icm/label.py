@@ -9,6 +9,7 @@ column, accuracy against it (computed after the search, and shown in the progres
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import asdict, replace
 from dataclasses import fields as fields_of
@@ -31,7 +32,17 @@ from icm.config import (
 from icm.data.answers import closed_answers
 from icm.data.claims import AnswerClaims, Claim, ClaimFields, answer_claims, claims_from_records, gold_labels
 from icm.data.console import console
-from icm.data.io import InputError, check_output, read_parquet_metadata, read_records, write_json, write_parquet
+from icm.data.io import (
+    InputError,
+    check_output,
+    check_outputs,
+    first_line,
+    read_parquet_metadata,
+    read_records,
+    text_value,
+    write_json,
+    write_parquet,
+)
 from icm.data.tasks import load_questions
 from icm.generate import generate_candidates
 from icm.iterative import label_iteratively
@@ -45,6 +56,25 @@ if TYPE_CHECKING:
 def run_dir_for(output: str | Path, run_dir: str | Path | None = None) -> Path:
     """The run directory of a labels file: ``run_dir`` when given, else ``OUTPUT.run`` next to it."""
     return Path(run_dir) if run_dir else Path(output).with_suffix(".run")
+
+
+RUN_FILES = ("run.json", "checkpoint.json", "claims.json", "recipe.yaml")
+"""What ``icm label`` writes in its run directory."""
+
+
+def check_run_files(output: str | Path, run_dir: str | Path | None, input_path: str | Path) -> None:
+    """Refuse, before any work, a labels file or run directory (or a file in it) that is the input or each other,
+    and a file where the default run directory ``OUTPUT.run`` goes (saying what to do)."""
+    check_output(output, input_path)
+    directory = run_dir_for(output, run_dir)
+    if run_dir is None and directory.exists() and not directory.is_dir():
+        raise InputError(directory, f"is a file where the run directory of -o {output} goes; move it away or "
+                         "pass --run-dir DIR")
+    check_output(directory, input_path, directory=True)
+    if os.path.realpath(directory) == os.path.realpath(output):
+        raise InputError(output, "the output and its run directory are the same path; pass another --run-dir")
+    check_outputs({"the output": output} | {f"the run's {name}": directory / name for name in RUN_FILES},
+                  [input_path])
 
 
 def accuracy(labels: dict[int, bool] | list[bool], gold: list[bool | None]) -> float | None:
@@ -174,8 +204,14 @@ def labels_table(records: list[dict[str, Any]], results: list[dict[str, Any]], s
     same names in place, else appended)."""
     try:
         table = pa.Table.from_pylist(records)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise InputError(source, f"columns with mixed types cannot be written to Parquet ({error})") from None
+    except (pa.ArrowException, OverflowError, ValueError, TypeError) as error:
+        for name in dict.fromkeys(k for r in records for k in r):  # name the column Parquet cannot store
+            try:
+                pa.array([r.get(name) for r in records])
+            except (pa.ArrowException, OverflowError, ValueError, TypeError) as problem:
+                raise InputError(source, f"values that one Parquet column cannot store ({first_line(problem)}); "
+                                 "give the column one type (quote numbers beyond 64 bits)", field=name) from None
+        raise InputError(source, f"rows that Parquet cannot store ({first_line(error)})") from None
     for name, kind in LABEL_COLUMNS.items():
         if results and name in results[0]:
             column = pa.array([r[name] for r in results], kind)
@@ -218,9 +254,7 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
     template = template or PromptTemplate()
     fields = fields or ClaimFields()
     records = read_records(input_path)
-    check_output(output, input_path)
-    if run_dir is not None:
-        check_output(run_dir, input_path, directory=True)
+    check_run_files(output, run_dir, input_path)
     if answers is None and claim_mode != "candidates" and Path(input_path).suffix == ".parquet":
         answers = closed_answers(read_parquet_metadata(input_path).get("config", {}).get("extractor", "auto"))
     try:
@@ -241,8 +275,12 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
                 gold_labels(claim_records, input_path, claim_fields.label))
 
     if questions is None:
+        if claim_mode != "candidates":  # claims about answers group the candidates by question
+            for row, record in enumerate(records, start=1):
+                text_value(input_path, row, "consistency_id", record.get("consistency_id"))
         gold = gold_labels(records, input_path, fields.label)
         formulated, claims, claims_gold = formulate()
+        labels_table(records, [], input_path)  # the output holds every input column: one Parquet cannot store fails now
         if resume and method == "icm" and iterative is None:  # a damaged checkpoint: reported before the model loads
             Checkpoint(run_dir, fingerprint(claims, config, model_spec)).load()
     if output.exists() and not (resume or overwrite):

@@ -217,6 +217,9 @@ def pickle_allowed() -> bool:
 
 def check_weights(path: Path) -> None:
     """Refuse a local model (or adapter) directory whose weights are only pickles, unless pickles are allowed."""
+    for entry in path.iterdir():  # a FIFO or a device would block or fail the loader: refused before it runs
+        if not entry.is_dir() and not entry.is_file():
+            raise ModelNotFoundError(f"{entry}: not a regular file or folder (a FIFO, a device or a broken link)")
     if pickle_allowed() or any(path.glob("*.safetensors")):
         return
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
@@ -264,7 +267,15 @@ def parse_dtype(name: str | None, device: torch.device | str | None = None) -> t
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
+    path = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as error:  # a Hub id that is not on the Hub, or no network to reach it
+        if Path(path).exists():
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelNotFoundError(f"{spec}: not an alias ({', '.join(ALIASES)}), a local model or a Hub model that "
+                                 f"can be loaded here ({reason})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -25,7 +25,7 @@ from icm.backends import Backend, Scorer
 from icm.config import ICMConfig
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
 from icm.data.claims import Claim
-from icm.data.io import InputError, write_json
+from icm.data.io import InputError, regular_file, write_json
 from icm.scoring import ClaimScorer, MutualPredictor
 
 
@@ -267,8 +267,9 @@ class Checkpoint:
     def read(path: Path) -> dict[str, Any] | None:
         """The checkpoint's content (None when there is none), refusing a damaged one or one of another format
         with an :class:`InputError` that says what to do. Cheap: ``label_file`` calls it before loading a model."""
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
+        regular_file(path)  # a FIFO or a directory there is refused, not waited on
         try:
             data = json.loads(path.read_bytes())
             version = data.get("format") if isinstance(data, dict) else None

@@ -155,16 +155,21 @@ def assert_one_line_error(result, text: str, pieces: list[str], code: int = 2) -
         assert piece in text, (piece, text)
 
 
-@pytest.mark.parametrize("files, command, pieces", [c[1:] for c in FUZZ], ids=[c[0] for c in FUZZ])
-def test_fuzz_one_line_exit_2_nothing_changed(tmp_path, files, command, pieces):
+def make_files(d: Path, files: Files) -> None:
+    """Create ``files`` under ``d``, in order: text, bytes, or a function of the path (a link, a FIFO, ...)."""
     for name, content in files.items():
-        path = tmp_path / name
+        path = d / name
         if callable(content):
             content(path)
         elif isinstance(content, bytes):
             path.write_bytes(content)
         else:
             path.write_text(content, encoding="utf-8")
+
+
+@pytest.mark.parametrize("files, command, pieces", [c[1:] for c in FUZZ], ids=[c[0] for c in FUZZ])
+def test_fuzz_one_line_exit_2_nothing_changed(tmp_path, files, command, pieces):
+    make_files(tmp_path, files)
     for out in ("out.parquet", "out.json"):  # an earlier result that a failed run must leave alone
         if not (tmp_path / out).exists():
             (tmp_path / out).write_bytes(b"previous result")
@@ -336,19 +341,33 @@ def test_scrub_hides_secret_options_values_and_environment(monkeypatch):
     assert scrub("--max-new-tokens 8 --key-field k") == "--max-new-tokens 8 --key-field k"
 
 
+OPTION_TOKEN = "hf_GivenAsAnOptionValue0123456789"
+CUSTOM_KEY = "custom-secret-in-a-variable-42"
+
+
 def test_planted_tokens_reach_no_file_a_run_writes(tiny_model_dir, tmp_path, monkeypatch):
+    """Every command, tokens in HF_TOKEN and OPENAI_API_KEY, in the variable --api-key-env names, and in option
+    values (recorded in recipes, metadata, reports, the prompt column): none reaches a file a command writes."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("LLM_AUTH", CUSTOM_KEY)
     d, m = tmp_path, ["--model", tiny_model_dir]
     steps = [
         ["generate", "--task", "arithmetic", "--limit", "3", "--num-candidates", "2", "--max-new-tokens", "6",
-         "--temperature", "1.0", "--dtype", "fp32", "-o", f"{d}/c.parquet", *m],
-        ["label", f"{d}/c.parquet", "-o", f"{d}/l.parquet", "--iterations", "4", "--dtype", "fp32", *m],
-        ["pairs", f"{d}/l.parquet", "-o", f"{d}/p.parquet"],
+         "--temperature", "1.0", "--dtype", "fp32", "-o", f"{d}/c.parquet", "--api-key-env", "LLM_AUTH",
+         "--instruction", f"Solve it ({OPTION_TOKEN}).", *m],
+        ["label", f"{d}/c.parquet", "-o", f"{d}/l.parquet", "--iterations", "4", "--dtype", "fp32", "--revision",
+         OPTION_TOKEN, "--license", f"x-{OPTION_TOKEN}", *m],
+        ["pairs", f"{d}/l.parquet", "-o", f"{d}/p.parquet", "--revision", OPTION_TOKEN, "--license", OPTION_TOKEN],
         ["dpo", f"{d}/p.parquet", "-o", f"{d}/policy", "--max-steps", "1", "--save-steps", "1", "--batch-size", "1",
-         "--precision", "fp32", *m],
+         "--precision", "fp32", "--split", OPTION_TOKEN, *m],
         ["eval", "--task", "arithmetic", "--limit", "2", "--max-new-tokens", "4", "--dtype", "fp32", "-o",
-         f"{d}/e.json", "--items", f"{d}/items.jsonl", "--model", f"{d}/policy"],
+         f"{d}/e.json", "--items", f"{d}/items.jsonl", "--model", f"{d}/policy", "--instruction", OPTION_TOKEN],
+        ["transfer", "--task", "arithmetic", "--limit", "6", "--eval-size", "2", "--labeller", tiny_model_dir,
+         "--policy", tiny_model_dir, "-o", f"{d}/run", "--num-candidates", "2", "--max-new-tokens", "4",
+         "--icm-iterations", "4", "--max-steps", "1", "--batch-size", "1", "--arms", "icm,random", "--dtype", "fp32",
+         "--bootstrap-samples", "100", "--split", OPTION_TOKEN, "--instruction", OPTION_TOKEN],
+        ["report", f"{d}/l.run"], ["report", f"{d}/p.parquet"], ["report", f"{d}/run"],
     ]
     labels = [{"question": f"q{q}", "choice": f"c{c}", "consistency_id": q, "icm_label": c == 0, "icm_score": 1.0 - c}
               for q in range(3) for c in range(2)]
@@ -356,13 +375,14 @@ def test_planted_tokens_reach_no_file_a_run_writes(tiny_model_dir, tmp_path, mon
         result = runner.invoke(app, argv)
         if argv[0] == "pairs" and result.exit_code != 0:  # random labels with no pair: use fixed ones
             (d / "l2.jsonl").write_text(jsonl(*labels))
-            result = runner.invoke(app, ["pairs", f"{d}/l2.jsonl", "-o", f"{d}/p.parquet"])
+            result = runner.invoke(app, ["pairs", f"{d}/l2.jsonl", "-o", f"{d}/p.parquet", *argv[4:]])
         assert result.exit_code == 0, (argv[0], result.output)
     written = [p for p in d.rglob("*") if p.is_file()]
-    assert len(written) > 15 and any(p.name == "trainer_state.json" for p in written)
+    assert len(written) > 40 and {"trainer_state.json", "p.recipe.yaml", "report.html"} <= {p.name for p in written}
     for path in written:
         data = path.read_bytes()
-        assert TOKEN.encode() not in data and API_KEY.encode() not in data, path
+        for secret in (TOKEN, API_KEY, OPTION_TOKEN, CUSTOM_KEY):
+            assert secret.encode() not in data, (path, secret)
 
 
 # ---- safe loading -------------------------------------------------------------------------------------------------
