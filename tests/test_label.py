@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from icm.backends import InProcessBackend
 from icm.cli import app
-from icm.config import ICMConfig
+from icm.config import ICMConfig, SourceConfig
 from icm.data.claims import claims_from_records
 from icm.data.io import read_parquet_metadata
 from icm.label import label_file, progress_text, zero_shot_records
@@ -271,7 +271,8 @@ def test_zero_shot_labels_are_the_sign_of_centered_no_demonstration_scores(tiny,
     assert [r["icm_score"] for r in uncentered] == pytest.approx(raw.tolist())
 
     src = write_jsonl(tmp_path / "claims.jsonl", rows)
-    run = label_file(src, tmp_path / "zs.parquet", tiny_model_dir, dtype="fp32", zero_shot=True)
+    run = label_file(src, tmp_path / "zs.parquet", tiny_model_dir, dtype="fp32",
+                     sources=SourceConfig(method="zero_shot"))
     assert pq.read_table(tmp_path / "zs.parquet").column("icm_label").to_pylist() == [r["icm_label"] for r in out]
     assert run["method"] == "zero-shot" and run["gold_accuracy"] == pytest.approx(summary["gold_accuracy"])
     assert json.loads((tmp_path / "zs.run" / "run.json").read_text())["gold_accuracy"] == run["gold_accuracy"]
