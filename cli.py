@@ -50,7 +50,7 @@ from icm.data.console import error as print_error
 from icm.data.console import summary as summary_table
 from icm.data.io import InputError, OutputError, ServerError
 from icm.data.recipes import RECIPE_FILE, RecipeSpec, RecipeTyper
-from icm.models import ALIASES, DEFAULT_MODEL, ModelNotFoundError
+from icm.models import ALIASES, DEFAULT_MODEL, ModelNotFoundError, check_alias
 
 app = RecipeTyper(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0],
                   rich_markup_mode="markdown", context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,8 +84,18 @@ def option(config: type, name: str, *decls: str, as_text: bool = False, **kwargs
     return typer.Option(",".join(default) if as_text else default, *decls, **kwargs)
 
 
+def check_model(spec: str | None) -> str | None:
+    """A model option's value: a mistyped alias is a usage error before anything loads."""
+    if spec:
+        try:
+            check_alias(spec)
+        except ModelNotFoundError as error:
+            raise typer.BadParameter(str(error)) from None
+    return spec
+
+
 def model_option(help: str = "", *decls: str) -> Any:
-    return typer.Option(DEFAULT_MODEL, *(decls or ("--model", "-m")), rich_help_panel=MODEL,
+    return typer.Option(DEFAULT_MODEL, *(decls or ("--model", "-m")), rich_help_panel=MODEL, callback=check_model,
                         help=(help + " " if help else "") + MODEL_HELP)
 
 
@@ -713,10 +723,11 @@ def transfer(
     id_field: str | None = typer.Option(None, help=ID_FIELD_HELP, rich_help_panel=IO),
     stop_after: Stage | None = typer.Option(None, help="End after this stage; rerun the same command to continue.",
                                             rich_help_panel=IO),
-    labeller: str = typer.Option(..., "--labeller", rich_help_panel=MODEL, help="Model that labels the candidates "
-                                 "(the strong one). " + MODEL_HELP),
-    policy: str = typer.Option(..., "--policy", rich_help_panel=MODEL, help="Model trained with DPO (the weak one; "
-                               "the same as --labeller for plain self-improvement)."),
+    labeller: str = typer.Option(..., "--labeller", rich_help_panel=MODEL, callback=check_model,
+                                 help="Model that labels the candidates (the strong one). " + MODEL_HELP),
+    policy: str = typer.Option(..., "--policy", rich_help_panel=MODEL, callback=check_model,
+                               help="Model trained with DPO (the weak one; the same as --labeller for plain "
+                               "self-improvement)."),
     dtype: Dtype = option(TransferConfig, "dtype", rich_help_panel=MODEL),
     arms: str = option(TransferConfig, "arms", as_text=True),
     eval_size: float = option(TransferConfig, "eval_size", min=0),

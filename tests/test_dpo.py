@@ -72,8 +72,8 @@ def test_model_card_names_base_dataset_hyperparameters_and_metrics(tiny_model_di
     summary = train_dpo(pairs_path, tiny_model_dir, tmp_path / "out", tiny_config(max_steps=2, beta=0.25),
                         progress=False, command="icm dpo pairs.parquet")
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"**{tiny_model_dir}**" in card
-    assert f"source: `{pairs_path}`" in card and "pairs: 3" in card
+    assert f"**{Path(tiny_model_dir).name}**" in card and "base_model:" not in card  # a local model: no Hub id
+    assert "source: `pairs.parquet`" in card and "pairs: 3" in card and str(tmp_path) not in card
     assert "| beta | 0.25 |" in card and "| learning_rate | 0.01 |" in card and "| lora_r | 16 |" in card
     assert f"| loss | {summary['metrics']['loss']:.6g} |" in card
     assert "library_name: peft" in card and "icm dpo pairs.parquet" in card
@@ -294,7 +294,7 @@ def test_gguf_file_trains_full_with_the_reference_reloaded_from_the_converted_di
     assert summary["base_model_path"] == converted and summary["reference"] == "frozen copy of the base model"
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 0.01
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    assert f"**{gguf_path}**" in (out / "README.md").read_text()
+    assert "**tiny.gguf**" in (out / "README.md").read_text()
 
 
 def test_accelerate_launch_two_processes_shares_the_epoch(tiny_model_dir, tmp_path):
@@ -329,6 +329,49 @@ def test_gguf_alias_trains_and_saves_adapters(tmp_path):
     assert summary["global_step"] == 1 and summary["reference"] == "base model with adapters disabled"
     assert Path(summary["base_model_path"]).is_dir() and summary["base_model"] == "smollm2-135m"
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
-    assert "**smollm2-135m**" in (out / "README.md").read_text()
+    assert "**HuggingFaceTB/SmolLM2-135M-Instruct**" in (out / "README.md").read_text()
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     model, _ = load_trained_model(str(out), dtype="fp32")
     assert model.config.model_type == "llama" and not hasattr(model, "peft_config")
+
+
+def test_adapters_of_an_alias_name_its_hub_id_and_load_back_offline(tiny_model_dir, tmp_path, monkeypatch):
+    """An alias trains from its packaged GGUF, but the adapters and the card name the alias's Hub id (a path of this
+    machine would load for nobody else); loading them here maps the id back to the alias, offline."""
+    from icm import models
+
+    package = tmp_path / "packages" / "tiny_alias_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    write_tiny_gguf(tiny_model_dir, package / "tiny.gguf")
+    monkeypatch.syspath_prepend(str(package.parent))
+    monkeypatch.setitem(models.ALIASES, "tiny-alias", models.Alias(
+        packages=("tiny_alias_pkg",), files=("tiny.gguf",), install="pip install tiny", hub_id="me/tiny-model"))
+    out = tmp_path / "out"
+    train_dpo(PAIRS, "tiny-alias", out, tiny_config(max_steps=2), progress=False)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/tiny-model"
+    card = (out / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert "base_model: me/tiny-model\n" in front and "base_model_relation: adapter" in front
+    assert str(tmp_path) not in card and models.cache_dir().name not in card
+    (out / "icm_dpo.json").unlink()  # as downloaded from the Hub without icm's summary: peft's config only
+    model, _ = load_trained_model(str(out), dtype="fp32")
+    assert model.config.model_type == "llama" and not hasattr(model, "peft_config")
+
+
+def test_model_card_usage_snippet_runs(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "policy"
+    train_dpo(PAIRS, tiny_model_dir, out, tiny_config(max_steps=1), progress=False)
+    card = (out / "README.md").read_text()
+    snippet = card.split("## Usage\n\n```python\n")[1].split("```")[0]
+    assert 'from_pretrained("policy")' in snippet and "apply_chat_template" in snippet
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet.replace('max_new_tokens=64', 'max_new_tokens=3'), "card", "exec"), namespace)
+    assert isinstance(namespace["output"], torch.Tensor) and namespace["output"].shape[1] > 1
+
+
+def test_a_mistyped_alias_is_answered_at_once_with_the_closest(tmp_path):
+    result = CliRunner().invoke(app, ["dpo", str(tmp_path / "p.jsonl"), "-m", "smollm2-135", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "did you mean smollm2-135m" in result.output
