@@ -467,22 +467,34 @@ def label(
                       source=output)
 
 
+LICENSE_HELP = ("License in the dataset card (Hub license id) [default: the source's: cc-by-4.0 for the built-in "
+                "sentiment task, else unknown].")
 PUSH_HELP = "Dataset repository OWNER/NAME on the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."
 
 
 def _push_or_exit(files: dict[str, Path], repo: str, *, private: bool, revision: str | None, license: str,
-                  source: Path) -> None:
-    """Upload ``files`` with a generated card; on failure keep the local files and say which command to rerun."""
+                  source: Path, dry_run: bool = False, output_dir: Path | None = None) -> None:
+    """Upload ``files`` with a generated card; on failure keep the local files and say which command to rerun.
+    ``output_dir``: also write what is uploaded there (README.md, data/SPLIT-00000-of-00001.parquet);
+    ``dry_run``: upload nothing (the card is printed when there is no ``output_dir``)."""
     import shlex
 
     from icm.data.card import dataset_card
-    from icm.data.hub import check_repo_id, push_to_hub, scrub
+    from icm.data.hub import check_repo_id, push_to_hub, scrub, write_hub_folder
 
     try:
         check_repo_id(repo)
     except ValueError as error:
         fail(str(error))
     card = dataset_card(files, repo_id=repo, license=license)
+    if output_dir is not None:
+        written = write_hub_folder(files, card, output_dir)
+        result(f"wrote {', '.join(written)} to {output_dir} (load it with datasets.load_dataset('{output_dir}'))")
+    if dry_run:
+        if output_dir is None:
+            print(card)
+        result(f"dry run: nothing uploaded to {repo} ({', '.join(files)} and README.md would be)")
+        return
     rerun = shlex.join(["icm", "push", str(source), repo] + (["--private"] if private else [])
                        + (["--revision", revision] if revision else []) + ["--license", license])
     try:
@@ -500,7 +512,8 @@ def pairs(
     labels: Path = typer.Argument(..., help="Labels file from `icm label` (Parquet; JSONL/CSV with the same columns)."),
     output: Path = typer.Option(..., "--output", "-o", rich_help_panel=IO, help="Pairs Parquet file (the train "
                                 "split with --eval-size; the test split goes to NAME.test.parquet, the report to "
-                                "NAME.report.json)."),
+                                "NAME.report.json, a dataset card naming the splits to README.md beside them unless "
+                                "another README.md is there)."),
     strategy: PairStrategy = option(PairsConfig, "strategy"),
     max_per_question: int | None = option(PairsConfig, "max_per_question", min=1),
     min_margin: float | None = option(PairsConfig, "min_margin"),
@@ -512,7 +525,7 @@ def pairs(
                                            rich_help_panel=HUB),
     private: bool = typer.Option(False, help="Create the Hub repository private.", rich_help_panel=HUB),
     revision: str | None = typer.Option(None, help="Hub branch to push to (created if needed).", rich_help_panel=HUB),
-    license: str = typer.Option("unknown", help="License in the dataset card (Hub license id).", rich_help_panel=HUB),
+    license: str = typer.Option("unknown", help=LICENSE_HELP, rich_help_panel=HUB),
 ) -> None:
     """Turn ICM labels into DPO preference pairs (TRL format, zstd Parquet) with a pair quality report."""
     import shlex
@@ -547,14 +560,17 @@ def pairs(
         raise
     except ValueError as error:  # a test split that leaves one side empty
         fail(f"{labels}: {error}")
+    from icm.data.card import write_folder_card
+
+    card = write_folder_card(files, license=license)
     console.print(report_table(report))
     result(f"wrote {report['pairs']} pairs: {', '.join(map(str, files.values()))}, "
-           f"report {split_paths(output)['report']}")
+           f"report {split_paths(output)['report']}" + (f", card {card}" if card else ""))
     if push_to_hub:
         _push_or_exit(files, push_to_hub, private=private, revision=revision, license=license, source=output)
 
 
-@app.command(epilog="Example: icm push runs/pairs.parquet me/my-pairs --license cc-by-4.0")
+@app.command(epilog="Example: icm push runs/pairs.parquet me/my-pairs --dry-run --output-dir runs/hub")
 @cli_errors
 def push(
     path: Path = typer.Argument(..., help="Labels or pairs Parquet file written by icm (a pairs file brings its "
@@ -562,12 +578,18 @@ def push(
     repo: str = typer.Argument(..., metavar="OWNER/NAME", help=PUSH_HELP),
     private: bool = typer.Option(False, help="Create the Hub repository private.", rich_help_panel=HUB),
     revision: str | None = typer.Option(None, help="Hub branch to push to (created if needed).", rich_help_panel=HUB),
-    license: str = typer.Option("unknown", help="License in the dataset card (Hub license id).", rich_help_panel=HUB),
+    license: str = typer.Option("unknown", help=LICENSE_HELP, rich_help_panel=HUB),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Upload nothing: print the card, or write everything to "
+                                 "--output-dir.", rich_help_panel=HUB),
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Also write exactly what is uploaded "
+                                           "here (README.md and data/SPLIT-00000-of-00001.parquet): a folder that "
+                                           "datasets.load_dataset reads.", rich_help_panel=IO),
 ) -> None:
     """Publish an existing labels or pairs file as a Hub dataset (data/train-00000-of-00001.parquet + README.md)."""
     from icm.data.hub import split_files
 
-    _push_or_exit(split_files(path), repo, private=private, revision=revision, license=license, source=path)
+    _push_or_exit(split_files(path), repo, private=private, revision=revision, license=license, source=path,
+                  dry_run=dry_run, output_dir=output_dir)
 
 
 @app.command(recipe=in_directory("output_dir"),

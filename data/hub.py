@@ -38,6 +38,29 @@ def split_files(path: str | Path) -> dict[str, Path]:
     return files
 
 
+def write_hub_folder(files: dict[str, Path], card: str, output_dir: str | Path) -> dict[str, Path]:
+    """Write exactly what :func:`push_to_hub` uploads into ``output_dir``: ``README.md`` (the card) and each split's
+    file at its Hub path, so ``datasets.load_dataset(output_dir)`` reads the same splits as the Hub would. Returns
+    path in the repository -> written file."""
+    import shutil
+
+    from icm.data.io import atomic_path, check_output
+
+    output_dir = Path(output_dir)
+    written = {hub_path(split): output_dir / hub_path(split) for split in files} | {"README.md":
+                                                                                     output_dir / "README.md"}
+    for target in written.values():
+        check_output(target, *files.values())
+    for split, file in files.items():
+        target = written[hub_path(split)]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(file, tmp)
+    with atomic_path(written["README.md"]) as tmp:
+        Path(tmp).write_text(card, encoding="utf-8")
+    return written
+
+
 def push_to_hub(files: dict[str, Path], repo_id: str, *, card: str, private: bool = False,
                 revision: str | None = None, api: HfApi | None = None) -> str:
     """Upload split name -> local Parquet file, and ``card`` as README.md, to the dataset repo ``repo_id`` in one

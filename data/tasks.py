@@ -156,6 +156,14 @@ def arithmetic_questions(n: int, seed: int = 0) -> list[Question]:
 
 SENTIMENT_FILE = Path(__file__).parent / "builtin" / "amazon_cells_labelled.txt"  # CC BY 4.0, see its README
 SENTIMENT_QUESTION = 'Is the sentiment of this product review positive or negative?\nReview: "{sentence}"'
+SENTIMENT_ATTRIBUTION = (
+    "The review sentences are the Amazon part of the UCI *Sentiment Labelled Sentences* data set (D. Kotzias, "
+    "M. Denil, N. de Freitas, P. Smyth, \"From Group to Individual Labels using Deep Features\", KDD 2015; "
+    "sentences from J. McAuley and J. Leskovec, \"Hidden factors and hidden topics: understanding rating "
+    "dimensions with review text\", RecSys 2013), distributed by the UCI Machine Learning Repository "
+    "(https://archive.ics.uci.edu/dataset/331/sentiment+labelled+sentences) under the Creative Commons "
+    "Attribution 4.0 International licence (https://creativecommons.org/licenses/by/4.0/). The sentences are "
+    "unchanged; the questions around them, the generated responses and the labels were added by `icm`.")
 
 
 def sentiment_questions(n: int, seed: int = 0) -> list[Question]:
@@ -183,18 +191,36 @@ class Task:
         instruction: text before each question in the generation and evaluation prompts.
         extractor: how a final answer is read from a completion (``data.answers.extract_answer``).
         max_new_tokens: enough tokens for a complete answer.
+        license: Hub licence id of the questions' source data (None: generated here, no third-party data).
+        attribution: Markdown crediting the source data, for dataset cards.
+        prefix: how each of its questions begins, so a dataset card can tell which task a file came from.
     """
 
     questions: Callable[[int, int], list[Question]]
     instruction: str
     extractor: str
     max_new_tokens: int
+    license: str | None = None
+    attribution: str | None = None
+    prefix: str | None = None
 
 
 TASKS: dict[str, Task] = {
     "arithmetic": Task(arithmetic_questions, DEFAULT_INSTRUCTION, "auto", 256),
-    "sentiment": Task(sentiment_questions, "Answer with one word: positive or negative.", "positive|negative", 16),
+    "sentiment": Task(sentiment_questions, "Answer with one word: positive or negative.", "positive|negative", 16,
+                      license="cc-by-4.0", attribution=SENTIMENT_ATTRIBUTION,
+                      prefix=SENTIMENT_QUESTION.split("{sentence}")[0]),
 }
+
+
+def task_of(texts: list[str]) -> str | None:
+    """The built-in task whose questions all of ``texts`` are (each contains the task's question prefix), if any:
+    how a card finds the licence of data made from a task, whatever stages it went through."""
+    texts = [t for t in texts if isinstance(t, str)]
+    for name, spec in TASKS.items():
+        if spec.prefix and texts and all(spec.prefix in t for t in texts):
+            return name
+    return None
 
 
 def get_task(name: str) -> Task:
