@@ -4,6 +4,7 @@ output, and a failed upload keeping local files with a rerun command (exit 1).""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import create_autospec
@@ -216,3 +217,98 @@ def test_split_files_follows_a_renamed_train_file(tmp_path):
     assert split_files(renamed) == {"train": renamed, "test": tmp_path / "pairs.test.parquet"}
     with pytest.raises(InputError, match="train split"):  # from the test file, the train file is looked up by name
         split_files(tmp_path / "pairs.test.parquet")
+
+
+def sentiment_labels(path: Path, n: int = 8) -> Path:
+    """A labels file over the built-in sentiment task's questions (the prompt as `icm generate` writes it)."""
+    from icm.data.tasks import TASKS, sentiment_questions
+    from icm.sampling import user_message
+
+    rows = []
+    for i, q in enumerate(sentiment_questions(n)):
+        for answer in ("positive", "negative"):
+            right = answer == q.reference
+            rows.append({"question": q.question, "prompt": user_message(q.question, TASKS["sentiment"].instruction),
+                         "choice": answer, "consistency_id": q.id, "answer": answer, "label": right,
+                         "icm_label": right if i % 4 else not right, "icm_score": 1.0 if right else -1.0,
+                         "icm_searched": True, "generator": "smollm2-135m"})
+    meta = LABELS_META | {"template": {"claim": "Question: {question}\nClaim: {choice}\nI think this claim is ",
+                                       "true_word": "True", "false_word": "False", "separator": "\n\n"},
+                          "command": f"icm label {path.parent.resolve()}/claims.parquet -o {path.resolve()}"}
+    write_parquet(path, pa.Table.from_pylist(rows), meta)
+    return path
+
+
+ABSOLUTE = re.compile(r"(?<![\w:/.~-])~?/[\w.-]+/")
+
+
+def test_push_dry_run_writes_what_would_be_uploaded_and_datasets_loads_it(tmp_path, monkeypatch):
+    """The contract: nothing uploaded; DIR/README.md and the split files, which load_dataset reads as train and
+    test; a sentiment card carries CC BY 4.0 and its attribution, models by Hub id, readable settings,
+    limitations and the paper's citation, and no absolute path."""
+    import datasets
+
+    monkeypatch.setattr("icm.data.hub.HfApi", lambda: pytest.fail("a dry run must not reach the Hub"))
+    labels = sentiment_labels(tmp_path / "labels.parquet")
+    pairs = tmp_path / "pairs.parquet"
+    assert runner.invoke(app, ["pairs", str(labels), "-o", str(pairs), "--eval-size", "0.25"]).exit_code == 0
+    out = tmp_path / "hub"
+    result = runner.invoke(app, ["push", str(pairs), "me/sentiment-pairs", "--dry-run", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "nothing uploaded" in result.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet"]
+    assert (out / "data/train-00000-of-00001.parquet").read_bytes() == pairs.read_bytes()
+    loaded = datasets.load_dataset(str(out))
+    assert set(loaded) == {"train", "test"}
+    assert (loaded["train"].num_rows, loaded["test"].num_rows) == (pq.read_metadata(pairs).num_rows, 2)
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["license"] == "cc-by-4.0"
+    body = card.split("---\n", 2)[2]
+    assert "Sentiment Labelled Sentences" in body and "creativecommons.org/licenses/by/4.0" in body
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in body
+    assert "## Limitations" in body and "arXiv:2506.10139" in body and "Unsupervised Elicitation" in body
+    assert "| true_word | `True` |" in body and "{'" not in card  # settings as a table, not a dict dump
+    assert "standard preference format" in body and "icm label claims.parquet -o labels.parquet" in body
+    assert str(tmp_path) not in card and not ABSOLUTE.search(card), ABSOLUTE.search(card)
+    # a licence given on the command line wins
+    again = runner.invoke(app, ["push", str(pairs), "me/x", "--dry-run", "--license", "mit"])
+    assert again.exit_code == 0 and "license: mit" in again.output
+
+
+def test_pairs_folder_loads_with_both_splits_beside_other_files(tmp_path):
+    import datasets
+
+    labels = sentiment_labels(tmp_path / "labels.parquet")  # another Parquet file in the same folder
+    pairs = tmp_path / "pairs.parquet"
+    assert runner.invoke(app, ["pairs", str(labels), "-o", str(pairs), "--eval-size", "2"]).exit_code == 0
+    loaded = datasets.load_dataset(str(tmp_path))
+    assert {k: v.num_rows for k, v in loaded.items()} == {"train": pq.read_metadata(pairs).num_rows, "test": 2}
+    assert front_matter((tmp_path / "README.md").read_text())["license"] == "cc-by-4.0"
+    # the old layout's names are still what split_files reads
+    assert split_files(pairs) == {"train": pairs, "test": tmp_path / "pairs.test.parquet"}
+    # someone else's README.md is never replaced
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "README.md").write_text("# my project\n")
+    assert runner.invoke(app, ["pairs", str(labels), "-o", str(other / "pairs.parquet")]).exit_code == 0
+    assert (other / "README.md").read_text() == "# my project\n"
+
+
+def test_the_cards_conversion_gives_what_icm_dpo_trains_on(tmp_path, tiny_model_dir):
+    """Standard pairs carry the user message; the card's snippet converts them to exactly the rows icm dpo trains
+    on (chat template applied by TRL), so the published pairs train on the prompts their responses answered."""
+    from icm.dpo.training import format_pairs, load_pairs
+    from icm.models import load_tokenizer
+
+    labels = sentiment_labels(tmp_path / "labels.parquet")
+    pairs = tmp_path / "pairs.parquet"
+    assert runner.invoke(app, ["pairs", str(labels), "-o", str(pairs)]).exit_code == 0
+    card = dataset_card({"train": pairs})
+    snippet = card.split("```python\n")[1].split("```")[0]
+    code = snippet.split("def conversational")[1].split("\n\n")[0]
+    namespace: dict = {}
+    exec("def conversational" + code, namespace)
+    rows = load_pairs(pairs)[0]
+    assert [namespace["conversational"](r) for r in rows] == format_pairs(rows, load_tokenizer(tiny_model_dir), True)
