@@ -26,8 +26,8 @@ from icm.data.io import InputError, atomic_path, check_output, read_json, read_r
 from icm.data.pairs import split_paths
 
 KINDS = ("label", "pairs", "transfer")
-NOT_A_RUN = ("not a label run directory (run.json), a pairs report (NAME.report.json from icm pairs) or a "
-             "transfer directory (transfer.json)")
+NOT_A_RUN = ("not a label run directory (run.json) or labels file beside one, a pairs report (NAME.report.json "
+             "from icm pairs) or a transfer directory (transfer.json)")
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1150px;
        color: #1f2933; padding: 0 1em; }
@@ -104,6 +104,8 @@ def detect(path: str | Path) -> tuple[str, Path]:
         report = split_paths(path)["report"] if path.suffix == ".parquet" else path
         if report.name.endswith(".report.json") and _is_pairs_report(report):
             return "pairs", report
+        if path.suffix == ".parquet" and (path.with_suffix(".run") / "run.json").is_file():  # icm label's labels
+            return "label", path.with_suffix(".run")
         raise InputError(path, NOT_A_RUN)
     if (path / "transfer.json").is_file():
         return "transfer", path
@@ -144,6 +146,27 @@ def table(rows: list[tuple[str, Any]] | list[list[Any]], header: list[str] | Non
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table>{head}{body}</table>"
+
+
+def _integer_axis(axis) -> None:
+    """Counts on ``axis`` (an x or y axis): whole-number ticks only."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _example(rows: list[tuple[str, Any]]) -> str:
+    """One example record as a two-column table, long texts kept whole (wrapped), for a reader to see the data."""
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td style='text-align:left;white-space:pre-wrap'>"
+                    f"{html.escape(_fmt(v))}</td></tr>" for k, v in rows if v is not None)
+    return f"<table>{cells}</table>"
+
+
+def _text(value: Any) -> Any:
+    """A message list (conversational pairs) as its contents; anything else unchanged."""
+    if isinstance(value, list):
+        return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in value)
+    return value
 
 
 def _pyplot():
@@ -197,7 +220,7 @@ def label_sections(page: Page, run_dir: Path, prefix: str = "", title: str = "")
     run = read_json(run_dir / "run.json", RERUN, keys=())
     rows = [("model", run.get("model")), ("input", run.get("input")), ("claims", run.get("claims")),
             ("searched by ICM", run.get("searched")), ("batches", run.get("batches")),
-            ("True share", _fmt(run.get("true_share"), share=True)),
+            ("True share of the labels", _fmt(run.get("true_share"), share=True)),
             ("inconsistencies / constraints", f"{run.get('inconsistencies')} / {run.get('constraints')}"),
             ("acceptance", _fmt(run.get("acceptance_rate"), share=True)),
             ("gold accuracy", _fmt(run.get("gold_accuracy"), share=True)),
@@ -265,6 +288,8 @@ def label_sections(page: Page, run_dir: Path, prefix: str = "", title: str = "")
     axes[0].set_xticks(range(len(counts)), list(counts))
     axes[0].set(ylabel="claims", title="label balance", ylim=(0, 1.3 * max(max(c) for c in counts.values())))
     axes[0].legend(fontsize=8, ncol=2, loc="upper center")
+    for axis in axes:
+        _integer_axis(axis.yaxis)
     edges = np.histogram_bin_edges(scores, bins=24)
     axes[1].hist([scores[labels], scores[~labels]], bins=edges, color=["#2f855a", "#c53030"], label=["True", "False"],
                  histtype="stepfilled", alpha=0.55)
@@ -279,6 +304,12 @@ def label_sections(page: Page, run_dir: Path, prefix: str = "", title: str = "")
     body = page.figure(fig, f"{prefix}labels") + f"<p>Labelled claims read from <code>{html.escape(labels_path.name)}"
     body += f"</code>: {len(records)}, {int(labels.sum())} True.</p>"
     page.add(f"{prefix}labels", f"{title}Label balance and scores", body)
+    example = next((r for r in records if r.get("label") is not None), records[0]) if records else None
+    if example is not None:
+        page.add(f"{prefix}example", f"{title}An example claim", _example([
+            ("question", example.get("question")), ("claim", example.get("choice")),
+            ("compared with", example.get("choice_2") or None), ("ICM label", example.get("icm_label")),
+            ("icm_score", example.get("icm_score")), ("gold label", example.get("label"))]))
     if not gold_rows:
         return
     correct = labels[gold_rows] == gold
@@ -334,11 +365,17 @@ def pairs_sections(page: Page, report_path: Path, prefix: str = "", title: str =
     per_question = Counter(str(p["question_id"]) for p in pairs)
     histogram = Counter(per_question.values())
     histogram[0] += report["questions"] - len(per_question)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.6))
     xs = sorted(k for k, v in histogram.items() if v)
-    bars = ax.bar([str(x) for x in xs], [histogram[x] for x in xs], color="#3b82f6")
-    ax.bar_label(bars, fontsize=8)
-    ax.set(xlabel="pairs of a question", ylabel="questions", title="pairs per question")
+    note = ""
+    if len(xs) > 1:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.6))
+        bars = ax.bar([str(x) for x in xs], [histogram[x] for x in xs], color="#3b82f6")
+        ax.bar_label(bars, fontsize=8)
+        ax.set(xlabel="pairs of a question", ylabel="questions", title="pairs per question")
+        _integer_axis(ax.yaxis)
+    else:  # one bar says no more than a sentence
+        fig, bx = plt.subplots(figsize=(6.5, 3.6))
+        note = f"<p>Every question has {xs[0]} pair{'s' if xs[0] != 1 else ''}.</p>" if xs else ""
     margins = np.array([float(p["margin"]) for p in pairs])
     edges = np.histogram_bin_edges(margins, bins=24)
     if all(p.get("chosen_is_correct") is not None and p.get("rejected_is_correct") is not None for p in pairs):
@@ -354,7 +391,15 @@ def pairs_sections(page: Page, report_path: Path, prefix: str = "", title: str =
     else:
         bx.hist(margins, bins=edges, color="#3b82f6")
     bx.set(xlabel="margin (chosen icm_score - rejected icm_score)", ylabel="pairs", title="margin distribution")
-    page.add(f"{prefix}margins", f"{title}Pairs per question and margins", page.figure(fig, f"{prefix}margins"))
+    _integer_axis(bx.yaxis)
+    page.add(f"{prefix}margins", f"{title}Pairs per question and margins",
+             note + page.figure(fig, f"{prefix}margins"))
+    example = pairs[0]
+    page.add(f"{prefix}example-pair", f"{title}An example pair", _example([
+        ("prompt", _text(example.get("prompt"))), ("chosen", _text(example.get("chosen"))),
+        ("rejected", _text(example.get("rejected"))), ("margin", example.get("margin")),
+        ("chosen really correct (gold)", example.get("chosen_is_correct")),
+        ("rejected really correct (gold)", example.get("rejected_is_correct"))]))
 
 
 # -- a transfer run --------------------------------------------------------------------------------------------
@@ -376,7 +421,7 @@ def transfer_sections(page: Page, run_dir: Path) -> None:
              _fmt(r["accuracy_after"], share=True),
              f"{r['delta'] * 100:+.1f} [{r['delta_ci']['low'] * 100:+.1f}, {r['delta_ci']['high'] * 100:+.1f}]",
              r.get("note")] for arm, r in report["arms"].items()]
-    header = ["arm", "label accuracy", "pairs", "pair accuracy", "True share", "before", "after",
+    header = ["arm", "label accuracy", "pairs", "pair accuracy", "True share of the arm's labels", "before", "after",
               f"change, points [{level:.0%} CI]", "note"]
     if not any(row[-1] for row in arms):
         arms, header = [row[:-1] for row in arms], header[:-1]

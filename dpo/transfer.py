@@ -448,8 +448,10 @@ def plot_transfer(report: dict[str, Any], path: str | Path) -> None:
     arms, before = report["arms"], report["accuracy_before"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
     names, values = ["base", *arms], [before, *(r["accuracy_after"] for r in arms.values())]
-    bars = ax.bar(names, values, color=["#9aa5b1"] + ["#3b82f6"] * len(arms))
-    ax.bar_label(bars, fmt="%.3f")
+    palette = ["#3b82f6", "#2f855a", "#dd6b20", "#805ad5", "#c53030", "#319795", "#d69e2e", "#b83280"]
+    bars = ax.bar(names, values, color=["#9aa5b1"] + [palette[i % len(palette)] for i in range(len(arms))])
+    # Inside the bars: the error bars' caps sit at the bars' tops and would strike through labels there.
+    ax.bar_label(bars, fmt="%.3f", label_type="center", color="white", fontweight="bold")
     # An arm's error bar is the paired CI of its change, drawn around before + delta (= its accuracy after).
     ax.errorbar(range(1, len(names)), values[1:], fmt="none", ecolor="black", capsize=6,
                 yerr=[[r["delta"] - r["delta_ci"]["low"] for r in arms.values()],

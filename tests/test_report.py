@@ -58,8 +58,8 @@ def check_transfer_report(transfer_run, tmp_path) -> None:
     out = tmp_path / "page.html"
     assert "transfer report" in report(transfer_run, "--output", str(out))
     page = out.read_text()
-    assert sections(page) == ["accuracy", "icm-summary", "icm-search", "icm-labels", "icm-calibration", "icm-pairs",
-                              "icm-margins"]
+    assert sections(page) == ["accuracy", "icm-summary", "icm-search", "icm-labels", "icm-example", "icm-calibration",
+                              "icm-pairs", "icm-margins", "icm-example-pair"]
     pngs = sorted(tmp_path.glob("page-*.png"), key=lambda p: page.index(f'alt="{p.stem.removeprefix("page-")}"'))
     assert [p.stem for p in pngs] == ["page-accuracy", "page-icm-search", "page-icm-labels", "page-icm-calibration",
                                       "page-icm-margins"]
@@ -79,7 +79,9 @@ def test_label_report_shows_search_acceptance_and_gold(label_run, tmp_path):
     (run_dir / "run.json").write_text(json.dumps(run | {"output": "elsewhere/labels.parquet"}))  # found by name
     report(run_dir)
     page = (run_dir / "report.html").read_text()
-    assert sections(page) == ["summary", "search", "labels", "calibration"]
+    assert sections(page) == ["summary", "search", "labels", "example", "calibration"]
+    example = page.split('<section id="example">')[1].split("</section>")[0]
+    assert "<th>claim</th>" in example and "<th>gold label</th>" in example and "What is 0 + 2?" in example
     assert any(o >= 0 for batch in run["outcomes"] for o in batch)  # the search recorded its steps
     assert len(run["outcomes"][0]) == len(run["trajectories"][0]) - 1
     assert "not recorded" not in page and "not found" not in page
@@ -91,6 +93,13 @@ def test_label_report_shows_search_acceptance_and_gold(label_run, tmp_path):
     assert sections(page) == ["summary", "search", "labels"] and "was not found" in page
 
 
+def test_a_labels_file_finds_its_run_directory(label_run, tmp_path):
+    assert detect(label_run / "labels.parquet") == ("label", label_run / "labels.run")
+    out = tmp_path / "labels.html"
+    assert "label report" in report(label_run / "labels.parquet", "--output", str(out))
+    assert sections(out.read_text())[:2] == ["summary", "search"]
+
+
 def test_pairs_report_from_the_file_or_its_directory(label_run, tmp_path):
     for name in ("pairs.parquet", "pairs.report.json"):
         shutil.copy(label_run / name, tmp_path / name)
@@ -98,7 +107,9 @@ def test_pairs_report_from_the_file_or_its_directory(label_run, tmp_path):
         assert detect(target) == ("pairs", tmp_path / "pairs.report.json")
     report(tmp_path)
     page = (tmp_path / "pairs.report.html").read_text()
-    assert sections(page) == ["pairs", "margins"]
+    assert sections(page) == ["pairs", "margins", "example-pair"]
+    example = page.split('<section id="example-pair">')[1].split("</section>")[0]
+    assert "<th>chosen</th>" in example and "<th>rejected</th>" in example and "The answer is" in example
     pairs = json.loads((tmp_path / "pairs.report.json").read_text())
     assert f"<td>{pairs['pairs']}</td>" in page
     check_self_contained(page, [tmp_path / "pairs.report-margins.png"])
