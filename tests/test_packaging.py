@@ -44,3 +44,22 @@ def test_wheel_installs_one_package_that_user_modules_cannot_shadow(tmp_path: Pa
     assert Path(path).is_relative_to(env_dir) and count == "3"
     version = subprocess.run([str(python), "-m", "icm", "--version"], cwd=user, capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("icm "), version.stderr
+
+
+def test_the_quick_start_evaluates_on_other_questions_than_it_trains_on():
+    """README's stage-by-stage quick start: the eval questions (task, --limit, --seed) are not among the generated
+    ones, and the base model is evaluated as well as the policy."""
+    import re
+
+    from icm.data.tasks import get_task
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    quick = text.split("## Quick start")[1].split("## ")[0]
+    generate = re.search(r"icm generate --task (\w+) --limit (\d+)", quick)
+    evals = re.findall(r"icm eval --task (\w+) --limit (\d+) --seed (\d+) -m (\S+)", quick)
+    assert generate and len(evals) == 2 and {e[3] for e in evals} == {"smollm2-135m", "runs/policy"}
+    task = get_task(generate.group(1))
+    trained = {q.question for q in task.questions(int(generate.group(2)), 0)}
+    for name, limit, seed, _ in evals:
+        assert name == generate.group(1)
+        assert not trained & {q.question for q in get_task(name).questions(int(limit), int(seed))}
