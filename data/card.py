@@ -203,7 +203,8 @@ def dataset_card(files: dict[str, Path], *, repo_id: str | None = None, license:
     conversational = isinstance(meta.get("pairs"), dict) and meta["pairs"].get("format") == "conversational"
     lines += ["## Usage", "", "```python", "from datasets import load_dataset", "",
               f'dataset = load_dataset("{repo_id or "OWNER/NAME"}")']
-    if kind == "pairs" and not conversational:
+    raw = labels_meta.get("use_chat_template") is False  # the candidates were sampled from the raw prompt
+    if kind == "pairs" and not conversational and not raw:
         lines += ["# the prompts as icm dpo trains on them: one user turn, the chat template applied by TRL",
                   "def conversational(row):",
                   '    return {"prompt": [{"role": "user", "content": row["prompt"].rstrip()}],',
@@ -219,6 +220,11 @@ def dataset_card(files: dict[str, Path], *, repo_id: str | None = None, license:
                       "question), `chosen` and `rejected` one assistant turn each. `trl.DPOTrainer` applies the "
                       "model's chat template, as `icm generate` did when it sampled the responses and as `icm dpo` "
                       "and `icm eval` do, so `DPOTrainer(train_dataset=dataset[\"train\"], ...)` takes it as is.", ""]
+        elif raw:
+            lines += ["TRL's standard preference format (strings): `prompt` is the user message (the instruction "
+                      "and the question, ending in a newline). The responses were sampled without a chat template "
+                      "(the message, `Answer:` and the response), and `icm dpo` trains on that raw prompt too "
+                      "(recorded in the files' metadata as `use_chat_template: false`).", ""]
         else:
             lines += ["TRL's standard preference format (strings): `prompt` is the user message (the instruction "
                       "and the question, ending in a newline), not a chat-templated prompt. The responses were "

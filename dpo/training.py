@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +324,16 @@ def _labeller(pairs: str | Path | list[dict]) -> str | None:
     return (read_parquet_metadata(pairs).get("labels") or {}).get("model")
 
 
+def recorded_raw_prompts(pairs: str | Path | list[dict]) -> bool:
+    """Whether a local pairs file's metadata says its candidates were sampled without the chat template
+    (``icm generate --raw-prompt``): training then keeps the raw prompt too, so it sees what the responses answered."""
+    from icm.data.io import read_parquet_metadata
+
+    if isinstance(pairs, list) or Path(pairs).suffix != ".parquet" or not Path(pairs).is_file():
+        return False
+    return (read_parquet_metadata(pairs).get("labels") or {}).get("use_chat_template") is False
+
+
 def _eval_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: metrics[f"eval_{k}"] for k in KEY_METRICS if f"eval_{k}" in metrics}
 
@@ -362,6 +372,8 @@ def train_dpo(
     if not (resume or overwrite) and output_dir.is_dir() and (
             (output_dir / SUMMARY_FILE).exists() or any(output_dir.glob("checkpoint-*"))):
         raise InputError(output_dir, "already holds a trained model or checkpoints (resume, or overwrite it)")
+    if config.chat_template is None and recorded_raw_prompts(pairs):
+        config = replace(config, chat_template=False)
     rows, dataset_name = load_pairs(pairs, split=config.split)
     eval_rows = load_pairs(eval_pairs, split=config.split)[0] if eval_pairs is not None else None
     trainer = build_trainer(rows, model, output_dir, config, eval_pairs=eval_rows, progress=progress,

@@ -324,7 +324,7 @@ class DPOTrainingConfig:
                                            "slower).")
     chat_template: bool | None = setting(None, "Wrap string pairs as user/assistant turns so the tokenizer's chat "
                                          "template applies, as icm generate does [default: when the tokenizer has "
-                                         "one].")
+                                         "one, unless the pairs file records raw-prompt candidates].")
     warmup_steps: float = setting(0, "Learning-rate warmup: steps, or a fraction of them in [0, 1).")
     lr_scheduler_type: str = setting("linear", "transformers scheduler name (linear, cosine, constant, ...).")
     weight_decay: float = setting(0.0, "AdamW weight decay.")

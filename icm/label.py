@@ -323,6 +323,10 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
            "backend": backend.report(), **summary}
     metadata = {k: run[k] for k in ("model", "template", "config", "seed", "command", "gold_accuracy")}
     metadata["true_share"] = summary["true_share"]
+    sampled = asdict(generation) if questions is not None and generation is not None else \
+        read_parquet_metadata(input_path).get("config") or {} if Path(input_path).suffix == ".parquet" else {}
+    if isinstance(sampled.get("use_chat_template"), bool):  # how the candidates were prompted: pairs train alike
+        metadata["use_chat_template"] = sampled["use_chat_template"]
     write_parquet(output, labels_table(records, results, input_path), metadata)
     write_json(run_dir / "run.json", run)
     return run

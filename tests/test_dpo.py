@@ -375,3 +375,15 @@ def test_model_card_usage_snippet_runs(tiny_model_dir, tmp_path, monkeypatch):
 def test_a_mistyped_alias_is_answered_at_once_with_the_closest(tmp_path):
     result = CliRunner().invoke(app, ["dpo", str(tmp_path / "p.jsonl"), "-m", "smollm2-135", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "did you mean smollm2-135m" in result.output
+
+
+@pytest.mark.parametrize("recorded", [False, True, None], ids=["raw", "chat", "unrecorded"])
+def test_pairs_train_on_the_prompt_format_their_candidates_were_sampled_with(tiny_model_dir, tmp_path, recorded):
+    """Candidates sampled with --raw-prompt (recorded by icm label in the labels', hence the pairs', metadata) train
+    on the raw prompt; otherwise the chat template applies as before."""
+    labels_meta = {"model": "x"} | ({} if recorded is None else {"use_chat_template": recorded})
+    pairs_path = tmp_path / "pairs.parquet"
+    write_parquet(pairs_path, pa.Table.from_pylist(PAIRS), {"labels": labels_meta})
+    summary = train_dpo(pairs_path, tiny_model_dir, tmp_path / "out", tiny_config(max_steps=1), progress=False)
+    assert summary["format"] == ("text" if recorded is False else "conversational")
+    assert summary["config"]["chat_template"] is (False if recorded is False else None)

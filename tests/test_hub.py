@@ -312,3 +312,14 @@ def test_the_cards_conversion_gives_what_icm_dpo_trains_on(tmp_path, tiny_model_
     exec("def conversational" + code, namespace)
     rows = load_pairs(pairs)[0]
     assert [namespace["conversational"](r) for r in rows] == format_pairs(rows, load_tokenizer(tiny_model_dir), True)
+
+
+def test_card_of_raw_prompt_pairs_says_so(tmp_path):
+    labels = sentiment_labels(tmp_path / "labels.parquet")
+    table = pq.read_table(labels)
+    meta = json.loads(table.schema.metadata[b"icm"]) | {"use_chat_template": False}
+    write_parquet(labels, table.replace_schema_metadata(None), meta)
+    pairs = tmp_path / "pairs.parquet"
+    assert runner.invoke(app, ["pairs", str(labels), "-o", str(pairs)]).exit_code == 0
+    card = dataset_card({"train": pairs})
+    assert "sampled without a chat template" in card and "def conversational" not in card

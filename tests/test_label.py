@@ -342,3 +342,18 @@ def test_utility_sums_or_averages_predictability_minus_inconsistencies(tiny):
     for average, expected in ((True, 50 * fit / 3 - 1), (False, 50 * fit - 1)):  # 0 and 1 both True: 1 violation
         search = ICMSearch(ClaimScorer(model, tokenizer, claims), [0, 1, 2], ICMConfig(average=average))
         assert search.utility(labels, z) == pytest.approx(expected)
+
+
+def test_labels_record_how_the_candidates_were_prompted(tiny_model_dir, tmp_path):
+    """icm label keeps the candidates' use_chat_template in its metadata, so the pairs train on the same prompts."""
+    runner = CliRunner()
+    for raw in (True, False):
+        candidates, labels = tmp_path / f"c{raw}.parquet", tmp_path / f"l{raw}.parquet"
+        result = runner.invoke(app, ["generate", "--task", "sentiment", "--limit", "2", "--num-candidates", "2",
+                                     "-m", tiny_model_dir, "--max-new-tokens", "3", "-o", str(candidates)]
+                               + (["--raw-prompt"] if raw else []))
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(app, ["label", str(candidates), "-o", str(labels), "-m", tiny_model_dir,
+                                     "--iterations", "4", "--dtype", "fp32"])
+        assert result.exit_code == 0, result.output
+        assert read_parquet_metadata(labels)["use_chat_template"] is (not raw)
