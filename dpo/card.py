@@ -68,6 +68,10 @@ def model_card(summary: dict[str, Any], repo_id: str | None = None, location: st
     shown = base_id or base
     weights = (f"the `{base}` alias: {base_id} as packaged GGUF ({', '.join(ALIASES[base].files)}), dequantized "
                "to float32" if base in ALIASES else f"`{base}`")
+    labeller = summary.get("labeller")
+    labeller_id = hub_id(labeller) if labeller else None
+    labeller_text = f"`{labeller}`" + (f" ({labeller_id})" if labeller_id and labeller_id != labeller else "") \
+        if labeller else "unknown"
     lines = [
         f"# {name}", "",
         f"{kind} **{shown}**, trained with Direct Preference Optimization (TRL `DPOTrainer`) on "
@@ -76,9 +80,13 @@ def model_card(summary: dict[str, Any], repo_id: str | None = None, location: st
            f"Maximization with `{summary['labeller']}` (`icm label`, `icm pairs`)." if summary.get("labeller")
            else ""), "",
         "## Base model", "", f"- Hub id: {f'`{base_id}`' if base_id else 'none (a local model)'}",
-        f"- trained from: {weights}", f"- reference model: {summary['reference']}", "",
+        f"- trained from: {weights}", f"- reference model: {summary['reference']}", ""]
+    if base in ALIASES and summary["adapter"]:
+        lines += ["The adapters were trained on the dequantized GGUF weights; loaded onto the original Hub weights "
+                  "(as below) they behave close to, not exactly as, where they were trained.", ""]
+    lines += [
         "## Dataset", "", f"- source: `{dataset}`", f"- pairs: {summary['num_pairs']}",
-        f"- ICM labeller: `{summary.get('labeller') or 'unknown'}`",
+        f"- ICM labeller: {labeller_text}",
         f"- format: {summary.get('format', 'text')}", "",
         "## Hyperparameters", "", "| name | value |", "|---|---|",
     ]
