@@ -84,9 +84,10 @@ def option(config: type, name: str, *decls: str, as_text: bool = False, **kwargs
     return typer.Option(",".join(default) if as_text else default, *decls, **kwargs)
 
 
-def check_model(spec: str | None) -> str | None:
-    """A model option's value: a mistyped alias is a usage error before anything loads."""
-    if spec:
+def check_model(ctx: click.Context, spec: str | None) -> str | None:
+    """A model option's value: a mistyped alias is a usage error before anything loads (with --base-url, processed
+    first, the model is the server's name for it, not checked here)."""
+    if spec and not ctx.params.get("base_url"):
         try:
             check_alias(spec)
         except ModelNotFoundError as error:
@@ -104,7 +105,7 @@ MODEL_HELP = f"Hub id, local HF directory, .gguf file, or alias ({', '.join(ALIA
 
 def base_url_option() -> Any:
     return typer.Option(None, "--base-url", metavar="URL", help=field_help(ServerConfig, "base_urls"),
-                        rich_help_panel=SERVER)
+                        rich_help_panel=SERVER, is_eager=True)  # before --model: see check_model
 
 
 def dtype_option(*decls: str, help: str = "Model dtype: auto (bf16 where fast), bf16, fp16 or fp32.") -> Any:

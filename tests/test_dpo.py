@@ -372,9 +372,16 @@ def test_model_card_usage_snippet_runs(tiny_model_dir, tmp_path, monkeypatch):
     assert isinstance(namespace["output"], torch.Tensor) and namespace["output"].shape[1] > 1
 
 
-def test_a_mistyped_alias_is_answered_at_once_with_the_closest(tmp_path):
+def test_a_mistyped_alias_is_answered_at_once_with_the_closest(tmp_path, tiny_model_dir):
     result = CliRunner().invoke(app, ["dpo", str(tmp_path / "p.jsonl"), "-m", "smollm2-135", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "did you mean smollm2-135m" in result.output
+    # with --base-url the model is the server's name for it (here close to an alias): not refused as a typo
+    (tmp_path / "c.jsonl").write_text(json.dumps({"question": "q", "choice": "a", "consistency_id": 0}) + "\n")
+    for order in (["-m", "smollm2-f32", "--base-url", "http://127.0.0.1:9/v1"],
+                  ["--base-url", "http://127.0.0.1:9/v1", "-m", "smollm2-f32"]):
+        result = CliRunner().invoke(app, ["label", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "l.parquet"),
+                                          *order, "--tokenizer", tiny_model_dir])
+        assert "did you mean" not in result.output and "cannot reach" in result.output, result.output
 
 
 @pytest.mark.parametrize("recorded", [False, True, None], ids=["raw", "chat", "unrecorded"])
