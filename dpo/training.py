@@ -451,20 +451,20 @@ def record_base_model(output_dir: Path, model_id: str) -> None:
 
 
 def _loadable_base(candidates: list[Any]) -> str | None:
-    """The first base model spec of ``candidates`` that loads here: the Hub id of a built-in alias becomes the
-    alias (its packaged weights, offline) when the alias is installed; a local path from another machine is
-    skipped."""
+    """The first base model spec of ``candidates`` that loads here: a built-in alias or its Hub id becomes the
+    alias (its packaged weights, offline) when the alias is installed, else the Hub id; a local path from another
+    machine is skipped."""
     for spec in candidates:
         if not spec or not isinstance(spec, str):
             continue
-        alias = alias_of(spec)
+        alias = spec if spec in ALIASES else alias_of(spec)
         if alias:
             try:
                 resolve_model(alias)
                 return alias
-            except ModelNotFoundError:  # the alias's package is not installed here: the Hub id itself
-                return spec
-        if spec in ALIASES or Path(spec).expanduser().exists() or hub_id(spec):
+            except ModelNotFoundError:  # the alias's package is not installed here: its Hub id
+                return ALIASES[alias].hub_id
+        if Path(spec).expanduser().exists() or hub_id(spec):
             return spec
     return None
 

@@ -394,3 +394,16 @@ def test_pairs_train_on_the_prompt_format_their_candidates_were_sampled_with(tin
     summary = train_dpo(pairs_path, tiny_model_dir, tmp_path / "out", tiny_config(max_steps=1), progress=False)
     assert summary["format"] == ("text" if recorded is False else "conversational")
     assert summary["config"]["chat_template"] is (False if recorded is False else None)
+
+
+def test_the_base_of_downloaded_adapters_is_found_on_another_machine(tmp_path, monkeypatch):
+    """icm_dpo.json names the alias or a path of the machine that trained; where neither loads, the Hub id does."""
+    from icm import models
+    from icm.dpo.training import _loadable_base
+
+    monkeypatch.setitem(models.ALIASES, "absent-alias", models.Alias(
+        packages=("no_such_package_for_icm_tests",), files=("x.gguf",), install="pip install x", hub_id="me/absent"))
+    assert _loadable_base(["absent-alias", "me/absent"]) == "me/absent"  # alias not installed here: its Hub id
+    assert _loadable_base(["/machine/that/trained/model", "me/absent"]) == "me/absent"
+    assert _loadable_base([str(tmp_path), "me/absent"]) == str(tmp_path)  # a local base that is here
+    assert _loadable_base([None, "org/model"]) == "org/model"
