@@ -143,6 +143,8 @@ def _model(spec: Any) -> str:
     from icm.models import hub_id
 
     spec = str(spec)
+    if spec == "enumerated":  # data/candidates.py: a sample with its answer word swapped, not a model
+        return "`enumerated` (a sampled response with its answer swapped, `--enumerate-answers`)"
     model_id = hub_id(spec)
     if model_id and model_id != spec:
         return f"[{model_id}](https://huggingface.co/{model_id}) (`{spec}`, the packaged GGUF, dequantized)"
