@@ -364,6 +364,7 @@ def label(
     api_key_env: str = option(ServerConfig, "api_key_env"),
     concurrency: int = option(ServerConfig, "concurrency", min=1),
     seed: int = option(ICMConfig, "seed", **SEED),
+    restarts: int = option(ICMConfig, "restarts", min=1),
     iterations: int | None = option(ICMConfig, "iterations", min=0),
     polish_iterations: int | None = option(ICMConfig, "polish_iterations", min=0),
     alpha: float = option(ICMConfig, "alpha", min=0),
@@ -412,6 +413,7 @@ def label(
     from icm.data.claims import ClaimFields
     from icm.data.io import check_outputs, files_of
     from icm.label import label_file, run_dir_for
+    from icm.quality import quality_line
     from icm.scoring import unescape
 
     try:
@@ -420,7 +422,8 @@ def label(
         config = ICMConfig(alpha=alpha, initial_labels=initial_labels, iterations=iterations,
                            polish_iterations=polish_iterations, batch_size=batch_size, folds=folds,
                            see_group=see_group, max_context_tokens=max_context_tokens, balance=balance, seed=seed,
-                           exact_every=exact_every, check_every=check_every, demo_order=demo_order)
+                           exact_every=exact_every, check_every=check_every, demo_order=demo_order,
+                           restarts=restarts)
         template = PromptTemplate(space=label_space, separator=unescape(separator, "--separator"))
         generation = GenerationConfig(num_candidates=num_candidates, temperature=temperature,
                                       max_new_tokens=max_new_tokens, seed=seed)
@@ -447,6 +450,8 @@ def label(
         "labels": f"{run['true_share']:.0%} True", "inconsistencies": run["inconsistencies"] if searched else None,
         "acceptance": f"{run['acceptance_rate']:.0%}" if searched else None,
         "gold accuracy": f"{gold:.1%}" if gold is not None else None,
+        "label quality": quality_line(run["quality"]) if run.get("quality") else None,
+        "quality warnings": "; ".join(run["quality"]["warnings"]) if run.get("quality", {}).get("warnings") else None,
         "time": f"{run['seconds']:.0f} s", "labels file": output, "run directory": run_dir_for(output, run_dir)}))
     search = f", inconsistencies {run['inconsistencies']}, acceptance {run['acceptance_rate']:.0%}" if searched else ""
     result(f"labelled {run['claims']} claims by {method} ({run['searched']} searched), True share "

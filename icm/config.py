@@ -208,6 +208,9 @@ class ICMConfig:
     reuse_scores: bool = setting(True, "Re-score only the targets whose context or group changed, and keep each "
                                  "fold's previous prefix cache so a rejected proposal costs nothing to undo (exact).")
     seed: int = setting(0, "Seed of the search (same seed, same labels).")
+    restarts: int = setting(1, "Independent searches (seeds seed, seed+1, ...); the final label is their vote (a tie: "
+                            "the sign of the mean icm_score), icm_score the mean, and icm_agreement the fraction of "
+                            "restarts agreeing with the final label.")
 
     def __post_init__(self) -> None:
         _choose("balance", self.balance, get_args(Balance))
@@ -215,11 +218,14 @@ class ICMConfig:
         for name in ("alpha", "initial_labels", "iterations", "polish_iterations", "consistency_fix_iterations",
                      "folds", "cooling"):
             check_range(name, getattr(self, name), 0)
-        for name in ("batch_size", "scoring_batch_size", "exact_every", "check_every", "max_context_tokens"):
+        for name in ("batch_size", "scoring_batch_size", "exact_every", "check_every", "max_context_tokens",
+                     "restarts"):
             check_range(name, getattr(self, name), 1)
         for name in ("initial_temperature", "final_temperature", "group_weight"):
             check_range(name, getattr(self, name), 0, above=True)
         _check_seed(self.seed)
+        if self.seed + self.restarts - 1 > SEED_MAX:
+            raise ValueError(f"seed + restarts - 1 must be <= {SEED_MAX} (restart r uses seed + r)")
 
 
 @dataclass

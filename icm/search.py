@@ -223,7 +223,8 @@ class ICMSearch:
 
 def fingerprint(claims: list[Claim], config: ICMConfig, model_name: str) -> str:
     """What a search's result depends on: the claims, the settings and the model (a checkpoint must match)."""
-    h = hashlib.sha256(json.dumps([asdict(config), model_name], sort_keys=True, default=str).encode())
+    settings = {k: v for k, v in asdict(config).items() if k != "restarts"}  # one search; restarts have their own
+    h = hashlib.sha256(json.dumps([settings, model_name], sort_keys=True, default=str).encode())
     for c in claims:
         h.update(json.dumps([c.question, c.choice, c.choice_2, c.group, c.key]).encode())
     return h.hexdigest()[:16]
