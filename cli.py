@@ -500,6 +500,7 @@ def pairs(
     max_per_question: int | None = option(PairsConfig, "max_per_question", min=1),
     min_margin: float | None = option(PairsConfig, "min_margin"),
     margin_quantile: float | None = option(PairsConfig, "margin_quantile", min=0.0, max=1.0),
+    min_agreement: float | None = option(PairsConfig, "min_agreement", min=0.0, max=1.0),
     fmt: PairFormat = option(PairsConfig, "format", "--format"),
     test_size: float | None = option(PairsConfig, "test_size", "--eval-size", "--test-size", min=0),
     seed: int = option(PairsConfig, "seed", **SEED),
@@ -521,18 +522,22 @@ def pairs(
                    "its report": split_paths(output)["report"], "its recipe": recipe_next_to(output)}, [labels])
     try:
         config = PairsConfig(strategy=strategy, max_per_question=max_per_question, min_margin=min_margin,
-                             margin_quantile=margin_quantile, format=fmt, test_size=test_size, seed=seed)
+                             margin_quantile=margin_quantile, min_agreement=min_agreement, format=fmt,
+                             test_size=test_size, seed=seed)
         if push_to_hub:
             check_repo_id(push_to_hub)
     except ValueError as error:
         fail(str(error))
     rows, metadata = load_labels(labels)
-    kept, report = build_pairs(rows, config)
+    try:
+        kept, report = build_pairs(rows, config)
+    except ValueError as error:  # --min-agreement on labels without restarts
+        raise InputError(labels, str(error), field="icm_agreement") from None
     if not kept:  # the reasons on the one line of the error (the report table would be more lines)
         raise InputError(labels, "no pairs: " + ", ".join(f"{k}: {v}" for k, v in
                                                           (report["questions_skipped"] | report["dropped"]).items()))
     args = {"--strategy": strategy, "--max-per-question": max_per_question, "--min-margin": min_margin,
-            "--margin-quantile": margin_quantile,
+            "--margin-quantile": margin_quantile, "--min-agreement": min_agreement,
             "--format": fmt, "--eval-size": test_size, "--seed": seed}
     command = shlex.join(["icm", "pairs", str(labels), "--output", str(output)]
                          + [str(x) for k, v in args.items() if v is not None for x in (k, v)])

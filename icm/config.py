@@ -284,6 +284,9 @@ class PairsConfig:
     margin_quantile: float | None = setting(None, "Drop the pairs whose margin is below this quantile of all "
                                            "candidate pairs' margins (0.25: the least confident quarter), a floor "
                                            "that does not depend on the scale of the labels' scores.")
+    min_agreement: float | None = setting(None, "Leave out of the pairs the candidates whose icm_agreement (fraction "
+                                          "of `icm label --restarts` agreeing with the label) is below this (1: "
+                                          "only claims every restart agrees on).")
     format: PairFormat = setting("standard", "standard: prompt/chosen/rejected strings (the prompt ends with a new "
                                  "line); conversational: lists of {role, content} messages (TRL's chat format).")
     test_size: float | None = setting(None, "Questions held out for a test split: a fraction (0-1) or a count; the "
@@ -297,6 +300,7 @@ class PairsConfig:
         check_range("min_margin", self.min_margin)
         _check_size("test_size", self.test_size)
         check_range("margin_quantile", self.margin_quantile, 0, 1, below=True)
+        check_range("min_agreement", self.min_agreement, 0, 1)
         _check_seed(self.seed)
 
 
