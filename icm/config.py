@@ -25,7 +25,7 @@ from icm.data.answers import check_extractor, closed_answers
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 ClaimMode = Literal["candidates", "answers", "pivot"]
-Balance = Literal["center", "none"]
+Balance = Literal["center", "estimate", "none"]
 DemoOrder = Literal["labelling", "fixed"]
 LabelSpace = Literal["auto", "label", "prompt"]
 PairStrategy = Literal["all", "best-margin"]
@@ -192,8 +192,10 @@ class ICMConfig:
     max_context_tokens: int | None = setting(2048, "Token budget of demonstrations plus target (capped by the "
                                              "model's context length).")
     balance: Balance = setting("center", "Collapse guard: center subtracts each fold's mean log-odds before labels "
-                               "are scored and predicted (an all-True labelling no longer predicts itself); none is "
-                               "the paper's raw objective.")
+                               "are scored and predicted (an all-True labelling no longer predicts itself; it pulls "
+                               "the labels towards half True); estimate cuts each fold at a threshold moved from "
+                               "the mean by the True share a two-class fit of the zero-shot log-odds estimates "
+                               "(clipped to 5-95%); none is the paper's raw objective.")
     average: bool = setting(True, "Average the predictability term over |D|, as the paper's code does (with the sum, "
                             "one label change moves U by about alpha >> T0 and the search turns greedy).")
     scoring_batch_size: int = setting(16, "Targets scored together on one shared prefix.")

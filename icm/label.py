@@ -47,6 +47,7 @@ from icm.data.tasks import load_questions
 from icm.generate import generate_candidates
 from icm.iterative import label_iteratively
 from icm.quality import label_quality, vote
+from icm.scoring import estimate_share, threshold
 from icm.search import Checkpoint, fingerprint, label_claims
 from icm.sources import confidence_labels, judge_labels, majority_labels
 
@@ -217,6 +218,8 @@ def zero_shot_labels(claims: list[Claim], backend: Backend, config: ICMConfig | 
     scores = scorer.score(list(range(len(claims))), demos=())
     if config.balance == "center" and len(scores):
         scores = scores - scores.mean()
+    elif config.balance == "estimate" and len(scores):
+        scores = scores - threshold(scores, estimate_share(scores))
     labels = [bool(z > 0) for z in scores]
     summary: dict[str, Any] = {"method": "zero-shot", "claims": len(claims), "searched": 0,
                                "true_share": float(np.mean(labels)) if labels else 0.0,
