@@ -421,8 +421,9 @@ def estimate_share(scores: Sequence[float] | np.ndarray, steps: int = 200) -> tu
     sd = float(x.std())
     if len(x) < 4 or sd == 0:
         return 0.5, 0.0
-    mu = np.quantile(x, [0.25, 0.75])
-    var, pi = sd**2 / 2, 0.5
+    upper = x > x.mean()  # start from the split at the mean (quantiles would start a 95/5 set on one mode)
+    mu = np.array([x[~upper].mean(), x[upper].mean()])
+    var, pi = max(float(np.where(upper, x - mu[1], x - mu[0]).var()), 1e-6 * sd**2), float(upper.mean())
     for _ in range(steps):
         log_p = np.stack([np.log(1 - pi) - (x - mu[0]) ** 2 / (2 * var), np.log(pi) - (x - mu[1]) ** 2 / (2 * var)])
         resp = np.exp(log_p - log_p.max(axis=0))

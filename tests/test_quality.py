@@ -100,3 +100,35 @@ def test_label_cli_restarts_write_agreement_column_and_quality(tiny_model_dir, t
     assert (tmp_path / "labels.run" / "restart-2" / "checkpoint.json").exists()
     bad = runner.invoke(app, ["label", str(src), "--output", str(out), "--model", tiny_model_dir, "--restarts", "0"])
     assert bad.exit_code == 2
+
+
+def test_estimate_share_finds_the_share_of_two_separated_classes():
+    import numpy as np
+
+    from icm.scoring import SHARE_LIMITS, estimate_share, threshold
+
+    rng = np.random.default_rng(0)
+    for share in (0.25, 0.75):
+        truth = rng.random(400) < share
+        scores = np.where(truth, rng.normal(3, 1, 400), rng.normal(-1, 1, 400))
+        estimated, separation = estimate_share(scores)
+        assert abs(estimated - share) < 0.08 and separation > 1.5
+        cut = threshold(scores, (estimated, separation))
+        # the mean pulls the cut into the larger class; the estimated threshold does not
+        assert np.mean((scores > cut) == truth) > np.mean((scores > scores.mean()) == truth) + 0.05
+    few = np.r_[rng.normal(-5, 0.5, 98), rng.normal(5, 0.5, 2)]
+    assert estimate_share(few)[0] == SHARE_LIMITS[0]  # the collapse guard: clipped
+    assert estimate_share([1.0, 1.0, 1.0, 1.0]) == (0.5, 0.0)
+    assert threshold([0.0, 2.0], (0.5, 3.0)) == 1.0  # share one half: the mean
+
+
+def test_balance_estimate_searches_and_reports_the_estimated_share(tiny):
+    model, tokenizer = tiny
+    claims = claims_from_records(arithmetic_claims(4))
+    backend = InProcessBackend(model, tokenizer)
+    results, summary = label_claims(claims, backend, ICMConfig(iterations=12, balance="estimate"))
+    assert len(results) == len(claims) and 0.05 <= summary["estimated_true_share"] <= 0.95
+    center, center_summary = label_claims(claims, backend, ICMConfig(iterations=12))
+    assert "estimated_true_share" not in center_summary
+    with pytest.raises(ValueError, match="balance"):
+        ICMConfig(balance="half")
