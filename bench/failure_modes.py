@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.claimsets import sentiment_pivot_claims
 from bench.label_accuracy import icl_accuracy
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=None, help="ICM steps per batch [default: 2 x n]")
     parser.add_argument("--sets", default="", help="comma-separated subset of the set names")
+    parser.add_argument("--max-context-tokens", type=int, default=ICMConfig.max_context_tokens)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 
@@ -107,12 +110,15 @@ def main() -> None:
     sets["unanswerable"] = unanswerable_set(pool, args.n, args.seed)
     if args.sets:
         sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
+    torch.set_num_threads(args.threads)  # on a shared machine one thread is several times faster (no spin-waits)
     model, tokenizer = load_model(args.model)
     backend = InProcessBackend(model, tokenizer)
     template = PromptTemplate()
-    config = ICMConfig(iterations=args.iterations or 2 * args.n, seed=args.seed, restarts=args.restarts)
+    config = ICMConfig(iterations=args.iterations or 2 * args.n, seed=args.seed, restarts=args.restarts,
+                       max_context_tokens=args.max_context_tokens)
     started = time.monotonic()
     out: dict = {"model": args.model, "n": args.n, "restarts": args.restarts, "iterations": config.iterations,
+                 "max_context_tokens": config.max_context_tokens,
                  "seed": args.seed, "sets": {}}
     for name, rows in sets.items():
         claims, gold = claims_from_records(rows, name), gold_labels(rows, name)
@@ -126,7 +132,9 @@ def main() -> None:
                                "centered": accuracy([bool(z > zero.mean()) for z in zero], gold),
                                "estimate": accuracy([bool(z > cut) for z in zero], gold),
                                "estimated_true_share": prior[0], "separation": prior[1]}
+        print(f"  {name}: zero-shot done, {time.monotonic() - started:.0f} s", file=sys.stderr)
         argmax, centered = icl_accuracy(scorer, dict(enumerate(gold)), gold, config)
+        print(f"  {name}: gold ICL done, {time.monotonic() - started:.0f} s", file=sys.stderr)
         result["gold_icl"] = {"argmax": argmax, "centered": centered}
         for balance in ("center", "estimate"):
             t0 = time.monotonic()
@@ -139,10 +147,14 @@ def main() -> None:
                 "restart_accuracy": [r["gold_accuracy"] for r in summary.get("restarts", [])],
                 "estimated_true_share": summary.get("estimated_true_share"), "quality": summary["quality"],
                 "seconds": time.monotonic() - t0}
+            print(f"  {name}: ICM {balance} done, {time.monotonic() - t0:.0f} s", file=sys.stderr)
             if cued := [i for i, r in enumerate(rows) if r.get("cue")]:  # did the cue pull the labels to True?
                 result[f"icm_{balance}"]["cued_true_share"] = float(np.mean([y[i] for i in cued]))
                 result[f"icm_{balance}"]["cued_accuracy"] = accuracy({i: y[i] for i in cued}, gold)
         out["sets"][name] = result
+        if args.output:  # after every set, so a stopped run keeps what it measured
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(out, indent=2, default=float) + "\n")
         icm = {k: result[k]["accuracy"] for k in ("icm_center", "icm_estimate")}
         print(f"{name}: gold {result['true_share']:.0%} True | majority {result['majority_class']:.1%} | zero-shot "
               f"{result['zero_shot']['argmax']:.1%}/{result['zero_shot']['centered']:.1%}/"

@@ -198,7 +198,8 @@ def quality_table(quality: dict[str, Any]) -> str:
     rows = [("restarts", agree["restarts"] if agree else 1),
             ("mean restart agreement", _fmt(agree["mean"], share=True) if agree else "- (one restart)"),
             ("claims the restarts disagree on", _fmt(agree["share_below_1"], share=True) if agree else "-"),
-            (f"low-margin labels (|icm_score| < {quality['low_margin']['threshold']})",
+            (f"low-margin labels (|icm_score| < {quality['low_margin'].get('threshold_sd', '')} sd = "
+             f"{quality['low_margin']['threshold']:.3g})",
              _fmt(quality["low_margin"]["share"], share=True)),
             ("majority share", _fmt(surface["majority_share"], share=True))]
     rows += [(f"predicted by {name} alone" + (f" ('{surface['cue_phrase']}')" if name == "cue" else ""),

@@ -5,8 +5,10 @@
 - ``agreement``: with ``--restarts R > 1`` (independent searches, seeds seed, seed+1, ...), the mean over claims of
   the fraction of restarts that agree with the final (voted) label, and the share of claims on which they do not
   all agree; None with one restart.
-- ``low_margin``: the share of labels whose ``|icm_score|`` (centered log-odds, in nats) is below
-  :data:`LOW_MARGIN` (0.5 nats: the model gives the label a probability between about 0.38 and 0.62).
+- ``low_margin``: the share of labels whose ``|icm_score|`` is below :data:`LOW_MARGIN` (0.25) times the standard
+  deviation of the run's scores: relative to their spread, because the scale of the log-odds differs from model
+  to model (SmolLM2's centered sentiment log-odds are mostly below 0.5 nats, Gemma3's are not). Scores that form
+  two well-separated modes have few such labels; one unimodal heap around the cut has about 20%.
 - ``surface``: the surface-feature audit: how well one surface feature alone predicts the labels (the claim's
   length, the answer it asserts, its position in the input, a confidence cue phrase), each as the accuracy of the
   best one-feature rule, next to the majority share; ``lift`` is the best one's accuracy minus the majority share.
@@ -27,8 +29,8 @@ import numpy as np
 
 from icm.data.claims import Claim
 
-LOW_MARGIN = 0.5
-"""|icm_score| (nats) below which a label counts as low-margin."""
+LOW_MARGIN = 0.25
+"""|icm_score| below which a label counts as low-margin, in standard deviations of the run's scores."""
 SURFACE_LIFT = 0.2
 """Lift over the majority share from which the surface audit warns that a feature predicts the labels."""
 CUE_PHRASES = ("i am sure", "i'm sure", "i am confident", "i'm confident", "trust me", "definitely", "certainly",
@@ -121,21 +123,23 @@ def label_quality(claims: Sequence[Claim], labels: Sequence[bool], scores: Seque
     if agreement is not None and restarts > 1:
         agree = {"restarts": restarts, "mean": float(np.mean(agreement)) if n else None,
                  "share_below_1": float(np.mean([a < 1 for a in agreement])) if n else None}
-    low = float(np.mean([abs(s) < LOW_MARGIN for s in scores])) if n else 0.0
+    spread = float(np.std(scores)) if n else 0.0
+    low = float(np.mean([abs(s) < LOW_MARGIN * spread for s in scores])) if n else 0.0
     surface = surface_audit(claims, labels)
     score = (agree["mean"] if agree and agree["mean"] is not None else 1.0) * (1 - low) * (1 - max(surface["lift"], 0))
     warnings = []
     if agree and agree["share_below_1"] and agree["share_below_1"] > 0.2:
         warnings.append(f"restarts disagree on {agree['share_below_1']:.0%} of the claims")
     if low > 0.3:
-        warnings.append(f"{low:.0%} of the labels have |icm_score| < {LOW_MARGIN}")
+        warnings.append(f"{low:.0%} of the labels have |icm_score| < {LOW_MARGIN} sd of the scores")
     if surface["lift"] >= SURFACE_LIFT:
         warnings.append(f"the {surface['best_feature']} alone predicts {surface['best_accuracy']:.0%} of the labels "
                         f"(majority share {surface['majority_share']:.0%})")
     share = float(np.mean(labels)) if n else 0.0
     if n and min(share, 1 - share) < 0.05:
         warnings.append(f"{share:.0%} of the labels are True: a collapsed labelling?")
-    return {"agreement": agree, "low_margin": {"threshold": LOW_MARGIN, "share": low}, "surface": surface,
+    return {"agreement": agree, "low_margin": {"threshold": LOW_MARGIN * spread, "threshold_sd": LOW_MARGIN,
+                                               "share": low}, "surface": surface,
             "score": score, "warnings": warnings}
 
 

@@ -58,8 +58,12 @@ def test_surface_audit_finds_a_cue_phrase_that_follows_the_labels():
 
 def test_low_margin_share_counts_scores_below_the_threshold():
     claims = [Claim(question=f"q{k}", choice="c") for k in range(4)]
-    quality = label_quality(claims, [True, False, True, False], [0.1, -0.2, LOW_MARGIN + 1, -3.0])
+    scores = [0.01, -0.02, 3.0, -3.0]  # sd about 2.1: the first two are within 0.25 sd of 0
+    quality = label_quality(claims, [True, False, True, False], scores)
     assert quality["low_margin"]["share"] == 0.5 and quality["agreement"] is None
+    assert quality["low_margin"]["threshold"] == pytest.approx(LOW_MARGIN * 2.1213, rel=1e-3)
+    scaled = label_quality(claims, [True, False, True, False], [100 * s for s in scores])  # scale-free
+    assert scaled["low_margin"]["share"] == 0.5
 
 
 def test_restarts_vote_over_independent_seeds(tiny):
