@@ -91,6 +91,28 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def table(out: dict) -> str:
+    """The results as a markdown table (one row per claim set) and the rank correlations."""
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    lines = ["| set (True share) | majority class | zero-shot argmax / centered / estimate | gold ICL argmax / "
+             "centered | ICM center: acc (True share) | ICM estimate: acc (True share, estimated share) | quality "
+             "score center / estimate |", "|---|---|---|---|---|---|---|"]
+    for name, r in out["sets"].items():
+        z, g, c, e = r["zero_shot"], r["gold_icl"], r["icm_center"], r["icm_estimate"]
+        lines.append(f"| {name} ({pct(r['true_share'])}) | {pct(r['majority_class'])} | {pct(z['argmax'])} / "
+                     f"{pct(z['centered'])} / {pct(z['estimate'])} | {pct(g['argmax'])} / {pct(g['centered'])} | "
+                     f"{pct(c['accuracy'])} ({pct(c['true_share'])}) | {pct(e['accuracy'])} ({pct(e['true_share'])}, "
+                     f"{pct(e['estimated_true_share'])}) | {c['quality']['score']:.2f} / {e['quality']['score']:.2f} |")
+    rho = out.get("spearman_vs_accuracy", {})
+    lines.append("")
+    lines.append("Spearman rho with ICM accuracy over the " + str(out.get("runs")) + " ICM runs: " + ", ".join(
+        f"{k} {'-' if v is None else f'{v:+.2f}'}" for k, v in rho.items()))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -102,7 +124,11 @@ def main() -> None:
     parser.add_argument("--max-context-tokens", type=int, default=ICMConfig.max_context_tokens)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--table", type=Path, help="print the markdown table of a results JSON and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
 
     pool = sentiment_pivot_claims(1000, args.seed)
     sets = {f"share-{round(s * 100)}": share_set(pool, args.n, s, args.seed) for s in SHARES}
@@ -171,7 +197,7 @@ def main() -> None:
     out["spearman_vs_accuracy"] = {k: spearman(v, acc) for k, v in parts.items()}
     out["runs"] = len(runs)
     out["seconds"] = time.monotonic() - started
-    print(json.dumps(out["spearman_vs_accuracy"]), file=sys.stderr)
+    print(table(out))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(out, indent=2, default=float) + "\n")

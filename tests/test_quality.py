@@ -136,3 +136,23 @@ def test_balance_estimate_searches_and_reports_the_estimated_share(tiny):
     assert "estimated_true_share" not in center_summary
     with pytest.raises(ValueError, match="balance"):
         ICMConfig(balance="half")
+
+
+def test_failure_mode_sets_have_the_share_the_cue_and_the_unanswerable_items():
+    import numpy as np
+
+    from bench.claimsets import sentiment_pivot_claims
+    from bench.failure_modes import CUE, cue_set, share_set, spearman, unanswerable_set
+
+    pool = sentiment_pivot_claims(1000, 0)
+    for share in (0.1, 0.75):
+        rows = share_set(pool, 40, share, 0)
+        assert len(rows) == 40 and np.mean([r["label"] for r in rows]) == round(share * 40) / 40
+    cued = cue_set(pool, 40, 0)
+    on_false = np.mean([r["choice"].endswith(CUE) for r in cued if not r["label"]])
+    on_true = np.mean([r["choice"].endswith(CUE) for r in cued if r["label"]])
+    assert on_false > 0.6 and on_true < 0.3
+    cut = [r for r in unanswerable_set(pool, 40, 0) if r.get("unanswerable")]
+    assert len(cut) == 20 and all(len(r["question"].split('Review: "')[1].split()) <= 2 for r in cut)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0) and spearman([1, 1, 1], [1, 2, 3]) is None
