@@ -91,6 +91,26 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def correlate(out: dict) -> None:
+    """Add the Spearman rho of the quality estimate (and of each part) with the accuracy over the ICM runs."""
+    runs = [r[key] for r in out["sets"].values() for key in ("icm_center", "icm_estimate")]
+    acc = [x["accuracy"] for x in runs]
+    parts = {"score": [x["quality"]["score"] for x in runs],
+             "agreement_mean": [(x["quality"]["agreement"] or {}).get("mean", 1.0) for x in runs],
+             "high_margin_share": [1 - x["quality"]["low_margin"]["share"] for x in runs],
+             "minus_surface_lift": [-x["quality"]["surface"]["lift"] for x in runs]}
+    out["spearman_vs_accuracy"] = {k: spearman(v, acc) for k, v in parts.items()}
+    out["runs"] = len(runs)
+
+
+def merge(paths: list[Path]) -> dict:
+    """Results JSONs of runs over different sets (same settings) as one, the correlations over all of them."""
+    outs = [json.loads(p.read_text()) for p in paths]
+    merged = dict(outs[0], sets={name: r for out in outs for name, r in out["sets"].items()})
+    correlate(merged)
+    return merged
+
+
 def table(out: dict) -> str:
     """The results as a markdown table (one row per claim set) and the rank correlations."""
 
@@ -125,7 +145,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", type=Path)
     parser.add_argument("--table", type=Path, help="print the markdown table of a results JSON and exit")
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge results JSONs (other sets) into --output")
     args = parser.parse_args()
+    if args.merge:
+        args.output.write_text(json.dumps(merge(args.merge), indent=2, default=float) + "\n")
+        args.table = args.output
     if args.table:
         print(table(json.loads(args.table.read_text())))
         return
@@ -188,14 +212,7 @@ def main() -> None:
               f"{icm['icm_center']:.1%} ({result['icm_center']['true_share']:.0%} True) estimate "
               f"{icm['icm_estimate']:.1%} ({result['icm_estimate']['true_share']:.0%} True) | "
               f"{time.monotonic() - started:.0f} s", file=sys.stderr)
-    runs = [(name, key, r[key]) for name, r in out["sets"].items() for key in ("icm_center", "icm_estimate")]
-    acc = [x["accuracy"] for _, _, x in runs]
-    parts = {"score": [x["quality"]["score"] for _, _, x in runs],
-             "agreement_mean": [(x["quality"]["agreement"] or {}).get("mean", 1.0) for _, _, x in runs],
-             "high_margin_share": [1 - x["quality"]["low_margin"]["share"] for _, _, x in runs],
-             "minus_surface_lift": [-x["quality"]["surface"]["lift"] for _, _, x in runs]}
-    out["spearman_vs_accuracy"] = {k: spearman(v, acc) for k, v in parts.items()}
-    out["runs"] = len(runs)
+    correlate(out)
     out["seconds"] = time.monotonic() - started
     print(table(out))
     if args.output:
