@@ -375,6 +375,7 @@ def label(
     api_key_env: str = option(ServerConfig, "api_key_env"),
     concurrency: int = option(ServerConfig, "concurrency", min=1),
     seed: int = option(ICMConfig, "seed", **SEED),
+    restarts: int = option(ICMConfig, "restarts", min=1),
     iterations: int | None = option(ICMConfig, "iterations", min=0),
     polish_iterations: int | None = option(ICMConfig, "polish_iterations", min=0),
     alpha: float = option(ICMConfig, "alpha", min=0),
@@ -423,6 +424,7 @@ def label(
     from icm.data.claims import ClaimFields
     from icm.data.io import check_outputs, files_of
     from icm.label import label_file, run_dir_for
+    from icm.quality import quality_line
     from icm.scoring import unescape
 
     try:
@@ -431,7 +433,8 @@ def label(
         config = ICMConfig(alpha=alpha, initial_labels=initial_labels, iterations=iterations,
                            polish_iterations=polish_iterations, batch_size=batch_size, folds=folds,
                            see_group=see_group, max_context_tokens=max_context_tokens, balance=balance, seed=seed,
-                           exact_every=exact_every, check_every=check_every, demo_order=demo_order)
+                           exact_every=exact_every, check_every=check_every, demo_order=demo_order,
+                           restarts=restarts)
         template = PromptTemplate(space=label_space, separator=unescape(separator, "--separator"))
         generation = GenerationConfig(num_candidates=num_candidates, temperature=temperature,
                                       max_new_tokens=max_new_tokens, seed=seed)
@@ -458,6 +461,8 @@ def label(
         "labels": f"{run['true_share']:.0%} True", "inconsistencies": run["inconsistencies"] if searched else None,
         "acceptance": f"{run['acceptance_rate']:.0%}" if searched else None,
         "gold accuracy": f"{gold:.1%}" if gold is not None else None,
+        "label quality": quality_line(run["quality"]) if run.get("quality") else None,
+        "quality warnings": "; ".join(run["quality"]["warnings"]) if run.get("quality", {}).get("warnings") else None,
         "time": f"{run['seconds']:.0f} s", "labels file": output, "run directory": run_dir_for(output, run_dir)}))
     search = f", inconsistencies {run['inconsistencies']}, acceptance {run['acceptance_rate']:.0%}" if searched else ""
     result(f"labelled {run['claims']} claims by {method} ({run['searched']} searched), True share "
@@ -519,6 +524,7 @@ def pairs(
     max_per_question: int | None = option(PairsConfig, "max_per_question", min=1),
     min_margin: float | None = option(PairsConfig, "min_margin"),
     margin_quantile: float | None = option(PairsConfig, "margin_quantile", min=0.0, max=1.0),
+    min_agreement: float | None = option(PairsConfig, "min_agreement", min=0.0, max=1.0),
     fmt: PairFormat = option(PairsConfig, "format", "--format"),
     test_size: float | None = option(PairsConfig, "test_size", "--eval-size", "--test-size", min=0),
     seed: int = option(PairsConfig, "seed", **SEED),
@@ -540,18 +546,22 @@ def pairs(
                    "its report": split_paths(output)["report"], "its recipe": recipe_next_to(output)}, [labels])
     try:
         config = PairsConfig(strategy=strategy, max_per_question=max_per_question, min_margin=min_margin,
-                             margin_quantile=margin_quantile, format=fmt, test_size=test_size, seed=seed)
+                             margin_quantile=margin_quantile, min_agreement=min_agreement, format=fmt,
+                             test_size=test_size, seed=seed)
         if push_to_hub:
             check_repo_id(push_to_hub)
     except ValueError as error:
         fail(str(error))
     rows, metadata = load_labels(labels)
-    kept, report = build_pairs(rows, config)
+    try:
+        kept, report = build_pairs(rows, config)
+    except ValueError as error:  # --min-agreement on labels without restarts
+        raise InputError(labels, str(error), field="icm_agreement") from None
     if not kept:  # the reasons on the one line of the error (the report table would be more lines)
         raise InputError(labels, "no pairs: " + ", ".join(f"{k}: {v}" for k, v in
                                                           (report["questions_skipped"] | report["dropped"]).items()))
     args = {"--strategy": strategy, "--max-per-question": max_per_question, "--min-margin": min_margin,
-            "--margin-quantile": margin_quantile,
+            "--margin-quantile": margin_quantile, "--min-agreement": min_agreement,
             "--format": fmt, "--eval-size": test_size, "--seed": seed}
     command = shlex.join(["icm", "pairs", str(labels), "--output", str(output)]
                          + [str(x) for k, v in args.items() if v is not None for x in (k, v)])

@@ -42,6 +42,7 @@ IDENTICAL = "chosen equals rejected"
 DUPLICATE = "duplicate"
 CONTRADICTORY = "contradictory comparison labels"
 BELOW_MARGIN = "below min margin"
+BELOW_AGREEMENT = "below min agreement"
 OVER_MAX = "over max per question"
 NOT_BEST = "not best margin"
 
@@ -72,6 +73,11 @@ def load_labels(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
         if not math.isfinite(score):
             raise InputError(path, f"expected a finite number, got {row['icm_score']!r}", row=i, field="icm_score")
         row["icm_score"] = score
+        if row.get("icm_agreement") is not None:
+            agreement = row["icm_agreement"]
+            if isinstance(agreement, bool) or not isinstance(agreement, (int, float)) or not 0 <= agreement <= 1:
+                raise InputError(path, f"expected a fraction in [0, 1], got {agreement!r}", row=i,
+                                 field="icm_agreement")
         row["choice"] = text_value(path, i, "choice", row["choice"])
         for name in ("prompt", "question", "choice_2", "answer"):
             if name in row:
@@ -94,6 +100,12 @@ def _is_comparison(row: dict[str, Any]) -> bool:
     return bool(_text(row.get("choice_2")))
 
 
+def _agreement(row: dict[str, Any]) -> float:
+    """A row's ``icm_agreement`` (1 when it has none)."""
+    value = row.get("icm_agreement")
+    return 1.0 if value is None else float(value)
+
+
 def _plain_pairs(trues: list[dict], falses: list[dict]) -> list[dict[str, Any]]:
     out = []
     for t in trues:
@@ -103,6 +115,7 @@ def _plain_pairs(trues: list[dict], falses: list[dict]) -> list[dict[str, Any]]:
                 "chosen_score": t["icm_score"], "rejected_score": f["icm_score"],
                 "chosen_answer": str(t.get("answer") or ""), "rejected_answer": str(f.get("answer") or ""),
                 "chosen_is_correct": t.get("label"), "rejected_is_correct": f.get("label"),
+                "agreement": min(_agreement(t), _agreement(f)),
             })
     return out
 
@@ -141,6 +154,7 @@ def _comparison_pairs(claims: list[dict], dropped: Counter) -> tuple[list[dict[s
             "rejected_score": scores.get((rejected, chosen), -scores.get((chosen, rejected), 0.0)),
             "chosen_answer": "", "rejected_answer": "",
             "chosen_is_correct": correct, "rejected_is_correct": None if correct is None else not correct,
+            "agreement": min(_agreement(row), _agreement(reverse) if reverse is not None else 1.0),
         })
     return out, merged
 
@@ -191,6 +205,8 @@ def min_margin(config: PairsConfig, margins: list[float]) -> float | None:
 def build_pairs(rows: list[dict[str, Any]], config: PairsConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Pairs (already in ``config.format``) and a report: questions skipped and candidate pairs dropped, by reason,
     pairs per question, label balance and, when the rows carry gold ``label``, pair quality."""
+    if config.min_agreement is not None and not any(row.get("icm_agreement") is not None for row in rows):
+        raise ValueError("min_agreement needs an icm_agreement column (labels from `icm label --restarts R`, R > 1)")
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(str(row["consistency_id"]), []).append(row)
@@ -224,6 +240,8 @@ def build_pairs(rows: list[dict[str, Any]], config: PairsConfig) -> tuple[list[d
                 reason = IDENTICAL
             elif key in seen:
                 reason = DUPLICATE
+            elif config.min_agreement is not None and c["agreement"] < config.min_agreement:
+                reason = BELOW_AGREEMENT
             elif floor is not None and c["margin"] < floor:
                 reason = BELOW_MARGIN
             elif best and (kept >= limit or c["chosen"] in used or c["rejected"] in used):

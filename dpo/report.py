@@ -214,6 +214,26 @@ def calibration(scores: np.ndarray, gold: np.ndarray, bins: int = 8) -> list[tup
             for chunk in np.array_split(order, min(bins, len(order))) if len(chunk)]
 
 
+def quality_table(quality: dict[str, Any]) -> str:
+    """The ``quality`` object of run.json (:mod:`icm.quality`) as HTML: restart agreement, low-margin share, the
+    surface-feature audit (accuracy of each feature alone vs the majority share) and the warnings."""
+    agree, surface = quality.get("agreement"), quality["surface"]
+    rows = [("restarts", agree["restarts"] if agree else 1),
+            ("mean restart agreement", _fmt(agree["mean"], share=True) if agree else "- (one restart)"),
+            ("claims the restarts disagree on", _fmt(agree["share_below_1"], share=True) if agree else "-"),
+            (f"low-margin labels (|icm_score| < {quality['low_margin'].get('threshold_sd', '')} sd = "
+             f"{quality['low_margin']['threshold']:.3g})",
+             _fmt(quality["low_margin"]["share"], share=True)),
+            ("majority share", _fmt(surface["majority_share"], share=True))]
+    rows += [(f"predicted by {name} alone" + (f" ('{surface['cue_phrase']}')" if name == "cue" else ""),
+              _fmt(accuracy, share=True)) for name, accuracy in surface["features"].items()]
+    rows += [("quality score (ranks runs; not an accuracy)", _fmt(quality["score"]))]
+    body = table(rows)
+    if quality.get("warnings"):
+        body += "<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in quality["warnings"]) + "</ul>"
+    return body
+
+
 def label_sections(page: Page, run_dir: Path, prefix: str = "", title: str = "") -> None:
     """Summary, search (U and acceptance per step), label balance, scores by label and by gold, calibration."""
     plt = _pyplot()
@@ -238,6 +258,8 @@ def label_sections(page: Page, run_dir: Path, prefix: str = "", title: str = "")
             ["batch", "claims", "labelled by", "fine-tuned on", "LoRA loss first", "last", "True share",
              "gold accuracy"])
     page.add(f"{prefix}summary", f"{title}Label run", body)
+    if quality := run.get("quality"):
+        page.add(f"{prefix}quality", f"{title}Label quality (no gold read)", quality_table(quality))
 
     trajectories, outcomes = run.get("trajectories") or [], run.get("outcomes") or []
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.6))

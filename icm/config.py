@@ -25,7 +25,7 @@ from icm.data.answers import check_extractor, closed_answers
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 ClaimMode = Literal["candidates", "answers", "pivot"]
-Balance = Literal["center", "none"]
+Balance = Literal["center", "estimate", "none"]
 DemoOrder = Literal["labelling", "fixed"]
 LabelSpace = Literal["auto", "label", "prompt"]
 PairStrategy = Literal["all", "best-margin"]
@@ -192,8 +192,10 @@ class ICMConfig:
     max_context_tokens: int | None = setting(2048, "Token budget of demonstrations plus target (capped by the "
                                              "model's context length).")
     balance: Balance = setting("center", "Collapse guard: center subtracts each fold's mean log-odds before labels "
-                               "are scored and predicted (an all-True labelling no longer predicts itself); none is "
-                               "the paper's raw objective.")
+                               "are scored and predicted (an all-True labelling no longer predicts itself; it pulls "
+                               "the labels towards half True); estimate cuts each fold at a threshold moved from "
+                               "the mean by the True share a two-class fit of the zero-shot log-odds estimates "
+                               "(clipped to 5-95%); none is the paper's raw objective.")
     average: bool = setting(True, "Average the predictability term over |D|, as the paper's code does (with the sum, "
                             "one label change moves U by about alpha >> T0 and the search turns greedy).")
     scoring_batch_size: int = setting(16, "Targets scored together on one shared prefix.")
@@ -208,6 +210,9 @@ class ICMConfig:
     reuse_scores: bool = setting(True, "Re-score only the targets whose context or group changed, and keep each "
                                  "fold's previous prefix cache so a rejected proposal costs nothing to undo (exact).")
     seed: int = setting(0, "Seed of the search (same seed, same labels).")
+    restarts: int = setting(1, "Independent searches (seeds seed, seed+1, ...); the final label is their vote (a tie: "
+                            "the sign of the mean icm_score), icm_score the mean, and icm_agreement the fraction of "
+                            "restarts agreeing with the final label.")
 
     def __post_init__(self) -> None:
         _choose("balance", self.balance, get_args(Balance))
@@ -215,11 +220,14 @@ class ICMConfig:
         for name in ("alpha", "initial_labels", "iterations", "polish_iterations", "consistency_fix_iterations",
                      "folds", "cooling"):
             check_range(name, getattr(self, name), 0)
-        for name in ("batch_size", "scoring_batch_size", "exact_every", "check_every", "max_context_tokens"):
+        for name in ("batch_size", "scoring_batch_size", "exact_every", "check_every", "max_context_tokens",
+                     "restarts"):
             check_range(name, getattr(self, name), 1)
         for name in ("initial_temperature", "final_temperature", "group_weight"):
             check_range(name, getattr(self, name), 0, above=True)
         _check_seed(self.seed)
+        if self.seed + self.restarts - 1 > SEED_MAX:
+            raise ValueError(f"seed + restarts - 1 must be <= {SEED_MAX} (restart r uses seed + r)")
 
 
 @dataclass
@@ -278,6 +286,9 @@ class PairsConfig:
     margin_quantile: float | None = setting(None, "Drop the pairs whose margin is below this quantile of all "
                                            "candidate pairs' margins (0.25: the least confident quarter), a floor "
                                            "that does not depend on the scale of the labels' scores.")
+    min_agreement: float | None = setting(None, "Leave out of the pairs the candidates whose icm_agreement (fraction "
+                                          "of `icm label --restarts` agreeing with the label) is below this (1: "
+                                          "only claims every restart agrees on).")
     format: PairFormat = setting("standard", "standard: prompt/chosen/rejected strings (the prompt ends with a new "
                                  "line); conversational: lists of {role, content} messages (TRL's chat format).")
     test_size: float | None = setting(None, "Questions held out for a test split: a fraction (0-1) or a count; the "
@@ -291,6 +302,7 @@ class PairsConfig:
         check_range("min_margin", self.min_margin)
         _check_size("test_size", self.test_size)
         check_range("margin_quantile", self.margin_quantile, 0, 1, below=True)
+        check_range("min_agreement", self.min_agreement, 0, 1)
         _check_seed(self.seed)
 
 

@@ -46,6 +46,8 @@ from icm.data.io import (
 from icm.data.tasks import load_questions
 from icm.generate import generate_candidates
 from icm.iterative import label_iteratively
+from icm.quality import label_quality, vote
+from icm.scoring import estimate_share, threshold
 from icm.search import Checkpoint, fingerprint, label_claims
 from icm.sources import confidence_labels, judge_labels, majority_labels
 
@@ -132,9 +134,16 @@ def search_labels(claims: list[Claim], backend: Backend, config: ICMConfig | Non
         progress.update(task, completed=completed, total=total, description=text)
 
     search = label_claims if iterative is None else functools.partial(label_iteratively, iterative=iterative)
+    runs = []
     with progress:
-        results, summary = search(claims, backend, config, template=template, run_dir=run_dir,
-                                  resume=resume, model_name=model_name, progress=on_progress)
+        for r in range(config.restarts):  # restart 0 is the plain search, in run_dir itself
+            restart = replace(config, seed=config.seed + r, restarts=1) if config.restarts > 1 else config
+            where = run_dir / f"restart-{r}" if run_dir is not None and r else run_dir
+            runs.append(search(claims, backend, restart, template=template, run_dir=where,
+                               resume=resume, model_name=model_name, progress=on_progress))
+    results, summary = runs[0] if len(runs) == 1 else vote_restarts(runs, config.seed, gold)
+    summary["quality"] = label_quality(claims, [r["icm_label"] for r in results], [r["icm_score"] for r in results],
+                                       [r["icm_agreement"] for r in results] if len(runs) > 1 else None, len(runs))
     if gold is not None:
         labels = [r["icm_label"] for r in results]
         for batch in summary.get("iterative", {}).get("batches", []):
@@ -146,6 +155,29 @@ def search_labels(claims: list[Claim], backend: Backend, config: ICMConfig | Non
     return results, summary
 
 
+def vote_restarts(runs: list[tuple[list[dict[str, Any]], dict]], seed: int,
+                  gold: list[bool | None] | None = None) -> tuple[list[dict[str, Any]], dict]:
+    """One result per claim from several restarts' (results, summary): the voted label (:func:`icm.quality.vote`),
+    the mean score, ``icm_searched`` when any restart searched the claim, and ``icm_agreement``; the summary is the
+    first restart's with the counters summed and ``restarts`` (each restart's seed, True share and, with gold,
+    accuracy) added."""
+    labels, scores, agreement = vote([[r["icm_label"] for r in results] for results, _ in runs],
+                                     [[r["icm_score"] for r in results] for results, _ in runs])
+    results = [{"icm_label": y, "icm_score": z, "icm_searched": any(rs[i]["icm_searched"] for rs, _ in runs),
+                "icm_agreement": a} for i, (y, z, a) in enumerate(zip(labels, scores, agreement))]
+    summary = dict(runs[0][1])
+    for key in ("seconds", "forward_tokens", "uncached_tokens", "proposals"):
+        summary[key] = sum(s.get(key, 0) for _, s in runs)
+    summary["forward_tokens_per_claim"] = summary["forward_tokens"] / max(len(results), 1)
+    summary["true_share"] = float(np.mean(labels)) if labels else 0.0
+    summary["searched"] = sum(r["icm_searched"] for r in results)
+    summary["restarts"] = [{"seed": seed + k, "true_share": s["true_share"],
+                            "acceptance_rate": s.get("acceptance_rate"), "inconsistencies": s.get("inconsistencies"),
+                            "gold_accuracy": accuracy([r["icm_label"] for r in rs], gold) if gold else None}
+                           for k, (rs, s) in enumerate(runs)]
+    return results, summary
+
+
 def candidate_labels(formulated: AnswerClaims, claim_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each candidate's result from the answer claim that decides it (``icm_claim`` names the claim); a candidate
     with no allowed answer is False, scored below every claim."""
@@ -153,12 +185,14 @@ def candidate_labels(formulated: AnswerClaims, claim_results: list[dict[str, Any
     out = []
     for link in formulated.source:
         if link is None:
-            out.append({"icm_label": False, "icm_score": floor, "icm_searched": False, "icm_claim": ""})
+            out.append({"icm_label": False, "icm_score": floor, "icm_searched": False, "icm_claim": ""}
+                       | ({"icm_agreement": 1.0} if claim_results and "icm_agreement" in claim_results[0] else {}))
             continue
         claim, same = claim_results[link[0]], link[1]
         out.append({"icm_label": claim["icm_label"] == same,
                     "icm_score": claim["icm_score"] if same else -claim["icm_score"],
-                    "icm_searched": claim["icm_searched"], "icm_claim": formulated.rows[link[0]]["choice"]})
+                    "icm_searched": claim["icm_searched"], "icm_claim": formulated.rows[link[0]]["choice"]}
+                   | ({"icm_agreement": claim["icm_agreement"]} if "icm_agreement" in claim else {}))
     return out
 
 
@@ -184,6 +218,8 @@ def zero_shot_labels(claims: list[Claim], backend: Backend, config: ICMConfig | 
     scores = scorer.score(list(range(len(claims))), demos=())
     if config.balance == "center" and len(scores):
         scores = scores - scores.mean()
+    elif config.balance == "estimate" and len(scores):
+        scores = scores - threshold(scores, estimate_share(scores))
     labels = [bool(z > 0) for z in scores]
     summary: dict[str, Any] = {"method": "zero-shot", "claims": len(claims), "searched": 0,
                                "true_share": float(np.mean(labels)) if labels else 0.0,
@@ -195,8 +231,9 @@ def zero_shot_labels(claims: list[Claim], backend: Backend, config: ICMConfig | 
 
 
 LABEL_COLUMNS = {"icm_label": pa.bool_(), "icm_score": pa.float64(), "icm_searched": pa.bool_(),
-                 "icm_claim": pa.string()}
-"""The columns ``icm label`` adds to its input (``icm_claim`` only for ``--claims answers`` / ``pivot``)."""
+                 "icm_claim": pa.string(), "icm_agreement": pa.float64()}
+"""The columns ``icm label`` adds to its input (``icm_claim`` only for ``--claims answers`` / ``pivot``,
+``icm_agreement`` only with ``--restarts`` above 1: the fraction of restarts agreeing with the final label)."""
 
 
 def labels_table(records: list[dict[str, Any]], results: list[dict[str, Any]], source: str | Path) -> pa.Table:
@@ -304,6 +341,8 @@ def label_file(input_path: str | Path, output: str | Path, model_spec: str, conf
         results, summary = source_labels(method, records, backend, prompted, sources, config, gold)
     elif method == "zero_shot":
         results, summary = zero_shot_labels(claims, backend, config, gold=claims_gold, template=template)
+        summary["quality"] = label_quality(claims, [r["icm_label"] for r in results],
+                                           [r["icm_score"] for r in results])
     else:
         results, summary = search_labels(claims, backend, config, gold=claims_gold, template=template,
                                          run_dir=run_dir, resume=resume, model_name=model_spec, iterative=iterative)

@@ -20,7 +20,7 @@ other folds as context. ``folds=0`` is exact leave-one-out (one fold per claim).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -355,19 +355,24 @@ class MutualPredictor:
         rotated = self.order[start:] + self.order[:start]
         return [(i, labels[i]) for i in rotated if i in labels and self.fold[i] != fold]
 
-    def center(self, log_odds: Mapping[int, float], labels: Mapping[int, bool]) -> tuple[dict[int, float], dict]:
+    def center(self, log_odds: Mapping[int, float], labels: Mapping[int, bool],
+               prior: tuple[float, float] | None = None) -> tuple[dict[int, float], dict]:
         """Subtract each fold's mean log-odds over its labelled claims; returns the centered log-odds and the
         means (to center claims scored later against the same contexts).
 
         All targets of a fold share one context, and its labels shift them together (the model copies the
         majority or the last label); centering removes that shared shift, keeps the ranking within the fold,
         and makes a one-label solution unable to predict itself. With exact leave-one-out the contexts are
-        nearly identical, so one global mean is used (also for leave-one-group-out)."""
+        nearly identical, so one global mean is used (also for leave-one-group-out).
+
+        ``prior`` (``balance="estimate"``: :func:`estimate_share` of the zero-shot log-odds) moves each fold's
+        threshold from its mean to where two classes of that share and separation would meet (:func:`threshold`),
+        so a set that is mostly True is not pushed towards half and half."""
         means = {}
         for f, targets in enumerate(self.fold_members):
             pool = [log_odds[i] for i in (self.members if self.leave_out else targets)
                     if i in labels and i in log_odds]
-            means[f] = float(np.mean(pool)) if pool else 0.0
+            means[f] = (float(np.mean(pool)) if prior is None else threshold(pool, prior)) if pool else 0.0
         return {i: z - means[self.fold[i]] for i, z in log_odds.items()}, means
 
     def log_odds(self, labels: Mapping[int, bool], targets: Iterable[int] | None = None) -> dict[int, float]:
@@ -401,3 +406,43 @@ class MutualPredictor:
         else:  # the fold's cache stays among the recent ones, as if it had been scored
             self.scorer.keep(group_targets, demos, slot=f)
         return dict(zip(group_targets, self._memo[key].tolist()))
+
+
+SHARE_LIMITS = (0.05, 0.95)
+"""The estimated True share is clipped to this range (the collapse guard of ``balance="estimate"``)."""
+
+
+def estimate_share(scores: Sequence[float] | np.ndarray, steps: int = 200) -> tuple[float, float]:
+    """(True share, separation) of log-odds ``scores`` from a two-component Gaussian mixture with one shared variance
+    (EM): the weight of the upper component, clipped to :data:`SHARE_LIMITS`, and the distance between the two
+    means in units of the scores' standard deviation (near 0 when the scores are not bimodal: then the threshold
+    stays near the mean, as ``balance="center"`` has it)."""
+    x = np.asarray(scores, dtype=float)
+    sd = float(x.std())
+    if len(x) < 4 or sd == 0:
+        return 0.5, 0.0
+    upper = x > x.mean()  # start from the split at the mean (quantiles would start a 95/5 set on one mode)
+    mu = np.array([x[~upper].mean(), x[upper].mean()])
+    var, pi = max(float(np.where(upper, x - mu[1], x - mu[0]).var()), 1e-6 * sd**2), float(upper.mean())
+    for _ in range(steps):
+        log_p = np.stack([np.log(1 - pi) - (x - mu[0]) ** 2 / (2 * var), np.log(pi) - (x - mu[1]) ** 2 / (2 * var)])
+        resp = np.exp(log_p - log_p.max(axis=0))
+        resp /= resp.sum(axis=0)
+        weight = resp.sum(axis=1)
+        if weight.min() < 1e-9:
+            break
+        mu = (resp @ x) / weight
+        var = max(float((resp * (x - mu[:, None]) ** 2).sum() / len(x)), 1e-6 * sd**2)
+        pi = float(np.clip(weight[1] / len(x), 1e-3, 1 - 1e-3))
+    if mu[1] < mu[0]:
+        mu, pi = mu[::-1], 1 - pi
+    return float(np.clip(pi, *SHARE_LIMITS)), float((mu[1] - mu[0]) / sd)
+
+
+def threshold(scores: Sequence[float] | np.ndarray, prior: tuple[float, float]) -> float:
+    """Where log-odds ``scores`` are cut for a True share and separation ``prior`` (:func:`estimate_share`): their
+    mean plus (0.5 - share) x separation x their standard deviation, the midpoint between two equal-variance classes
+    of that share (the mean itself for a share of 0.5)."""
+    x = np.asarray(scores, dtype=float)
+    share, separation = prior
+    return float(x.mean() + (0.5 - share) * separation * x.std()) if len(x) else 0.0

@@ -26,7 +26,7 @@ from icm.config import ICMConfig
 from icm.consistency import ConstraintIndex, build_constraints, consistency_fix, label_logprob
 from icm.data.claims import Claim
 from icm.data.io import InputError, regular_file, write_json
-from icm.scoring import ClaimScorer, MutualPredictor
+from icm.scoring import ClaimScorer, MutualPredictor, estimate_share
 
 
 def temperature(n: int, config: ICMConfig) -> float:
@@ -97,6 +97,10 @@ class ICMSearch:
         self.iterations = config.iterations or 4 * len(members)
         polish = config.polish_iterations
         self.polish_iterations = len(members) // 4 if polish is None else polish
+        self.prior: tuple[float, float] | None = None
+        """balance="estimate": the (True share, separation) estimated from the batch's zero-shot log-odds."""
+        if config.balance == "estimate":
+            self.prior = estimate_share(scorer.score(list(members), demos=()))
 
     # -- the objective ----------------------------------------------------------------------------------
     def utility(self, labels: dict[int, bool], z: dict[int, float]) -> float:
@@ -113,8 +117,8 @@ class ICMSearch:
         ``log_odds`` (uncentered, of at least the labelled claims) replaces scoring: the approximate U."""
         z = self.predictor.log_odds(labels) if log_odds is None else {i: log_odds[i] for i in labels}
         means = None
-        if self.config.balance == "center":
-            z, means = self.predictor.center(z, labels)
+        if self.config.balance != "none":
+            z, means = self.predictor.center(z, labels, self.prior)
         return z, means, self.utility(labels, z)
 
     def predict(self, targets: list[int], labels: dict[int, bool], means: dict | None) -> dict[int, float]:
@@ -223,7 +227,8 @@ class ICMSearch:
 
 def fingerprint(claims: list[Claim], config: ICMConfig, model_name: str) -> str:
     """What a search's result depends on: the claims, the settings and the model (a checkpoint must match)."""
-    h = hashlib.sha256(json.dumps([asdict(config), model_name], sort_keys=True, default=str).encode())
+    settings = {k: v for k, v in asdict(config).items() if k != "restarts"}  # one search; restarts have their own
+    h = hashlib.sha256(json.dumps([settings, model_name], sort_keys=True, default=str).encode())
     for c in claims:
         h.update(json.dumps([c.question, c.choice, c.choice_2, c.group, c.key]).encode())
     return h.hexdigest()[:16]
@@ -419,7 +424,7 @@ class _Lanes:
             "checks": state.checks, "disagreements": state.disagreements,
             "constraints": len(search.index.constraints), "outcomes": state.outcomes,
             "forward_tokens": scorer.forward_tokens - tokens[0], "uncached_tokens": scorer.uncached_tokens - tokens[1],
-        }
+        } | ({"estimated_true_share": search.prior[0]} if search.prior else {})
         with self.lock:
             checkpoint.done[str(b)] = entry
             checkpoint.current.pop(b, None)
@@ -476,4 +481,6 @@ def _collect(claims: list[Claim], done: dict[str, dict[str, Any]], seconds: floa
         "uncached_tokens": sum(b.get("uncached_tokens", 0) for b in done.values()),
         "forward_tokens_per_claim": forward_tokens / max(len(claims), 1),
     }
+    if estimated := [b["estimated_true_share"] for b in done.values() if "estimated_true_share" in b]:
+        summary["estimated_true_share"] = float(np.mean(estimated))  # balance="estimate", over the batches
     return results, summary

@@ -157,7 +157,7 @@ def judge_labels(records: list[dict[str, Any]], backend: Backend, extractor: str
     claims = [Claim(question=str(r.get("prompt") or r["question"]), choice=str(r["choice"])) for r in records]
     scorer = backend.scorer(claims, template, None, scoring_batch_size)
     scores = scorer.score(list(range(len(claims))), demos=())
-    if balance == "center" and len(scores):
+    if balance != "none" and len(scores):  # estimate: centered too (no zero-shot fit for a judge)
         scores = scores - scores.mean()
     labels = _best_answer_true(records, list(scores), extractor, need_positive=True)
     return _results(labels, list(scores)), _summary("judge", labels, gold, started,

@@ -14,6 +14,7 @@ from icm.cli import app
 from icm.config import PairsConfig
 from icm.data.io import InputError, read_parquet_metadata, write_parquet
 from icm.data.pairs import (
+    BELOW_AGREEMENT,
     BELOW_MARGIN,
     CONTRADICTORY,
     DUPLICATE,
@@ -327,3 +328,33 @@ def test_load_labels_rejects_missing_choice_column(tmp_path):
                                                          "icm_score": 1.0}])
     with pytest.raises(InputError, match=r"row 1, field 'choice'"):
         load_labels(labels)
+
+
+def test_min_agreement_leaves_out_claims_the_restarts_disagree_on(tmp_path):
+    rows = [claim(1, "A", True, 1.0, icm_agreement=1.0), claim(1, "X", False, -1.0, icm_agreement=2 / 3),
+            claim(1, "Y", False, -2.0, icm_agreement=1.0),
+            claim(2, "B", True, 0.5, icm_agreement=2 / 3), claim(2, "Z", False, -0.5, icm_agreement=1.0)]
+    everything, _ = build_pairs(rows, PairsConfig())
+    assert len(everything) == 3
+    pairs, report = build_pairs(rows, PairsConfig(min_agreement=1.0))
+    assert pairs_of(pairs) == [("1", "A", "Y")]
+    assert report["dropped"] == {BELOW_AGREEMENT: 2} and report["questions_with_pairs"] == 1
+    assert_accounted(report)
+    assert len(build_pairs(rows, PairsConfig(min_agreement=0.5))[0]) == 3
+    with pytest.raises(ValueError, match="icm_agreement"):
+        build_pairs([{k: v for k, v in r.items() if k != "icm_agreement"} for r in rows], PairsConfig(min_agreement=1))
+    with pytest.raises(ValueError, match="min_agreement"):
+        PairsConfig(min_agreement=1.5)
+    labels = write_labels(tmp_path / "labels.parquet", rows)
+    out = tmp_path / "pairs.parquet"
+    result = runner.invoke(app, ["pairs", str(labels), "-o", str(out), "--min-agreement", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "pairs.report.json").read_text())["pairs"] == 1
+    assert "--min-agreement 1.0" in read_parquet_metadata(out)["command"]
+    plain = write_labels(tmp_path / "plain.parquet", [claim(1, "A", True, 1.0), claim(1, "X", False, -1.0)])
+    result = runner.invoke(app, ["pairs", str(plain), "-o", str(tmp_path / "p.parquet"), "--min-agreement", "1"])
+    assert result.exit_code == 2 and "icm_agreement" in result.output
+    bad = write_labels(tmp_path / "bad.parquet", [claim(1, "A", True, 1.0, icm_agreement=1.5),
+                                                  claim(1, "X", False, -1.0, icm_agreement=1.0)])
+    result = runner.invoke(app, ["pairs", str(bad), "-o", str(tmp_path / "b.parquet")])
+    assert result.exit_code == 2 and "row 1, field 'icm_agreement'" in result.output

@@ -58,8 +58,8 @@ def check_transfer_report(transfer_run, tmp_path) -> None:
     out = tmp_path / "page.html"
     assert "transfer report" in report(transfer_run, "--output", str(out))
     page = out.read_text()
-    assert sections(page) == ["accuracy", "icm-summary", "icm-search", "icm-labels", "icm-example", "icm-calibration",
-                              "icm-pairs", "icm-margins", "icm-example-pair"]
+    assert sections(page) == ["accuracy", "icm-summary", "icm-quality", "icm-search", "icm-labels", "icm-example",
+                              "icm-calibration", "icm-pairs", "icm-margins", "icm-example-pair"]
     pngs = sorted(tmp_path.glob("page-*.png"), key=lambda p: page.index(f'alt="{p.stem.removeprefix("page-")}"'))
     assert [p.stem for p in pngs] == ["page-accuracy", "page-icm-search", "page-icm-labels", "page-icm-calibration",
                                       "page-icm-margins"]
@@ -79,9 +79,12 @@ def test_label_report_shows_search_acceptance_and_gold(label_run, tmp_path):
     (run_dir / "run.json").write_text(json.dumps(run | {"output": "elsewhere/labels.parquet"}))  # found by name
     report(run_dir)
     page = (run_dir / "report.html").read_text()
-    assert sections(page) == ["summary", "search", "labels", "example", "calibration"]
+    assert sections(page) == ["summary", "quality", "search", "labels", "example", "calibration"]
     example = page.split('<section id="example">')[1].split("</section>")[0]
     assert "<th>claim</th>" in example and "<th>gold label</th>" in example and "What is 0 + 2?" in example
+    quality = run["quality"]  # the label-quality estimate, shown as measured
+    assert f"<td>{quality['low_margin']['share']:.1%}</td>" in page and "- (one restart)" in page
+    assert f"<td>{quality['surface']['majority_share']:.1%}</td>" in page
     assert any(o >= 0 for batch in run["outcomes"] for o in batch)  # the search recorded its steps
     assert len(run["outcomes"][0]) == len(run["trajectories"][0]) - 1
     assert "not recorded" not in page and "not found" not in page
@@ -90,14 +93,14 @@ def test_label_report_shows_search_acceptance_and_gold(label_run, tmp_path):
     (tmp_path / "labels.parquet").unlink()  # without the labels file: the search is still shown, and why not the rest
     report(run_dir / "run.json")
     page = (run_dir / "report.html").read_text()
-    assert sections(page) == ["summary", "search", "labels"] and "was not found" in page
+    assert sections(page) == ["summary", "quality", "search", "labels"] and "was not found" in page
 
 
 def test_a_labels_file_finds_its_run_directory(label_run, tmp_path):
     assert detect(label_run / "labels.parquet") == ("label", label_run / "labels.run")
     out = tmp_path / "labels.html"
     assert "label report" in report(label_run / "labels.parquet", "--output", str(out))
-    assert sections(out.read_text())[:2] == ["summary", "search"]
+    assert sections(out.read_text())[:3] == ["summary", "quality", "search"]
 
 
 def test_pairs_report_from_the_file_or_its_directory(label_run, tmp_path):
