@@ -38,6 +38,7 @@ from icm.config import (
     PairsConfig,
     PairStrategy,
     PromptTemplate,
+    RoundsFrom,
     ServerConfig,
     SourceConfig,
     Stage,
@@ -719,6 +720,8 @@ def transfer(
                                "the same as --labeller for plain self-improvement)."),
     dtype: Dtype = option(TransferConfig, "dtype", rich_help_panel=MODEL),
     arms: str = option(TransferConfig, "arms", as_text=True),
+    rounds: int = option(TransferConfig, "rounds", min=1),
+    rounds_from: RoundsFrom = option(TransferConfig, "rounds_from"),
     eval_size: float = option(TransferConfig, "eval_size", min=0),
     train_size: int | None = option(TransferConfig, "train_size", min=1),
     bootstrap_samples: int = option(TransferConfig, "bootstrap_samples", min=100),
@@ -792,7 +795,7 @@ def transfer(
                                   label_smoothing=label_smoothing, seed=seed if dpo_seed is None else dpo_seed),
             eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
                             instruction=instruction, extractor=extractor),
-            arms=tuple(a.strip() for a in arms.split(",") if a.strip()))
+            arms=tuple(a.strip() for a in arms.split(",") if a.strip()), rounds=rounds, rounds_from=rounds_from)
     except ValueError as error:
         fail(str(error))
     items = load_questions(questions, task=task, dataset=dataset, config=dataset_config, split=split, limit=limit,
@@ -806,6 +809,9 @@ def transfer(
     console.print(arms_table(report))
     arms_line = ", ".join(f"{arm} {r['accuracy_after']:.3f} ({r['delta']:+.3f} [{r['delta_ci']['low']:+.3f}, "
                           f"{r['delta_ci']['high']:+.3f}])" for arm, r in report["arms"].items())
+    if len(report.get("rounds") or []) > 1:
+        arms_line += "; icm by round: " + ", ".join(f"{r['round']}: {r['accuracy_after']:.3f}"
+                                                    for r in report["rounds"])
     result(f"held-out accuracy {report['accuracy_before']:.3f} before; after: {arms_line}; "
            f"{output_dir / 'transfer.json'}, {output_dir / 'transfer.png'}")
 

@@ -31,6 +31,7 @@ LabelSpace = Literal["auto", "label", "prompt"]
 PairStrategy = Literal["all", "best-margin"]
 PairFormat = Literal["standard", "conversational"]
 Generator = Literal["policy", "labeller"]
+RoundsFrom = Literal["previous", "base"]
 LabelMethod = Literal["icm", "zero_shot", "majority", "judge", "confidence"]
 Arm = Literal["icm", "gold", "random", "zero_shot", "majority", "judge", "confidence"]
 Stage = Literal["eval_before", "generate", "label", "pairs", "dpo", "eval_after"]
@@ -424,6 +425,14 @@ class TransferConfig:
                                     "gold (ceiling), random (control), zero_shot (the labeller without "
                                     "demonstrations), majority (the labeller's majority vote), judge (the "
                                     "labeller as a judge), confidence (the policy's own confidence).")
+    rounds: int = setting(1, "Rounds of generate -> label -> pairs -> DPO -> eval for the icm arm (the other arms "
+                          "run once): round r+1 samples fresh candidates on the training questions from round r's "
+                          "policy (its LoRA adapters merged into the model, saved in round-R/start), labels them "
+                          "with the same labeller (with --labeller = --policy: that improved policy itself), trains "
+                          "and evaluates on the same held-out questions; round r >= 2 lives in round-R/.")
+    rounds_from: RoundsFrom = setting("previous", "What a round >= 2 trains: previous (new LoRA adapters on the "
+                                      "previous round's merged policy, which is also DPO's reference) or base (the "
+                                      "base policy, on the new round's pairs).")
 
     def __post_init__(self) -> None:
         self.arms = tuple(self.arms)
@@ -431,6 +440,13 @@ class TransferConfig:
         if not self.arms or unknown or len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms must be distinct names among {', '.join(ARMS)}, "
                              f"got {', '.join(self.arms) or 'none'}")
+        check_range("rounds", self.rounds, 1)
+        _choose("rounds_from", self.rounds_from, get_args(RoundsFrom))
+        if self.rounds > 1 and "icm" not in self.arms:
+            raise ValueError("rounds > 1 repeats the icm arm (the other arms run once): add icm to arms")
+        if self.rounds > 1 and self.generator != "policy":
+            raise ValueError("rounds > 1 samples each round's candidates from the previous round's policy: "
+                             "generator must be policy")
         check_claim_mode(self.claims, closed_answers(self.generation.extractor))
         _choose("generator", self.generator, get_args(Generator))
         _choose("dtype", self.dtype, DTYPES)
