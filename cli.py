@@ -239,6 +239,7 @@ TRANSFER_SECTIONS = {
     "dpo": {"lora": "lora", "beta": "beta", "learning_rate": "learning_rate", "epochs": "epochs",
             "max_steps": "max_steps", "batch_size": "batch_size", "max_length": "max_length",
             "loss_type": "loss_type", "loss_weights": "loss_weights", "label_smoothing": "label_smoothing",
+            "auto_label_smoothing": "auto_label_smoothing",
             "seed": "dpo_seed"},
 }
 
@@ -525,8 +526,8 @@ def pairs(
     rows, metadata = load_labels(labels)
     kept, report = build_pairs(rows, config)
     if not kept:  # the reasons on the one line of the error (the report table would be more lines)
-        raise InputError(labels, "no pairs: " + ", ".join(f"{k}: {v}" for k, v in
-                                                          (report["questions_skipped"] | report["dropped"]).items()))
+        raise InputError(labels, "no pairs: " + ", ".join(f"{k}: {v}" for k, v in (
+            report.get("questions_skipped", {}) | report["dropped"]).items()))
     args = {"--strategy": strategy, "--max-per-question": max_per_question, "--min-margin": min_margin,
             "--margin-quantile": margin_quantile,
             "--format": fmt, "--eval-size": test_size, "--seed": seed}
@@ -539,7 +540,8 @@ def pairs(
     except ValueError as error:  # a test split that leaves one side empty
         fail(f"{labels}: {error}")
     console.print(report_table(report))
-    result(f"wrote {report['pairs']} pairs: {', '.join(map(str, files.values()))}, "
+    kept_what = f"{report['examples']} examples" if fmt == "kto" else f"{report['pairs']} pairs"
+    result(f"wrote {kept_what}: {', '.join(map(str, files.values()))}, "
            f"report {split_paths(output)['report']}")
     if push_to_hub:
         _push_or_exit(files, push_to_hub, private=private, revision=revision, license=license, source=output)
@@ -593,6 +595,9 @@ def dpo(
     loss_weights: str | None = option(DPOTrainingConfig, "loss_weights", help="Comma-separated weight per "
                                       "--loss-type [default: 1 each]."),
     label_smoothing: float = option(DPOTrainingConfig, "label_smoothing", min=0, max=0.5),
+    auto_label_smoothing: bool = option(DPOTrainingConfig, "auto_label_smoothing"),
+    desirable_weight: float | None = option(DPOTrainingConfig, "desirable_weight", min=0),
+    undesirable_weight: float = option(DPOTrainingConfig, "undesirable_weight", min=0),
     gradient_checkpointing: bool = option(DPOTrainingConfig, "gradient_checkpointing"),
     save_steps: int = option(DPOTrainingConfig, "save_steps", min=0),
     seed: int = option(DPOTrainingConfig, "seed", **SEED),
@@ -612,7 +617,9 @@ def dpo(
                                    lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
                                    lora_target_modules=lora_target_modules, merge_lora=merge_lora,
                                    loss_type=loss_type, loss_weights=loss_weights_option(loss_weights),
-                                   label_smoothing=label_smoothing, precision=precision,
+                                   label_smoothing=label_smoothing, auto_label_smoothing=auto_label_smoothing,
+                                   desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                                   precision=precision,
                                    gradient_checkpointing=gradient_checkpointing, save_steps=save_steps,
                                    split=split, seed=seed)
         if push_to_hub:
@@ -638,7 +645,8 @@ def dpo(
         "reward accuracy": f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
         "seconds per step": f"{summary['seconds_per_step']:.2f}" if summary.get("seconds_per_step") else None,
         "saved to": output_dir}))
-    result(f"trained {summary['global_step']} steps on {summary['num_pairs']} pairs: loss "
+    result(f"trained {summary['global_step']} steps on {summary['num_pairs']} "
+           f"{'examples' if config.unpaired else 'pairs'}: loss "
            f"{metrics.get('loss', float('nan')):.4f}, reward accuracy "
            f"{metrics.get('rewards/accuracies', float('nan')):.2f}; saved to {output_dir}")
 
@@ -761,6 +769,7 @@ def transfer(
     loss_weights: str | None = option(TransferConfig, "dpo.loss_weights", help="Comma-separated weight per "
                                       "--loss-type [default: 1 each]."),
     label_smoothing: float = option(TransferConfig, "dpo.label_smoothing", min=0, max=0.5),
+    auto_label_smoothing: bool = option(TransferConfig, "dpo.auto_label_smoothing"),
     dpo_seed: int | None = typer.Option(None, **SEED, rich_help_panel="DPO training", help="Seed of DPO training alone "
                                         "(data order, LoRA init), to repeat the training on the same labels "
                                         "[default: --seed]."),
@@ -792,7 +801,8 @@ def transfer(
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length,
                                   loss_type=loss_type, loss_weights=loss_weights_option(loss_weights),
-                                  label_smoothing=label_smoothing, seed=seed if dpo_seed is None else dpo_seed),
+                                  label_smoothing=label_smoothing, auto_label_smoothing=auto_label_smoothing,
+                                  seed=seed if dpo_seed is None else dpo_seed),
             eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
                             instruction=instruction, extractor=extractor),
             arms=tuple(a.strip() for a in arms.split(",") if a.strip()), rounds=rounds, rounds_from=rounds_from)

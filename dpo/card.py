@@ -44,8 +44,10 @@ def model_card(summary: dict[str, Any], repo_id: str | None = None) -> str:
     kind = "LoRA adapters for" if summary["adapter"] else "A fine-tuned version of"
     lines = [
         f"# {name}", "",
-        f"{kind} **{base}**, trained with Direct Preference Optimization (TRL `DPOTrainer`) on "
-        f"{summary['num_pairs']} preference pairs from `{dataset}`."
+        (f"{kind} **{base}**, trained with Direct Preference Optimization (TRL `DPOTrainer`) on "
+         f"{summary['num_pairs']} preference pairs from `{dataset}`." if summary.get("trainer") != "KTOTrainer" else
+         f"{kind} **{base}**, trained with Kahneman-Tversky Optimization (TRL `KTOTrainer`) on "
+         f"{summary['num_pairs']} unpaired examples from `{dataset}`.")
         + (f" The pairs were built without human labels: candidate answers labelled by Internal Coherence "
            f"Maximization with `{summary['labeller']}` (`icm label`, `icm pairs`)." if summary.get("labeller")
            else ""), "",
