@@ -38,6 +38,7 @@ from icm.config import (
     PairsConfig,
     PairStrategy,
     PromptTemplate,
+    RoundsFrom,
     ServerConfig,
     SourceConfig,
     Stage,
@@ -249,6 +250,7 @@ TRANSFER_SECTIONS = {
     "dpo": {"lora": "lora", "beta": "beta", "learning_rate": "learning_rate", "epochs": "epochs",
             "max_steps": "max_steps", "batch_size": "batch_size", "max_length": "max_length",
             "loss_type": "loss_type", "loss_weights": "loss_weights", "label_smoothing": "label_smoothing",
+            "auto_label_smoothing": "auto_label_smoothing",
             "seed": "dpo_seed"},
 }
 
@@ -558,8 +560,8 @@ def pairs(
     except ValueError as error:  # --min-agreement on labels without restarts
         raise InputError(labels, str(error), field="icm_agreement") from None
     if not kept:  # the reasons on the one line of the error (the report table would be more lines)
-        raise InputError(labels, "no pairs: " + ", ".join(f"{k}: {v}" for k, v in
-                                                          (report["questions_skipped"] | report["dropped"]).items()))
+        raise InputError(labels, "no pairs: " + ", ".join(f"{k}: {v}" for k, v in (
+            report.get("questions_skipped", {}) | report["dropped"]).items()))
     args = {"--strategy": strategy, "--max-per-question": max_per_question, "--min-margin": min_margin,
             "--margin-quantile": margin_quantile, "--min-agreement": min_agreement,
             "--format": fmt, "--eval-size": test_size, "--seed": seed}
@@ -575,7 +577,8 @@ def pairs(
 
     card = write_folder_card(files, license=license)
     console.print(report_table(report))
-    result(f"wrote {report['pairs']} pairs: {', '.join(map(str, files.values()))}, "
+    kept_what = f"{report['examples']} examples" if fmt == "kto" else f"{report['pairs']} pairs"
+    result(f"wrote {kept_what}: {', '.join(map(str, files.values()))}, "
            f"report {split_paths(output)['report']}" + (f", card {card}" if card else ""))
     if push_to_hub:
         _push_or_exit(files, push_to_hub, private=private, revision=revision, license=license, source=output)
@@ -635,6 +638,9 @@ def dpo(
     loss_weights: str | None = option(DPOTrainingConfig, "loss_weights", help="Comma-separated weight per "
                                       "--loss-type [default: 1 each]."),
     label_smoothing: float = option(DPOTrainingConfig, "label_smoothing", min=0, max=0.5),
+    auto_label_smoothing: bool = option(DPOTrainingConfig, "auto_label_smoothing"),
+    desirable_weight: float | None = option(DPOTrainingConfig, "desirable_weight", min=0),
+    undesirable_weight: float = option(DPOTrainingConfig, "undesirable_weight", min=0),
     gradient_checkpointing: bool = option(DPOTrainingConfig, "gradient_checkpointing"),
     save_steps: int = option(DPOTrainingConfig, "save_steps", min=0),
     seed: int = option(DPOTrainingConfig, "seed", **SEED),
@@ -654,7 +660,9 @@ def dpo(
                                    lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
                                    lora_target_modules=lora_target_modules, merge_lora=merge_lora,
                                    loss_type=loss_type, loss_weights=loss_weights_option(loss_weights),
-                                   label_smoothing=label_smoothing, precision=precision,
+                                   label_smoothing=label_smoothing, auto_label_smoothing=auto_label_smoothing,
+                                   desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                                   precision=precision,
                                    gradient_checkpointing=gradient_checkpointing, save_steps=save_steps,
                                    split=split, seed=seed)
         if push_to_hub:
@@ -680,7 +688,8 @@ def dpo(
         "reward accuracy": f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
         "seconds per step": f"{summary['seconds_per_step']:.2f}" if summary.get("seconds_per_step") else None,
         "saved to": output_dir}))
-    result(f"trained {summary['global_step']} steps on {summary['num_pairs']} pairs: loss "
+    result(f"trained {summary['global_step']} steps on {summary['num_pairs']} "
+           f"{'examples' if config.unpaired else 'pairs'}: loss "
            f"{metrics.get('loss', float('nan')):.4f}, reward accuracy "
            f"{metrics.get('rewards/accuracies', float('nan')):.2f}; saved to {output_dir}")
 
@@ -763,6 +772,8 @@ def transfer(
                                "self-improvement)."),
     dtype: Dtype = option(TransferConfig, "dtype", rich_help_panel=MODEL),
     arms: str = option(TransferConfig, "arms", as_text=True),
+    rounds: int = option(TransferConfig, "rounds", min=1),
+    rounds_from: RoundsFrom = option(TransferConfig, "rounds_from"),
     eval_size: float = option(TransferConfig, "eval_size", min=0),
     train_size: int | None = option(TransferConfig, "train_size", min=1),
     bootstrap_samples: int = option(TransferConfig, "bootstrap_samples", min=100),
@@ -802,6 +813,7 @@ def transfer(
     loss_weights: str | None = option(TransferConfig, "dpo.loss_weights", help="Comma-separated weight per "
                                       "--loss-type [default: 1 each]."),
     label_smoothing: float = option(TransferConfig, "dpo.label_smoothing", min=0, max=0.5),
+    auto_label_smoothing: bool = option(TransferConfig, "dpo.auto_label_smoothing"),
     dpo_seed: int | None = typer.Option(None, **SEED, rich_help_panel="DPO training", help="Seed of DPO training alone "
                                         "(data order, LoRA init), to repeat the training on the same labels "
                                         "[default: --seed]."),
@@ -833,10 +845,11 @@ def transfer(
             dpo=DPOTrainingConfig(lora=lora, beta=beta, learning_rate=learning_rate, num_train_epochs=epochs,
                                   max_steps=max_steps, batch_size=batch_size, max_length=max_length,
                                   loss_type=loss_type, loss_weights=loss_weights_option(loss_weights),
-                                  label_smoothing=label_smoothing, seed=seed if dpo_seed is None else dpo_seed),
+                                  label_smoothing=label_smoothing, auto_label_smoothing=auto_label_smoothing,
+                                  seed=seed if dpo_seed is None else dpo_seed),
             eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=generation_batch_size, seed=seed,
                             instruction=instruction, extractor=extractor),
-            arms=tuple(a.strip() for a in arms.split(",") if a.strip()))
+            arms=tuple(a.strip() for a in arms.split(",") if a.strip()), rounds=rounds, rounds_from=rounds_from)
     except ValueError as error:
         fail(str(error))
     items = load_questions(questions, task=task, dataset=dataset, config=dataset_config, split=split, limit=limit,
@@ -850,6 +863,9 @@ def transfer(
     console.print(arms_table(report))
     arms_line = ", ".join(f"{arm} {r['accuracy_after']:.3f} ({r['delta']:+.3f} [{r['delta_ci']['low']:+.3f}, "
                           f"{r['delta_ci']['high']:+.3f}])" for arm, r in report["arms"].items())
+    if len(report.get("rounds") or []) > 1:
+        arms_line += "; icm by round: " + ", ".join(f"{r['round']}: {r['accuracy_after']:.3f}"
+                                                    for r in report["rounds"])
     result(f"held-out accuracy {report['accuracy_before']:.3f} before; after: {arms_line}; "
            f"{output_dir / 'transfer.json'}, {output_dir / 'transfer.png'}")
 

@@ -5,6 +5,10 @@ Output is TRL's preference format (``prompt``/``chosen``/``rejected`` strings, o
 plus provenance columns, written as zstd Parquet that ``datasets.load_dataset("parquet", ...)`` and
 ``trl.DPOTrainer`` take unchanged. Every candidate pair that is not kept is counted under a reason in the report.
 
+``format`` kto writes TRL's unpaired format instead (``prompt``/``completion``/``label``, for ``KTOTrainer``): one
+example per labelled candidate, its ICM label as ``label``, so the questions whose candidates are all True or all
+False (no pair) still count (:func:`build_unpaired`).
+
 Files: ``PAIRS.parquet`` (all pairs, or the train split with a test size), ``PAIRS.test.parquet`` (test split) and
 ``PAIRS.report.json``; load both splits with
 ``load_dataset("parquet", data_files={"train": "PAIRS.parquet", "test": "PAIRS.test.parquet"})``.
@@ -202,11 +206,72 @@ def min_margin(config: PairsConfig, margins: list[float]) -> float | None:
     return max(floors) if floors else None
 
 
+def unpaired_quality(examples: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Shares of the unpaired examples with gold whose label is right: desirable (True) ones really correct,
+    undesirable (False) ones really wrong, all of them."""
+    gold = [e for e in examples if e.get("is_correct") is not None]
+    if not gold:
+        return None
+    return {"examples_with_gold": len(gold),
+            "desirable_correct": _mean([float(e["is_correct"]) for e in gold if e["label"]]),
+            "undesirable_wrong": _mean([float(not e["is_correct"]) for e in gold if not e["label"]]),
+            "label_correct": _mean([float(e["label"] == e["is_correct"]) for e in gold])}
+
+
+def build_unpaired(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """TRL's unpaired examples (``prompt``, ``completion``, ``label`` = the ICM label) from every labelled candidate
+    (comparison claims, which label an ordering and not a completion, and exact duplicates are dropped and
+    counted), and a report: label balance, questions by their labels (all True, all False, mixed) and, with gold
+    ``label`` on the rows, the examples' quality."""
+    dropped, seen, examples = Counter(), set(), []
+    by_question: dict[str, set[bool]] = {}
+    for row in rows:
+        if _is_comparison(row):
+            dropped["comparison claim"] += 1
+            continue
+        prompt = _text(row.get("prompt")) or row["question"]
+        key = (prompt, row["choice"], row["icm_label"])
+        if key in seen:
+            dropped[DUPLICATE] += 1
+            continue
+        seen.add(key)
+        qid = str(row["consistency_id"])
+        by_question.setdefault(qid, set()).add(row["icm_label"])
+        examples.append({"prompt": prompt if prompt[-1:].isspace() else prompt + "\n", "completion": row["choice"],
+                         "label": row["icm_label"], "question_id": qid, "score": row["icm_score"],
+                         "answer": str(row.get("answer") or ""), "is_correct": row.get("label")})
+    gold = any(e["is_correct"] is not None for e in examples)
+    if not gold:
+        for e in examples:
+            del e["is_correct"]
+    gold_rows = [r for r in rows if r.get("label") is not None]
+    report = {
+        "format": "kto",
+        "rows": len(rows),
+        "questions": len({str(r["consistency_id"]) for r in rows}),
+        "label_balance": {"true": sum(r["icm_label"] for r in rows), "false": sum(not r["icm_label"] for r in rows)},
+        "labels_gold_accuracy": _mean([float(r["icm_label"] == r["label"]) for r in gold_rows]),
+        "generators": sorted({str(r["generator"]) for r in rows if r.get("generator")}),
+        "examples": len(examples),
+        "desirable": sum(e["label"] for e in examples),
+        "undesirable": sum(not e["label"] for e in examples),
+        "questions_by_labels": {"all_true": sum(v == {True} for v in by_question.values()),
+                                "all_false": sum(v == {False} for v in by_question.values()),
+                                "mixed": sum(len(v) == 2 for v in by_question.values())},
+        "dropped": dict(dropped),
+        "quality": unpaired_quality(examples),
+    }
+    return examples, report
+
+
 def build_pairs(rows: list[dict[str, Any]], config: PairsConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Pairs (already in ``config.format``) and a report: questions skipped and candidate pairs dropped, by reason,
-    pairs per question, label balance and, when the rows carry gold ``label``, pair quality."""
+    pairs per question, label balance and, when the rows carry gold ``label``, pair quality. With ``format`` kto:
+    :func:`build_unpaired`."""
     if config.min_agreement is not None and not any(row.get("icm_agreement") is not None for row in rows):
         raise ValueError("min_agreement needs an icm_agreement column (labels from `icm label --restarts R`, R > 1)")
+    if config.format == "kto":
+        return build_unpaired(rows)
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(str(row["consistency_id"]), []).append(row)
@@ -311,7 +376,12 @@ def split_pairs(pairs: list[dict[str, Any]], test_size: float, seed: int = 0) ->
 
 
 def pairs_schema(fmt: str, gold: bool) -> pa.Schema:
-    """Arrow schema of a pairs file (strings, or TRL message lists for the conversational format)."""
+    """Arrow schema of a pairs file (strings, or TRL message lists for the conversational format; the kto format's
+    unpaired examples: prompt, completion, label)."""
+    if fmt == "kto":
+        fields = [("prompt", pa.string()), ("completion", pa.string()), ("label", pa.bool_()),
+                  ("question_id", pa.string()), ("score", pa.float64()), ("answer", pa.string())]
+        return pa.schema(fields + ([("is_correct", pa.bool_())] if gold else []))
     text = pa.string() if fmt == "standard" else pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     fields = [("prompt", text), ("chosen", text), ("rejected", text), ("question_id", pa.string()),
               ("chosen_score", pa.float64()), ("rejected_score", pa.float64()), ("margin", pa.float64()),
@@ -339,16 +409,17 @@ def write_pairs(output: str | Path, pairs: list[dict[str, Any]], report: dict[st
 
     if not pairs:
         raise ValueError("no pairs to write")
+    kto = config.format == "kto"
     paths = split_paths(output)
     for path in paths.values():
         check_output(path, source)
     splits = split_pairs(pairs, config.test_size, config.seed) if config.test_size else {"train": pairs}
-    report["splits"] = {name: {"pairs": len(rows), "questions": len({r["question_id"] for r in rows})}
-                        for name, rows in splits.items()}
+    report["splits"] = {name: {"examples" if kto else "pairs": len(rows),
+                               "questions": len({r["question_id"] for r in rows})} for name, rows in splits.items()}
     if report.get("quality") is not None and "test" in splits:
         for name, rows in splits.items():
-            report["splits"][name]["quality"] = pair_quality(rows)
-    schema = pairs_schema(config.format, "chosen_is_correct" in pairs[0])
+            report["splits"][name]["quality"] = (unpaired_quality if kto else pair_quality)(rows)
+    schema = pairs_schema(config.format, ("is_correct" if kto else "chosen_is_correct") in pairs[0])
     metadata = scrub_all({"labels": labels_metadata or {}, "pairs": asdict(config), "report": report,
                           "command": command, "source": str(source) if source else None,
                           "splits": {name: paths[name].name for name in splits}})
@@ -370,6 +441,8 @@ def report_table(report: dict[str, Any]) -> Table:
     table.add_row("questions", str(report["questions"]))
     table.add_row("label balance (True / False)", f"{report['label_balance']['true']} / "
                                                    f"{report['label_balance']['false']}")
+    if report.get("format") == "kto":
+        return _unpaired_rows(table, report)
     for reason, n in report["questions_skipped"].items():
         table.add_row(f"questions skipped: {reason}", str(n))
     table.add_row("candidate pairs", str(report["candidate_pairs"]))
@@ -389,4 +462,24 @@ def report_table(report: dict[str, Any]) -> Table:
         table.add_row("rejected really wrong", _share(quality["rejected_wrong"]))
         table.add_row("pair correct (both)", _share(quality["pair_correct"]))
         table.add_row("pair inverted", _share(quality["pair_inverted"]))
+    return table
+
+
+def _unpaired_rows(table: Table, report: dict[str, Any]) -> Table:
+    """:func:`report_table`'s rows for the kto format's unpaired examples."""
+    by_labels = report["questions_by_labels"]
+    table.add_row("questions all True / all False / mixed",
+                  f"{by_labels['all_true']} / {by_labels['all_false']} / {by_labels['mixed']}")
+    for reason, n in report["dropped"].items():
+        table.add_row(f"rows dropped: {reason}", str(n))
+    table.add_row("examples kept (desirable / undesirable)",
+                  f"{report['examples']} ({report['desirable']} / {report['undesirable']})")
+    for name, split in report.get("splits", {}).items():
+        table.add_row(f"{name} split", f"{split['examples']} examples, {split['questions']} questions")
+    if report["labels_gold_accuracy"] is not None:
+        table.add_row("labels gold accuracy", _share(report["labels_gold_accuracy"]))
+    quality = report["quality"]
+    if quality:
+        table.add_row("desirable really correct", _share(quality["desirable_correct"]))
+        table.add_row("undesirable really wrong", _share(quality["undesirable_wrong"]))
     return table

@@ -74,8 +74,10 @@ def model_card(summary: dict[str, Any], repo_id: str | None = None, location: st
         if labeller else "unknown"
     lines = [
         f"# {name}", "",
-        f"{kind} **{shown}**, trained with Direct Preference Optimization (TRL `DPOTrainer`) on "
-        f"{summary['num_pairs']} preference pairs from `{dataset}`."
+        (f"{kind} **{shown}**, trained with Direct Preference Optimization (TRL `DPOTrainer`) on "
+         f"{summary['num_pairs']} preference pairs from `{dataset}`." if summary.get("trainer") != "KTOTrainer" else
+         f"{kind} **{shown}**, trained with Kahneman-Tversky Optimization (TRL `KTOTrainer`) on "
+         f"{summary['num_pairs']} unpaired examples from `{dataset}`.")
         + (f" The pairs were built without human labels: candidate answers labelled by Internal Coherence "
            f"Maximization with `{summary['labeller']}` (`icm label`, `icm pairs`)." if summary.get("labeller")
            else ""), "",

@@ -87,7 +87,8 @@ class Page:
 
 def _is_pairs_report(path: Path) -> bool:
     try:
-        return "pairs_per_question" in read_json(path, keys=())
+        report = read_json(path, keys=())
+        return isinstance(report, dict) and ("pairs_per_question" in report or report.get("format") == "kto")
     except InputError:  # not a file, not JSON, not an object: not a pairs report
         return False
 
@@ -356,9 +357,31 @@ def label_sections(page: Page, run_dir: Path, prefix: str = "", title: str = "")
 # -- a pairs file ----------------------------------------------------------------------------------------------
 
 
+def unpaired_section(page: Page, report: dict[str, Any], prefix: str = "", title: str = "") -> None:
+    """The summary of an ``icm pairs --format kto`` report (unpaired examples)."""
+    balance, by_labels = report["label_balance"], report["questions_by_labels"]
+    rows: list[tuple[str, Any]] = [("rows (candidates)", report["rows"]), ("questions", report["questions"]),
+                                   ("labels True / False", f"{balance['true']} / {balance['false']}"),
+                                   ("questions all True / all False / mixed",
+                                    f"{by_labels['all_true']} / {by_labels['all_false']} / {by_labels['mixed']}"),
+                                   ("examples (desirable / undesirable)",
+                                    f"{report['examples']} ({report['desirable']} / {report['undesirable']})")]
+    rows += [(f"rows dropped: {k}", v) for k, v in report["dropped"].items()]
+    if report.get("labels_gold_accuracy") is not None:
+        rows.append(("labels gold accuracy", _fmt(report["labels_gold_accuracy"], share=True)))
+    for key, value in (report.get("quality") or {}).items():
+        rows.append((key.replace("_", " "), value if key == "examples_with_gold" else _fmt(value, share=True)))
+    for split, info in (report.get("splits") or {}).items():
+        rows.append((f"split {split}: examples / questions", f"{info['examples']} / {info['questions']}"))
+    page.add(f"{prefix}pairs", f"{title}Unpaired examples (kto)", table(rows))
+
+
 def pairs_sections(page: Page, report_path: Path, prefix: str = "", title: str = "") -> None:
     """Summary of the pairs report, pairs per question and the margin distribution (by gold correctness)."""
     plt = _pyplot()
+    if read_json(report_path, RERUN, keys=()).get("format") == "kto":
+        return unpaired_section(page, read_json(report_path, RERUN, keys=("examples", "questions_by_labels")),
+                                prefix, title)
     report = read_json(report_path, RERUN, keys=PAIRS_REPORT_KEYS)
     balance, ppq = report["label_balance"], report["pairs_per_question"]
     rows: list[tuple[str, Any]] = [("rows (candidates)", report["rows"]), ("questions", report["questions"]),

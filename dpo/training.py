@@ -1,4 +1,6 @@
-"""DPO training on preference pairs with TRL's ``DPOTrainer``, with LoRA (peft) or full fine-tuning.
+"""DPO training on preference pairs with TRL's ``DPOTrainer``, with LoRA (peft) or full fine-tuning; with
+``loss_type`` kto, TRL's ``KTOTrainer`` on unpaired examples (``prompt``/``completion``/``label``, from
+``icm pairs --format kto``) or on pairs, each split into its chosen (desirable) and rejected (undesirable) answer.
 
 The model spec is resolved to a local directory first (``icm.models.resolve_model``), so GGUF files and
 aliases train like any ``from_pretrained`` directory, and TRL reloads the reference model for full
@@ -49,13 +51,14 @@ from icm.sampling import build_prompt
 log = logging.getLogger(__name__)
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+UNPAIRED_FIELDS = ("prompt", "completion", "label")
 SUMMARY_FILE = "icm_dpo.json"  # written next to the model: base model spec, config, metrics
 WRITTEN = (SUMMARY_FILE, "README.md", "adapter_config.json", "adapter_model.safetensors", "config.json",
            "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "chat_template.jinja", "training_args.bin", "recipe.yaml")
 """Files ``train_dpo`` (the Trainer, the card, the recipe) writes in the output directory: never an input."""
 KEY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
-               "logps/rejected", "grad_norm", "learning_rate")
+               "logps/rejected", "kl", "grad_norm", "learning_rate")
 
 
 def mixed_precision(precision: str = "auto", device: torch.device | str | None = None) -> str:
@@ -76,20 +79,25 @@ def _check_message_list(path: str, row: int, name: str, value: Any) -> None:
         raise InputError(path, "expected a string or a list of {role, content} messages", row=row, field=name)
 
 
+def _read_source(source: str | Path | list[dict], split: str) -> tuple[list[dict], str]:
+    if isinstance(source, list):
+        return source, "<in-memory>"
+    path = Path(source).expanduser()
+    name = str(source)
+    if path.exists() or path.suffix.lower() in (".parquet", ".jsonl", ".json", ".csv") or "/" not in name:
+        return read_records(path), name
+    return _load_hub_pairs(name, split), name
+
+
 def load_pairs(source: str | Path | list[dict], split: str = "train") -> tuple[list[dict], str]:
     """Read preference pairs (``prompt``, ``chosen``, ``rejected``) from a local table or a Hub dataset id.
 
     Returns the rows (only the three pair columns) and a display name for the dataset.
     """
-    if isinstance(source, list):
-        records, name = source, "<in-memory>"
-    else:
-        path = Path(source).expanduser()
-        name = str(source)
-        if path.exists() or path.suffix.lower() in (".parquet", ".jsonl", ".json", ".csv") or "/" not in name:
-            records = read_records(path)
-        else:
-            records = _load_hub_pairs(name, split)
+    return _pairs_of(*_read_source(source, split))
+
+
+def _pairs_of(records: list[dict], name: str) -> tuple[list[dict], str]:
     require_fields(name, records, list(PAIR_FIELDS))
     pairs = []
     for i, record in enumerate(records, start=1):
@@ -106,6 +114,37 @@ def load_pairs(source: str | Path | list[dict], split: str = "train") -> tuple[l
     if len(kinds) > 1:
         raise InputError(name, "mixes string and message-list pairs; use one format", field="prompt")
     return pairs, name
+
+
+def load_unpaired(source: str | Path | list[dict], split: str = "train") -> tuple[list[dict], str]:
+    """Read KTO's training examples: unpaired ones (``prompt``, ``completion``, ``label`` a boolean; ``icm pairs
+    --format kto``) as they are, or preference pairs (:func:`load_pairs`) split into their chosen answer (label
+    True) and their rejected one (False). Returns the rows (the three unpaired columns) and the dataset's name."""
+    records, name = _read_source(source, split)
+    if not records or "completion" not in records[0]:
+        pairs, name = _pairs_of(records, name)
+        return [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
+                for p in pairs for key in ("chosen", "rejected")], name
+    require_fields(name, records, list(UNPAIRED_FIELDS))
+    rows = []
+    for i, record in enumerate(records, start=1):
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str):
+                _check_message_list(name, i, key, record[key])
+        if not isinstance(record["label"], bool):
+            raise InputError(name, f"expected a boolean, got {record['label']!r}", row=i, field="label")
+        rows.append({key: record[key] for key in UNPAIRED_FIELDS})
+    if len({isinstance(r["prompt"], str) for r in rows} | {isinstance(r["completion"], str) for r in rows}) > 1:
+        raise InputError(name, "mixes string and message-list examples; use one format", field="prompt")
+    if len({r["label"] for r in rows}) < 2:
+        raise InputError(name, f"every example's label is {rows[0]['label']}: KTO needs desirable (True) and "
+                         "undesirable (False) ones", field="label")
+    return rows, name
+
+
+def load_examples(source: str | Path | list[dict], config: DPOTrainingConfig) -> tuple[list[dict], str]:
+    """The training rows of ``config``'s loss: pairs (:func:`load_pairs`), or for kto :func:`load_unpaired`."""
+    return (load_unpaired if config.unpaired else load_pairs)(source, split=config.split)
 
 
 def _load_hub_pairs(repo_id: str, split: str) -> list[dict]:
@@ -132,6 +171,13 @@ def format_pairs(pairs: list[dict], tokenizer, chat: bool) -> list[dict]:
     if not isinstance(pairs[0]["prompt"], str):
         return pairs
     # icm pairs ends string prompts with a newline for plain concatenation; the generator saw the message without it.
+    if "completion" in pairs[0]:  # KTO's unpaired examples
+        if chat:
+            return [{"prompt": [{"role": "user", "content": p["prompt"].rstrip()}],
+                     "completion": [{"role": "assistant", "content": p["completion"]}], "label": p["label"]}
+                    for p in pairs]
+        return [{"prompt": build_prompt(tokenizer, p["prompt"].rstrip(), use_chat_template=False),
+                 "completion": " " + p["completion"].lstrip(), "label": p["label"]} for p in pairs]
     if chat:
         return [{"prompt": [{"role": "user", "content": p["prompt"].rstrip()}],
                  "chosen": [{"role": "assistant", "content": p["chosen"]}],
@@ -182,8 +228,9 @@ class RichProgress(TrainerCallback):
 
 
 def build_dpo_config(config: DPOTrainingConfig, output_dir: str | Path, **overrides: Any):
-    """The TRL ``DPOConfig`` for ``config``: precision set for this machine, no external loggers."""
-    from trl import DPOConfig
+    """The TRL ``DPOConfig`` for ``config`` (``KTOConfig`` for the kto loss): precision set for this machine, no
+    external loggers."""
+    from trl import DPOConfig, KTOConfig
 
     precision = mixed_precision(config.precision)
     kwargs: dict[str, Any] = dict(
@@ -217,8 +264,63 @@ def build_dpo_config(config: DPOTrainingConfig, output_dir: str | Path, **overri
                            "use_safetensors": None if pickle_allowed() else True},
         trust_remote_code=config.trust_remote_code,
     )
+    if config.unpaired:  # KTOConfig's own weights; its sampling stays sequential (the KL estimate needs it)
+        for key in ("loss_weights", "label_smoothing"):
+            del kwargs[key]
+        kwargs |= {"loss_type": config.loss_types[0], "desirable_weight": config.desirable_weight or 1.0,
+                   "undesirable_weight": config.undesirable_weight}
     kwargs.update(overrides)
-    return DPOConfig(**kwargs)
+    return (KTOConfig if config.unpaired else DPOConfig)(**kwargs)
+
+
+SMOOTHING_CAP = 0.49
+"""Largest label smoothing ``auto_label_smoothing`` sets (TRL's robust loss needs it below 0.5)."""
+
+
+def estimated_label_error(source: str | Path | list[dict], split: str = "train") -> float:
+    """The pairs' estimated label error: the mean over pairs of the chance that their labels are wrong, each
+    label's from its ``icm_score`` log-odds s (a True label is wrong with probability sigmoid(-s), a False one
+    with sigmoid(s)), the chosen's and the rejected's averaged; read from the ``chosen_score`` and
+    ``rejected_score`` columns that ``icm pairs`` writes. Capped at :data:`SMOOTHING_CAP`."""
+    import math
+
+    records, name = _read_source(source, split)
+    require_fields(name, records, ["chosen_score", "rejected_score"])
+    errors = []
+    for i, record in enumerate(records, start=1):
+        scores = []
+        for key in ("chosen_score", "rejected_score"):
+            value = record[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(name, f"expected a finite number, got {value!r}", row=i, field=key)
+            scores.append(float(value))
+        errors.append((_sigmoid(-scores[0]) + _sigmoid(scores[1])) / 2)
+    return min(sum(errors) / len(errors), SMOOTHING_CAP)
+
+
+def _sigmoid(x: float) -> float:
+    import math
+
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def desirable_weight(rows: list[dict], config: DPOTrainingConfig) -> float:
+    """KTO's weight of the desirable examples: ``config.desirable_weight``, else #undesirable / #desirable (times
+    ``undesirable_weight``), so the two kinds weigh the same in total however unbalanced the labels are."""
+    if config.desirable_weight is not None:
+        return config.desirable_weight
+    desirable = sum(bool(r["label"]) for r in rows)
+    return config.undesirable_weight * (len(rows) - desirable) / max(desirable, 1)
+
+
+def shuffled(rows: list[dict], seed: int) -> list[dict]:
+    """``rows`` in a seeded random order: KTOTrainer reads its data in order (its KL estimate pairs neighbours),
+    so an ``icm pairs`` file sorted by question would give batches of one question's candidates."""
+    import random
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order]
 
 
 def build_trainer(
@@ -234,8 +336,11 @@ def build_trainer(
 ):
     """A ready ``DPOTrainer``: the policy and (full fine-tuning) the reference load from the resolved local path."""
     from datasets import Dataset
-    from trl import DPOTrainer
+    from trl import DPOTrainer, KTOTrainer
 
+    if config.unpaired:
+        dpo_overrides.setdefault("desirable_weight", desirable_weight(pairs, config))
+        pairs = shuffled(pairs, config.seed)
     args = build_dpo_config(config, output_dir, **dpo_overrides)
     with args.main_process_first(desc="resolving the model"):  # under accelerate, one process converts a GGUF
         model_path = resolve_model(model)
@@ -251,7 +356,7 @@ def build_trainer(
                                  target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
     # A path string (not a model object) lets TRL load the policy after DPOConfig set up DeepSpeed/FSDP, and
     # makes its reference model (full fine-tuning, ref_model=None) reload from the same local directory.
-    trainer = DPOTrainer(
+    trainer = (KTOTrainer if config.unpaired else DPOTrainer)(
         model=model_path,
         ref_model=None,
         args=args,
@@ -259,7 +364,8 @@ def build_trainer(
         eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[RichProgress(f"dpo {Path(output_dir).name}")] if progress else None,
+        callbacks=[RichProgress(f"{'kto' if config.unpaired else 'dpo'} {Path(output_dir).name}")] if progress
+        else None,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the loss; no raw dicts on stdout
     kept = len(trainer.train_dataset)
@@ -374,8 +480,10 @@ def train_dpo(
         raise InputError(output_dir, "already holds a trained model or checkpoints (resume, or overwrite it)")
     if config.chat_template is None and recorded_raw_prompts(pairs):
         config = replace(config, chat_template=False)
-    rows, dataset_name = load_pairs(pairs, split=config.split)
-    eval_rows = load_pairs(eval_pairs, split=config.split)[0] if eval_pairs is not None else None
+    rows, dataset_name = load_examples(pairs, config)
+    if config.auto_label_smoothing:  # the labels' own estimate of how many of these preferences are flipped
+        config = replace(config, label_smoothing=estimated_label_error(pairs, config.split))
+    eval_rows = load_examples(eval_pairs, config)[0] if eval_pairs is not None else None
     trainer = build_trainer(rows, model, output_dir, config, eval_pairs=eval_rows, progress=progress,
                             source=dataset_name)
     is_main = trainer.is_world_process_zero()
@@ -412,11 +520,13 @@ def train_dpo(
         "base_model_path": resolve_model(model),
         "dataset": dataset_name,
         "labeller": _labeller(pairs),
-        "num_pairs": len(rows),
+        "num_pairs": len(rows),  # with kto: the unpaired examples
+        "trainer": "KTOTrainer" if config.unpaired else "DPOTrainer",
         "format": "conversational" if uses_chat_template(rows, config, trainer.processing_class) else "text",
         "adapter": config.lora and not config.merge_lora,
         "reference": "base model with adapters disabled" if config.lora else "frozen copy of the base model",
-        "config": asdict(config) | {"learning_rate": config.lr, "precision": mixed_precision(config.precision)},
+        "config": asdict(config) | {"learning_rate": config.lr, "precision": mixed_precision(config.precision)}
+        | ({"desirable_weight": trainer.args.desirable_weight} if config.unpaired else {}),
         "global_step": trainer.state.global_step,
         "resumed_from": checkpoint,
         "metrics": _final_train_metrics(trainer.state.log_history) | {"train_runtime": train_metrics.get(

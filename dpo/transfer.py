@@ -13,14 +13,24 @@ arm A lives in ``arms/A/``:
     split.json  eval_before.json  candidates.parquet                       shared
     labels.parquet  pairs.parquet  pairs.report.json  policy/  eval_after.json  icm arm (icm/: ICM run)
     arms/A/labels.parquet  arms/A/pairs.parquet  ...  arms/A/eval_after.json      arm A
+    round-R/start/  round-R/candidates.parquet  round-R/labels.parquet  ...      round R >= 2 of the icm arm
     transfer.json  transfer.png  stages.json
+
+With ``rounds`` R > 1 the ICM arm is repeated on-policy (round 1 is the ICM arm above): round r+1 merges round
+r's LoRA adapters into its base model (``round-R/start/``, a full model directory), samples fresh candidates on
+the training questions from it, labels them with the same labeller (the merged policy itself when the labeller is
+the policy: self-improvement; the fixed labeller otherwise: weak-from-strong), trains (new adapters on the merged
+policy, or on the base policy with ``rounds_from`` base) and evaluates on the same held-out questions.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -48,7 +58,7 @@ from icm.data.io import (
 from icm.data.pairs import build_pairs, load_labels, split_paths, write_pairs
 from icm.data.tasks import Question
 from icm.dpo.evaluation import evaluate_question_list, paired_bootstrap
-from icm.dpo.training import SUMMARY_FILE, train_dpo
+from icm.dpo.training import SUMMARY_FILE, load_trained_model, train_dpo
 from icm.generate import generate_file
 from icm.label import label_file
 from icm.models import load_tokenizer
@@ -106,13 +116,69 @@ class Stages:
         return False
 
 
-def arm_paths(run_dir: Path, arm: str) -> dict[str, Path]:
-    """Files of one arm: the ICM arm's are at the run directory's top level, arm A's in ``arms/A/``."""
-    base = run_dir if arm == "icm" else run_dir / "arms" / arm
+def _labels_paths(base: Path) -> dict[str, Path]:
     pairs = base / "pairs.parquet"
     return {"dir": base, "labels": base / "labels.parquet", "label_run": base / "icm", "pairs": pairs,
             "pairs_report": split_paths(pairs)["report"], "policy": base / "policy",
             "eval_after": base / "eval_after.json"}
+
+
+def arm_paths(run_dir: Path, arm: str) -> dict[str, Path]:
+    """Files of one arm: the ICM arm's are at the run directory's top level, arm A's in ``arms/A/``."""
+    return _labels_paths(run_dir if arm == "icm" else run_dir / "arms" / arm)
+
+
+def round_paths(run_dir: Path, r: int) -> dict[str, Path]:
+    """Files of round ``r`` of the ICM arm: round 1 is the ICM arm itself (its candidates are the shared ones),
+    round r >= 2 lives in ``round-r/`` with its own candidates and ``start/`` (round r-1's policy, merged)."""
+    if r == 1:
+        return arm_paths(run_dir, "icm") | {"candidates": run_dir / "candidates.parquet"}
+    base = run_dir / f"round-{r}"
+    return _labels_paths(base) | {"candidates": base / "candidates.parquet", "start": base / "start"}
+
+
+def round_policy(run_dir: Path, r: int, policy: str) -> str:
+    """The policy after round ``r`` (0: the base ``policy``): that round's trained policy, or the one before it
+    when the round had no pairs to train on."""
+    for k in range(r, 0, -1):
+        files = round_paths(run_dir, k)
+        if _pair_count(files):
+            return str(files["policy"])
+    return policy
+
+
+def round_evaluation(run_dir: Path, r: int) -> Path:
+    """The held-out evaluation of :func:`round_policy` ``r`` (``eval_before.json`` for the base policy)."""
+    for k in range(r, 0, -1):
+        files = round_paths(run_dir, k)
+        if _pair_count(files):
+            return files["eval_after"]
+    return run_dir / "eval_before.json"
+
+
+def is_adapter(model: str) -> bool:
+    return (Path(model) / "adapter_config.json").is_file()
+
+
+def round_start(run_dir: Path, r: int, policy: str) -> str:
+    """The model round ``r`` samples from (and, in self-improvement, labels with): round r-1's policy, as the
+    full model merged into ``round-r/start`` when it is a LoRA adapter directory."""
+    previous = round_policy(run_dir, r - 1, policy)
+    return str(round_paths(run_dir, r)["start"]) if r > 1 and is_adapter(previous) else previous
+
+
+def merge_policy(model: str, output: Path) -> None:
+    """Save ``model`` (a LoRA adapter directory written by ``icm dpo``: merged into its base model, in float32)
+    with its tokenizer as a full model directory ``output``, atomically (a temporary sibling, then renamed)."""
+    model_obj, tokenizer = load_trained_model(model, dtype="fp32", device="cpu")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    try:
+        model_obj.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 REDO = "delete it to run its stage again"
@@ -121,30 +187,35 @@ PAIRS_KEYS = ("pairs", "label_balance", "labels_gold_accuracy", "quality", "ques
               "dropped")
 
 
-def check_run_dir(run_dir: Path, arms: tuple[str, ...], inputs: list[Path]) -> None:
-    """Before any model loads: no input is a file the run writes (or lies in an arm's label run or policy directory),
-    and every state file a rerun reads back is whole (a damaged one is an :class:`InputError` saying to delete it)."""
+def check_run_dir(run_dir: Path, arms: tuple[str, ...], inputs: list[Path], rounds: int = 1) -> None:
+    """Before any model loads: no input is a file the run writes (or lies in an arm's or a round's label run, policy
+    or start directory), and every state file a rerun reads back is whole (a damaged one is an :class:`InputError`
+    saying to delete it)."""
     shared = ["split.json", "stages.json", "eval_before.json", "eval_before.items.jsonl", "candidates.parquet",
               "candidates.report.json", "candidates.partial.jsonl", "transfer.json", "transfer.png", "recipe.yaml"]
     files = {f"the run's {name}": run_dir / name for name in shared}
-    for arm in arms:
-        paths = arm_paths(run_dir, arm)
-        files |= {f"the {arm} arm's {key}": path for key, path in paths.items() if key not in ("dir", "label_run",
-                                                                                                 "policy")}
-        files[f"the {arm} arm's test pairs"] = split_paths(paths["pairs"])["test"]
-        for key in ("label_run", "policy"):
-            inside = [p for p in inputs if Path(p).resolve().is_relative_to(paths[key].resolve())]
+    written = {arm: arm_paths(run_dir, arm) for arm in arms}
+    written |= {f"round {r}": round_paths(run_dir, r) for r in range(2, rounds + 1)}
+    for who, paths in written.items():
+        who = who if who.startswith("round") else f"the {who} arm"
+        files |= {f"{who}'s {key}": path for key, path in paths.items() if key not in ("dir", "label_run", "policy",
+                                                                                          "start")}
+        files[f"{who}'s test pairs"] = split_paths(paths["pairs"])["test"]
+        if "candidates" in paths:
+            files |= {f"{who}'s candidates {kind}": paths["candidates"].with_suffix(f".{kind}.{ext}")
+                      for kind, ext in (("report", "json"), ("partial", "jsonl"))}
+        for key in ("label_run", "policy", "start"):
+            inside = [p for p in inputs if key in paths and Path(p).resolve().is_relative_to(paths[key].resolve())]
             if inside:
                 raise InputError(inside[0], f"lies in {paths[key]}, which this run writes; move it out")
     check_outputs(files, list(inputs))
     json_files = {run_dir / "split.json": ("train", "heldout", "questions"), run_dir / "stages.json": ("seconds",),
                   run_dir / "eval_before.json": EVAL_KEYS}
     parquet_files = [run_dir / "candidates.parquet"]
-    for arm in arms:
-        paths = arm_paths(run_dir, arm)
+    for paths in written.values():
         json_files |= {paths["pairs_report"]: PAIRS_KEYS, paths["eval_after"]: EVAL_KEYS,
                        paths["policy"] / SUMMARY_FILE: ("global_step", "metrics", "seconds_per_step", "adapter")}
-        parquet_files += [paths["labels"], paths["pairs"]]
+        parquet_files += [paths["labels"], paths["pairs"], *([paths["candidates"]] if "start" in paths else [])]
     for path, keys in json_files.items():
         if path.exists() or path.is_symlink():
             read_json(path, REDO, keys)
@@ -220,13 +291,14 @@ def run_transfer(
 
     Stages run in order, each for every arm before the next; ``stop_after`` (a stage name) ends the run after
     that stage, e.g. ``pairs`` to train each arm's policy (``policy/``, ``arms/A/policy``) with
-    ``accelerate launch ... dpo`` on several GPUs, then rerun to evaluate.
+    ``accelerate launch ... dpo`` on several GPUs, then rerun to evaluate (with ``rounds`` > 1: it ends round 1;
+    the rerun runs rounds 2 and later in full).
     """
     config = config or TransferConfig()
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got '{stop_after}'")
     run_dir = check_output(output_dir, directory=True)
-    check_run_dir(run_dir, config.arms, [Path(source)] if Path(source).is_file() else [])
+    check_run_dir(run_dir, config.arms, [Path(source)] if Path(source).is_file() else [], config.rounds)
     for model in dict.fromkeys((labeller, policy)):  # a model that cannot be found fails before any stage runs
         load_tokenizer(model)
     for row, q in enumerate(questions, start=1):
@@ -295,11 +367,51 @@ def run_transfer(
                 stages.run(name, output, fn)
         if stage == stop_after:
             return {"stopped_after": stage, "output_dir": str(run_dir), "timings": stages.timings}
+    for r in range(2, config.rounds + 1):
+        names += run_round(r, run_dir, train, labeller, policy, config, stages, evaluate, command, progress)
 
     report = build_report(run_dir, labeller, policy, generator, config, stages, names, len(train), source)
     write_json(run_dir / "transfer.json", report)
     plot_transfer(report, run_dir / "transfer.png")
     return report
+
+
+def run_round(r: int, run_dir: Path, train: list[Question], labeller: str, policy: str, config: TransferConfig,
+              stages: Stages, evaluate: Callable[[str, Path], Callable[[], Any]], command: str | None,
+              progress: bool) -> list[str]:
+    """Round ``r`` >= 2 of the ICM arm in ``round-r/`` (see the module's docstring), each stage skipped when its
+    output exists; returns the stages' names (``round-r/STAGE``)."""
+    files = round_paths(run_dir, r)
+    previous = round_policy(run_dir, r - 1, policy)
+    start = round_start(run_dir, r, policy)
+    round_labeller = start if labeller == policy else labeller
+    generation = replace(config.generation, seed=config.generation.seed + r - 1)  # fresh samples each round
+    plan = {
+        "merge": (files["start"] / "config.json", lambda: merge_policy(previous, files["start"])),
+        "generate": (files["candidates"], lambda: generate_file(
+            train, files["candidates"], start, generation, dtype=config.dtype, resume=True, command=command or "",
+            progress=progress)),
+        "label": (files["labels"], lambda: label_file(
+            files["candidates"], files["labels"], round_labeller, config.icm, run_dir=files["label_run"], resume=True,
+            dtype=config.dtype, claim_mode=config.claims, answers=closed_answers(config.generation.extractor),
+            command=command or "", sources=replace(config.sources, method="icm"))),
+        "pairs": (files["pairs_report"], lambda: _pairs_stage(files["labels"], files["pairs"], config, command)),
+        "dpo": (files["policy"] / SUMMARY_FILE, lambda: train_dpo(
+            files["pairs"], start if config.rounds_from == "previous" else policy, files["policy"], config.dpo,
+            resume=True, progress=progress, command=command)),
+        "eval_after": (files["eval_after"], evaluate(str(files["policy"]), files["eval_after"])),
+    }
+    names = []
+    for stage, (output, fn) in plan.items():
+        name = f"round-{r}/{stage}"
+        names.append(name)
+        if stage == "merge" and start != str(files["start"]):
+            stages.skip(name, "the previous policy is not an adapter directory")
+        elif stage in ("dpo", "eval_after") and not _pair_count(files):
+            stages.skip(name, "no preference pairs")
+        else:
+            stages.run(name, output, fn)
+    return names
 
 
 def answer_breakdown(evaluation: Path) -> dict[str, Any] | None:
@@ -321,8 +433,13 @@ def answer_breakdown(evaluation: Path) -> dict[str, Any] | None:
 
 def evaluation_after(run_dir: Path, arm: str, before: dict[str, Any]) -> dict[str, Any]:
     """The held-out evaluation of ``arm``'s policy (the base policy's when the arm had no pairs to train on)."""
-    files = arm_paths(run_dir, arm)
-    after = json.loads(files["eval_after"].read_text()) if _pair_count(files) else before
+    return _evaluation(arm_paths(run_dir, arm), before, before)
+
+
+def _evaluation(files: dict[str, Path], before: dict[str, Any], unchanged: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation in ``files``, or ``unchanged`` (the untrained policy's) when they hold no pairs; checked to
+    cover the questions of ``before``."""
+    after = json.loads(files["eval_after"].read_text()) if _pair_count(files) else unchanged
     if [r["id"] for r in before["results"]] != [r["id"] for r in after["results"]]:
         raise InputError(files["eval_after"], "before/after evaluations cover different questions")
     return after
@@ -342,9 +459,15 @@ def arm_report(run_dir: Path, arm: str, before: dict[str, Any], config: Transfer
     the labels' and the pairs' accuracy against gold, the pair count, the share of True labels and, where the
     evaluation kept its answers, :func:`answer_breakdown`. An arm without pairs keeps the policy as it was (accuracy
     after = before) and says so in ``note``."""
-    files = arm_paths(run_dir, arm)
+    return labels_report(arm_paths(run_dir, arm), before, run_dir / "eval_before.json", config)
+
+
+def labels_report(files: dict[str, Path], before: dict[str, Any], unchanged: Path,
+                  config: TransferConfig) -> dict[str, Any]:
+    """:func:`arm_report` of the labels, pairs and policy in ``files``; ``unchanged`` is the evaluation of the
+    policy they would have trained (kept as it was when they gave no pairs)."""
     pairs = json.loads(files["pairs_report"].read_text())
-    after = evaluation_after(run_dir, arm, before)
+    after = _evaluation(files, before, json.loads(unchanged.read_text()))
     ci = paired_bootstrap([r["correct"] for r in before["results"]], [r["correct"] for r in after["results"]],
                           samples=config.bootstrap_samples, level=config.confidence, seed=config.seed)
     balance = pairs["label_balance"]
@@ -358,13 +481,40 @@ def arm_report(run_dir: Path, arm: str, before: dict[str, Any], config: Transfer
         "true_share": balance["true"] / max(balance["true"] + balance["false"], 1),
         "dir": str(files["dir"]),
     }
-    breakdown = answer_breakdown(files["eval_after"] if pairs["pairs"] else run_dir / "eval_before.json")
+    breakdown = answer_breakdown(files["eval_after"] if pairs["pairs"] else unchanged)
     if breakdown is not None:
         entry |= breakdown
     if not pairs["pairs"]:
         entry["note"] = (f"no preference pairs ({_no_pairs_reasons(pairs)}): the policy was not trained, "
-                         "accuracy_after is accuracy_before")
+                         f"accuracy_after is that of {unchanged.name}")
     return entry
+
+
+def rounds_report(run_dir: Path, labeller: str, policy: str, before: dict[str, Any], icm: dict[str, Any],
+                  config: TransferConfig) -> list[dict[str, Any]]:
+    """``transfer.json``'s ``rounds``: one object per round of the ICM arm (round 1 is ``icm``, the ICM arm's
+    :func:`arm_report`), each with its held-out accuracy after training, ``delta`` and ``delta_ci`` against the
+    base policy, the labels' accuracy against gold, the pair count, the candidates' accuracy, which models sampled,
+    labelled and were trained, and from round 2 on ``vs_previous``: the change against the previous round's policy
+    with its paired bootstrap CI (the same held-out questions)."""
+    candidates = read_parquet_metadata(run_dir / "candidates.parquet").get("report", {})
+    generator = policy if config.generator == "policy" else labeller
+    out = [{"round": 1, **icm, "candidate_accuracy": candidates.get("candidate_accuracy"), "generator": generator,
+            "labeller": labeller, "trained_from": policy}]
+    for r in range(2, config.rounds + 1):
+        files = round_paths(run_dir, r)
+        entry = labels_report(files, before, round_evaluation(run_dir, r - 1), config)
+        start = round_start(run_dir, r, policy)
+        prior = json.loads(round_evaluation(run_dir, r - 1).read_text())
+        ci = paired_bootstrap([x["correct"] for x in prior["results"]],
+                              [x["correct"] for x in _evaluation(files, before, prior)["results"]],
+                              samples=config.bootstrap_samples, level=config.confidence, seed=config.seed)
+        report = read_parquet_metadata(files["candidates"]).get("report", {})
+        out.append({"round": r, **entry, "candidate_accuracy": report.get("candidate_accuracy"), "generator": start,
+                    "labeller": start if labeller == policy else labeller,
+                    "trained_from": start if config.rounds_from == "previous" else policy,
+                    "vs_previous": {"delta": ci["delta"], "low": ci["ci_low"], "high": ci["ci_high"]}})
+    return out
 
 
 def build_report(run_dir: Path, labeller: str, policy: str, generator: str, config: TransferConfig,
@@ -390,6 +540,7 @@ def build_report(run_dir: Path, labeller: str, policy: str, generator: str, conf
         "candidates": {k: candidates.get(k) for k in ("claims", "candidate_accuracy", "questions_mixed",
                                                       "mixed_share", "distinct_answers_mean")},
         "arms": arms,
+        "rounds": rounds_report(run_dir, labeller, policy, before, arms["icm"], config) if "icm" in arms else None,
         "timings": {name: stages.timings.get(name) for name in names},
         "skipped_this_run": stages.skipped,
         "files": {name: str(run_dir / name) for name in ("candidates.parquet", "labels.parquet", "pairs.parquet",
@@ -421,7 +572,7 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def arms_table(report: dict[str, Any]) -> Table:
-    """The comparison as a rich table: one row per arm."""
+    """The comparison as a rich table: one row per arm, then one per round >= 2 of the ICM arm."""
     level = report["config"]["confidence"]
     table = Table(title=f"{report['mode']}: policy {escape(report['policy'])}, held-out accuracy "
                         f"{report['accuracy_before']:.3f} before, {report['held_out']} questions",
@@ -429,7 +580,8 @@ def arms_table(report: dict[str, Any]) -> Table:
     for name in ("arm", "label acc", "pairs", "pair acc", "accuracy after", f"delta [{level:.0%} CI]",
                  f"ICM - arm [{level:.0%} CI]"):
         table.add_column(name, justify="left" if name == "arm" else "right")
-    for arm, r in report["arms"].items():
+    rows = list(report["arms"].items()) + [(f"icm round {r['round']}", r) for r in (report.get("rounds") or [])[1:]]
+    for arm, r in rows:
         ci, gap = r["delta_ci"], r.get("icm_advantage")
         table.add_row(arm, _fmt(r["label_accuracy"]), str(r["pairs"]), _fmt(r["pair_accuracy"]),
                       _fmt(r["accuracy_after"]), f"{r['delta']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]",
@@ -438,15 +590,26 @@ def arms_table(report: dict[str, Any]) -> Table:
 
 
 def plot_transfer(report: dict[str, Any], path: str | Path) -> None:
-    """Held-out accuracy of the base policy and of each arm, with the arms' CI of the change as error bars,
-    and the time spent per stage (PNG, atomic)."""
+    """Held-out accuracy of the base policy and of each arm, with the arms' CI of the change as error bars, the
+    ICM arm's accuracy over its rounds (with more than one) and the time spent per stage (PNG, atomic)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms, before = report["arms"], report["accuracy_before"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
+    arms, before, rounds = report["arms"], report["accuracy_before"], report.get("rounds") or []
+    if len(rounds) > 1:
+        fig, (ax, rx, bx) = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [1.2, 0.8, 1]})
+        accuracy = [before, *(r["accuracy_after"] for r in rounds)]
+        rx.errorbar(range(len(accuracy)), accuracy, fmt="o-", color="#3b82f6", ecolor="black", capsize=5,
+                    yerr=[[0, *(r["delta"] - r["delta_ci"]["low"] for r in rounds)],
+                          [0, *(r["delta_ci"]["high"] - r["delta"] for r in rounds)]])
+        rx.set_xticks(range(len(accuracy)), ["base", *(str(r["round"]) for r in rounds)])
+        rx.set_ylim(0, 1)
+        rx.set_xlabel("round")
+        rx.set_title("icm arm over rounds (CI of the change from base)", fontsize=10)
+    else:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
     names, values = ["base", *arms], [before, *(r["accuracy_after"] for r in arms.values())]
     palette = ["#3b82f6", "#2f855a", "#dd6b20", "#805ad5", "#c53030", "#319795", "#d69e2e", "#b83280"]
     bars = ax.bar(names, values, color=["#9aa5b1"] + [palette[i % len(palette)] for i in range(len(arms))])

@@ -29,8 +29,9 @@ Balance = Literal["center", "estimate", "none"]
 DemoOrder = Literal["labelling", "fixed"]
 LabelSpace = Literal["auto", "label", "prompt"]
 PairStrategy = Literal["all", "best-margin"]
-PairFormat = Literal["standard", "conversational"]
+PairFormat = Literal["standard", "conversational", "kto"]
 Generator = Literal["policy", "labeller"]
+RoundsFrom = Literal["previous", "base"]
 LabelMethod = Literal["icm", "zero_shot", "majority", "judge", "confidence"]
 Arm = Literal["icm", "gold", "random", "zero_shot", "majority", "judge", "confidence"]
 Stage = Literal["eval_before", "generate", "label", "pairs", "dpo", "eval_after"]
@@ -46,6 +47,9 @@ STAGES: tuple[str, ...] = get_args(Stage)  # in the order they run
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 """TRL's DPO losses (``DPOConfig.loss_type``)."""
+UNPAIRED_LOSS_TYPES = ("kto",)
+"""Losses trained with TRL's ``KTOTrainer`` (``KTOConfig.loss_type``) instead: alone, on unpaired examples
+(``prompt``/``completion``/``label``, ``icm pairs --format kto``) or on pairs, which TRL unpairs."""
 
 DEFAULT_INSTRUCTION = (  # for open math questions; the default of ``icm generate`` and ``icm eval``
     "Solve the following math problem step by step. End your response with 'The answer is N', "
@@ -290,7 +294,10 @@ class PairsConfig:
                                           "of `icm label --restarts` agreeing with the label) is below this (1: "
                                           "only claims every restart agrees on).")
     format: PairFormat = setting("standard", "standard: prompt/chosen/rejected strings (the prompt ends with a new "
-                                 "line); conversational: lists of {role, content} messages (TRL's chat format).")
+                                 "line); conversational: lists of {role, content} messages (TRL's chat format); kto: "
+                                 "TRL's unpaired format, prompt/completion/label (a bool) strings, one example per "
+                                 "labelled candidate, questions whose candidates are all True or all False included "
+                                 "(for icm dpo --loss-type kto; the pair options do not apply).")
     test_size: float | None = setting(None, "Questions held out for a test split: a fraction (0-1) or a count; the "
                                       "split is by question, so no question is in both.")
     seed: int = setting(0, "Seed of the train/test split.")
@@ -298,6 +305,10 @@ class PairsConfig:
     def __post_init__(self) -> None:
         _choose("strategy", self.strategy, STRATEGIES)
         _choose("format", self.format, FORMATS)
+        if self.format == "kto" and (self.strategy != "all" or self.max_per_question is not None
+                                     or self.min_margin is not None or self.margin_quantile is not None):
+            raise ValueError("format kto writes every labelled candidate: strategy, max_per_question, min_margin and "
+                             "margin_quantile choose pairs and do not apply")
         check_range("max_per_question", self.max_per_question, 1)
         check_range("min_margin", self.min_margin)
         _check_size("test_size", self.test_size)
@@ -327,9 +338,20 @@ class DPOTrainingConfig:
     merge_lora: bool = setting(False, "Save the model with the adapters merged in instead of the adapters alone.")
     loss_type: str = setting("sigmoid", "TRL DPO loss: sigmoid (the original DPO loss), ipo, hinge, robust, ..., or "
                              "several comma-separated, summed with --loss-weights (sigmoid,sft: DPO plus the chosen "
-                             "answers' NLL, RPO, which keeps them likely).")
+                             "answers' NLL, RPO, which keeps them likely); or kto alone: TRL's KTOTrainer on unpaired "
+                             "examples (icm pairs --format kto) or on pairs (unpaired by TRL).")
+    desirable_weight: float | None = setting(None, "--loss-type kto: weight of the desirable (label True) examples' "
+                                             "loss [default: #undesirable / #desirable, so both kinds weigh the "
+                                             "same in total].")
+    undesirable_weight: float = setting(1.0, "--loss-type kto: weight of the undesirable (label False) examples' "
+                                        "loss.")
     loss_weights: tuple[float, ...] | None = setting(None, "Weight of each --loss-type [default: 1 each].")
     label_smoothing: float = setting(0.0, "--loss-type robust: assumed share of flipped preferences, in [0, 0.5).")
+    auto_label_smoothing: bool = setting(False, "--loss-type robust (or sigmoid: conservative DPO): set "
+                                         "--label-smoothing to the pairs' estimated label error, the mean over "
+                                         "pairs of the chance that the chosen answer's True label and the rejected "
+                                         "one's False label are wrong, from their icm_score log-odds (capped at "
+                                         "0.49).")
     precision: Dtype = setting("auto", "auto (bf16 mixed precision on GPUs and bf16-capable CPUs, fp16 on older "
                                "GPUs, fp32 otherwise), bf16, fp16 or fp32; master weights stay in float32.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass (less memory, "
@@ -360,10 +382,18 @@ class DPOTrainingConfig:
         if self.max_steps != -1:
             check_range("max_steps (-1: train for num_train_epochs)", self.max_steps, 1)
         _check_seed(self.seed)
-        unknown = [t for t in self.loss_types if t not in DPO_LOSS_TYPES]
+        if self.unpaired:
+            if len(self.loss_types) > 1 or self.loss_weights is not None or self.label_smoothing:
+                raise ValueError("loss type kto goes alone (no other loss type, loss_weights or label_smoothing)")
+            if self.batch_size < 2:
+                raise ValueError("loss type kto needs batch_size >= 2 (its KL estimate pairs each example with "
+                                 "another one of its batch)")
+        unknown = [t for t in self.loss_types if t not in DPO_LOSS_TYPES + UNPAIRED_LOSS_TYPES]
         if unknown or not self.loss_types:
             raise ValueError(f"unknown loss type {', '.join(unknown) or repr(self.loss_type)} "
-                             f"(TRL's DPO losses: {', '.join(DPO_LOSS_TYPES)})")
+                             f"(TRL's DPO losses: {', '.join(DPO_LOSS_TYPES)}; or {', '.join(UNPAIRED_LOSS_TYPES)})")
+        check_range("desirable_weight", self.desirable_weight, 0, above=True)
+        check_range("undesirable_weight", self.undesirable_weight, 0, above=True)
         if self.loss_weights is not None:
             self.loss_weights = tuple(float(w) for w in self.loss_weights)
             for weight in self.loss_weights:
@@ -372,6 +402,9 @@ class DPOTrainingConfig:
                 raise ValueError(f"loss_weights needs one weight per loss type ({len(self.loss_types)}: "
                                  f"{', '.join(self.loss_types)}), got {len(self.loss_weights)}")
         check_range("label_smoothing", self.label_smoothing, 0, 0.5, below=True)
+        if self.auto_label_smoothing and not {"robust", "sigmoid"} & set(self.loss_types):
+            raise ValueError("auto_label_smoothing sets the label smoothing of the robust (or sigmoid) loss: add "
+                             "robust to loss_type")
         if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         if not self.lora_target_modules:
@@ -380,6 +413,11 @@ class DPOTrainingConfig:
     @property
     def loss_types(self) -> list[str]:
         return [t.strip() for t in self.loss_type.split(",") if t.strip()]
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the loss is KTO's (TRL's ``KTOTrainer``) rather than a DPO loss."""
+        return any(t in UNPAIRED_LOSS_TYPES for t in self.loss_types)
 
     @property
     def lr(self) -> float:
@@ -436,6 +474,14 @@ class TransferConfig:
                                     "gold (ceiling), random (control), zero_shot (the labeller without "
                                     "demonstrations), majority (the labeller's majority vote), judge (the "
                                     "labeller as a judge), confidence (the policy's own confidence).")
+    rounds: int = setting(1, "Rounds of generate -> label -> pairs -> DPO -> eval for the icm arm (the other arms "
+                          "run once): round r+1 samples fresh candidates on the training questions from round r's "
+                          "policy (its LoRA adapters merged into the model, saved in round-R/start), labels them "
+                          "with the same labeller (with --labeller = --policy: that improved policy itself), trains "
+                          "and evaluates on the same held-out questions; round r >= 2 lives in round-R/.")
+    rounds_from: RoundsFrom = setting("previous", "What a round >= 2 trains: previous (new LoRA adapters on the "
+                                      "previous round's merged policy, which is also DPO's reference) or base (the "
+                                      "base policy, on the new round's pairs).")
 
     def __post_init__(self) -> None:
         self.arms = tuple(self.arms)
@@ -443,6 +489,13 @@ class TransferConfig:
         if not self.arms or unknown or len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms must be distinct names among {', '.join(ARMS)}, "
                              f"got {', '.join(self.arms) or 'none'}")
+        check_range("rounds", self.rounds, 1)
+        _choose("rounds_from", self.rounds_from, get_args(RoundsFrom))
+        if self.rounds > 1 and "icm" not in self.arms:
+            raise ValueError("rounds > 1 repeats the icm arm (the other arms run once): add icm to arms")
+        if self.rounds > 1 and self.generator != "policy":
+            raise ValueError("rounds > 1 samples each round's candidates from the previous round's policy: "
+                             "generator must be policy")
         check_claim_mode(self.claims, closed_answers(self.generation.extractor))
         _choose("generator", self.generator, get_args(Generator))
         _choose("dtype", self.dtype, DTYPES)

@@ -407,3 +407,68 @@ def test_the_base_of_downloaded_adapters_is_found_on_another_machine(tmp_path, m
     assert _loadable_base(["/machine/that/trained/model", "me/absent"]) == "me/absent"
     assert _loadable_base([str(tmp_path), "me/absent"]) == str(tmp_path)  # a local base that is here
     assert _loadable_base([None, "org/model"]) == "org/model"
+
+
+UNPAIRED = [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
+            for p in PAIRS for key in ("chosen", "rejected")] + [
+    {"prompt": "What is 1 + 1?", "completion": "The answer is 3.", "label": False}]
+
+
+def test_kto_loss_trains_unpaired_examples_with_ktotrainer(tiny_model_dir, tmp_path):
+    from icm.dpo.training import build_dpo_config, desirable_weight
+
+    config = tiny_config(loss_type="kto", max_steps=12, batch_size=2)
+    args = build_dpo_config(config, tmp_path)
+    assert type(args).__name__ == "KTOConfig" and args.loss_type == "kto" and args.train_sampling_strategy == \
+        "sequential"
+    assert desirable_weight(UNPAIRED, config) == pytest.approx(4 / 3)  # 4 undesirable, 3 desirable
+    assert desirable_weight(UNPAIRED, tiny_config(loss_type="kto", desirable_weight=0.7)) == 0.7
+    summary = train_dpo(UNPAIRED, tiny_model_dir, tmp_path / "out", config, eval_pairs=UNPAIRED, progress=False)
+    assert summary["trainer"] == "KTOTrainer" and summary["num_pairs"] == 7 and summary["global_step"] == 12
+    assert summary["config"]["desirable_weight"] == pytest.approx(4 / 3)
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    assert "KTOTrainer" in (tmp_path / "out" / "README.md").read_text()
+    # pairs train with KTO too: each split into its chosen (desirable) and rejected (undesirable) answer
+    paired = train_dpo(PAIRS, tiny_model_dir, tmp_path / "pairs", tiny_config(loss_type="kto", max_steps=1,
+                                                                              batch_size=2), progress=False)
+    assert paired["num_pairs"] == 6 and paired["config"]["desirable_weight"] == 1.0
+
+
+def test_kto_config_and_bad_unpaired_input(tmp_path):
+    from icm.dpo.training import load_unpaired
+
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        DPOTrainingConfig(loss_type="kto", batch_size=1)
+    with pytest.raises(ValueError, match="alone"):
+        DPOTrainingConfig(loss_type="kto,sft")
+    with pytest.raises(InputError, match="row 2, field 'label'"):
+        load_unpaired([UNPAIRED[0], UNPAIRED[1] | {"label": "yes"}])
+    with pytest.raises(InputError, match="desirable"):
+        load_unpaired([r for r in UNPAIRED if not r["label"]])
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in UNPAIRED[:2]))
+    result = CliRunner().invoke(app, ["dpo", str(path), "--model", "nowhere", "-o", str(tmp_path / "o"),
+                                      "--loss-type", "kto", "--batch-size", "1"])
+    assert result.exit_code == 2 and "batch_size >= 2" in result.output
+
+
+def test_auto_label_smoothing_is_the_pairs_estimated_label_error(tiny_model_dir, tmp_path):
+    import math
+
+    from icm.dpo.training import estimated_label_error
+
+    pairs = [p | {"chosen_score": s, "rejected_score": r} for p, (s, r) in zip(PAIRS, [(2.0, -2.0), (0.0, 0.0),
+                                                                                   (1.0, 3.0)])]
+
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+    expected = ((sigmoid(-2) + sigmoid(-2)) / 2 + 0.5 + (sigmoid(-1) + sigmoid(3)) / 2) / 3
+    assert estimated_label_error(pairs) == pytest.approx(expected)
+    assert estimated_label_error([pairs[2]]) == 0.49  # capped below TRL's 0.5
+    with pytest.raises(InputError, match="chosen_score"):
+        estimated_label_error(PAIRS)
+    with pytest.raises(ValueError, match="robust"):
+        DPOTrainingConfig(loss_type="ipo", auto_label_smoothing=True)
+    summary = train_dpo(pairs, tiny_model_dir, tmp_path / "out", tiny_config(
+        loss_type="robust", auto_label_smoothing=True, max_steps=1), progress=False)
+    assert summary["config"]["label_smoothing"] == pytest.approx(expected)

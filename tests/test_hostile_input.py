@@ -345,6 +345,18 @@ CASES: list[tuple[str, Files, str | list[str], list[str]]] = [
      ["eval_before.json: damaged or of another icm version (no 'n', 'results')"]),
     ("transfer-damaged-pairs-report", transfer_run(**{"pairs.report.json": '{"pairs": 3'}), TRANSFER,
      ["pairs.report.json: damaged ("]),
+    ("transfer-damaged-round-pairs-report", transfer_run(**{"round-2": directory, "round-2/pairs.report.json":
+                                                            '{"pairs": 3'}), TRANSFER + " --rounds 2",
+     ["round-2/pairs.report.json: damaged ("]),
+    ("transfer-damaged-round-candidates", transfer_run(**{"round-2": directory, "round-2/candidates.parquet":
+                                                          "PAR1 cut short"}), TRANSFER + " --rounds 2",
+     ["round-2/candidates.parquet: not a readable Parquet file", "delete it to run its stage again"]),
+    ("transfer-input-in-a-round-start-dir", transfer_run(**{"round-2": directory, "round-2/start": directory,
+                                                            "round-2/start/q.jsonl": jsonl(
+        *[QUESTION | {"question": f"q{k}"} for k in range(4)])}),
+     TRANSFER.replace("{d}/q.jsonl", "{d}/run/round-2/start/q.jsonl") + " --rounds 2",
+     ["lies in", "which this run writes"]),
+    ("transfer-rounds-without-icm", transfer_run(), TRANSFER + " --rounds 2 --arms gold", ["add icm to arms"]),
     ("transfer-damaged-candidates", transfer_run(**{"candidates.parquet": "PAR1 cut short"}), TRANSFER,
      ["candidates.parquet: not a readable Parquet file", "delete it to run its stage again"]),
     ("transfer-damaged-policy-summary", transfer_run(**{"policy": directory, "policy/icm_dpo.json": "[1, 2]"}),

@@ -358,3 +358,53 @@ def test_min_agreement_leaves_out_claims_the_restarts_disagree_on(tmp_path):
                                                   claim(1, "X", False, -1.0, icm_agreement=1.0)])
     result = runner.invoke(app, ["pairs", str(bad), "-o", str(tmp_path / "b.parquet")])
     assert result.exit_code == 2 and "row 1, field 'icm_agreement'" in result.output
+
+
+def test_kto_format_keeps_every_labelled_candidate_including_one_sided_questions():
+    rows = many_questions(2) + [claim(7, "all true A", True, 0.5, gold=True), claim(7, "all true B", True, 0.2,
+                                                                                       gold=False),
+                                claim(8, "all false", False, -0.3, gold=False),
+                                claim(8, "all false", False, -0.3, gold=False)]  # an exact duplicate
+    paired, _ = build_pairs(rows, PairsConfig())
+    assert {p["question_id"] for p in paired} == {"0", "1"}  # DPO drops questions 7 and 8
+    examples, report = build_pairs(rows, PairsConfig(format="kto"))
+    assert [(e["question_id"], e["completion"], e["label"]) for e in examples] == [
+        (str(r["consistency_id"]), r["choice"], r["icm_label"]) for r in rows[:-1]]
+    assert all(set(e) == {"prompt", "completion", "label", "question_id", "score", "answer", "is_correct"}
+               for e in examples)
+    assert examples[0]["prompt"] == "Question 0?\n" and examples[0]["score"] == 1.0
+    assert report["examples"] == 9 and (report["desirable"], report["undesirable"]) == (4, 5)
+    assert report["questions_by_labels"] == {"all_true": 1, "all_false": 1, "mixed": 2}
+    assert report["dropped"] == {DUPLICATE: 1}
+    # gold: the True-labelled right 0/right 1/all true A are correct, all true B is not; of the False ones, wrong2 0
+    # and wrong2 1 are really correct
+    assert report["quality"]["desirable_correct"] == pytest.approx(3 / 4)
+    assert report["quality"]["undesirable_wrong"] == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="kto"):
+        PairsConfig(format="kto", strategy="best-margin")
+    with pytest.raises(ValueError, match="kto"):
+        PairsConfig(format="kto", min_margin=1.0)
+
+
+def test_cli_pairs_kto_writes_trl_unpaired_files_that_kto_trainer_takes(tmp_path, tiny_model_dir):
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    labels = write_labels(tmp_path / "labels.parquet", many_questions(4) + [claim(9, "only", False, -1.0)])
+    out = tmp_path / "kto.parquet"
+    result = runner.invoke(app, ["pairs", str(labels), "-o", str(out), "--format", "kto", "--eval-size", "1"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 13 examples" in result.output.replace("\n", " ") and "desirable really correct" in result.output
+    report = json.loads((tmp_path / "kto.report.json").read_text())
+    assert report["splits"]["train"]["examples"] + report["splits"]["test"]["examples"] == 13
+    ds = load_dataset("parquet", data_files=str(out), split="train", cache_dir=str(tmp_path / "cache"))
+    assert ds.features["label"].dtype == "bool" and ds.features["completion"].dtype == "string"
+    assert read_parquet_metadata(out)["pairs"]["format"] == "kto"
+    args = KTOConfig(output_dir=str(tmp_path / "kto"), bf16=False, report_to=[], max_steps=1,
+                     per_device_train_batch_size=2, max_length=64, save_strategy="no", logging_steps=1,
+                     dataloader_pin_memory=False, gradient_checkpointing=False)
+    trainer = KTOTrainer(model=tiny_model_dir, args=args, train_dataset=ds,
+                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    out = trainer.train()
+    assert out.global_step == 1 and math.isfinite(out.training_loss)

@@ -118,6 +118,17 @@ def test_pairs_report_from_the_file_or_its_directory(label_run, tmp_path):
     check_self_contained(page, [tmp_path / "pairs.report-margins.png"])
 
 
+def test_kto_pairs_report_shows_the_unpaired_examples(label_run, tmp_path):
+    result = runner.invoke(app, ["pairs", str(label_run / "labels.parquet"), "-o", str(tmp_path / "kto.parquet"),
+                                 "--format", "kto"])
+    assert result.exit_code == 0, result.output
+    report(tmp_path / "kto.parquet")
+    page = (tmp_path / "kto.report.html").read_text()
+    assert sections(page) == ["pairs"] and "Unpaired examples (kto)" in page
+    kto = json.loads((tmp_path / "kto.report.json").read_text())
+    assert kto["examples"] == 18 and f"{kto['examples']} ({kto['desirable']} / {kto['undesirable']})" in page
+
+
 def test_not_a_run_is_a_one_line_error(tmp_path):
     (tmp_path / "candidates.report.json").write_text(json.dumps({"claims": 3}))  # a report, but not of pairs
     for target in (tmp_path, tmp_path / "candidates.report.json", tmp_path / "missing"):

@@ -284,3 +284,110 @@ def test_arms_are_validated(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, ["transfer", "--labeller", tiny_model_dir, "--policy", tiny_model_dir,
                                       "--task", "arithmetic", "--output-dir", str(tmp_path), "--arms", "icm,best"])
     assert result.exit_code == 2 and "arms" in result.output and not (tmp_path / "split.json").exists()
+
+
+@pytest.fixture(scope="module")
+def rounds_run(tiny_model_dir, strong_model_dir, tmp_path_factory):
+    """Weak-from-strong: one round, then two in the same directory (round 1 is finished), then a rerun."""
+    run = tmp_path_factory.mktemp("rounds") / "run"
+    questions = load_questions(None, task="arithmetic", limit=5, seed=0)
+    reports = [run_transfer(questions, strong_model_dir, tiny_model_dir, run, tiny_config(rounds=rounds),
+                            progress=False) for rounds in (1, 2, 2)]
+    return run, reports
+
+
+ROUND_KEYS = {"round", "accuracy_after", "delta", "delta_ci", "label_accuracy", "pairs", "candidate_accuracy",
+              "generator", "labeller", "trained_from"}
+
+
+def test_two_rounds_give_two_objects_against_the_base_policy(rounds_run, tiny_model_dir, strong_model_dir):
+    run, (one, two, _) = rounds_run
+    assert len(one["rounds"]) == 1 and one["rounds"][0]["accuracy_after"] == one["accuracy_after"]
+    assert [r["round"] for r in two["rounds"]] == [1, 2]
+    first, second = two["rounds"]
+    assert ROUND_KEYS <= set(first) and ROUND_KEYS | {"vs_previous"} <= set(second)
+    assert first == one["rounds"][0] == {"round": 1, **two["arms"]["icm"], **{k: first[k] for k in (
+        "candidate_accuracy", "generator", "labeller", "trained_from")}}
+    assert first["pairs"] > 0 and second["pairs"] == json.loads((run / "round-2" / "pairs.report.json").read_text())[
+        "pairs"] > 0
+    before = json.loads((run / "eval_before.json").read_text())
+    after = {r: json.loads((run / d / "eval_after.json").read_text()) for r, d in ((1, "."), (2, "round-2"))}
+    assert after[2]["model"] == str(run / "round-2" / "policy")
+    assert [x["id"] for x in after[2]["results"]] == [x["id"] for x in before["results"]]  # the same held-out set
+    for r, entry in zip((1, 2), two["rounds"]):
+        assert entry["accuracy_after"] == after[r]["accuracy"]
+        assert entry["delta"] == pytest.approx(after[r]["accuracy"] - before["accuracy"])
+        assert entry["delta_ci"]["low"] <= entry["delta"] <= entry["delta_ci"]["high"]
+    assert second["vs_previous"]["delta"] == pytest.approx(after[2]["accuracy"] - after[1]["accuracy"])
+    assert second["vs_previous"]["low"] <= second["vs_previous"]["delta"] <= second["vs_previous"]["high"]
+    labels = read_records(run / "round-2" / "labels.parquet")
+    assert second["label_accuracy"] == pytest.approx(sum(x["icm_label"] == x["label"] for x in labels) / len(labels))
+    # weak-from-strong: the fixed strong labeller labels every round; round 2 trains on the merged round-1 policy
+    assert read_parquet_metadata(run / "round-2" / "labels.parquet")["model"] == strong_model_dir == second["labeller"]
+    dpo = json.loads((run / "round-2" / "policy" / "icm_dpo.json").read_text())
+    assert dpo["base_model"] == str(run / "round-2" / "start") == second["trained_from"]
+    assert dpo["dataset"] == str(run / "round-2" / "pairs.parquet")
+    assert (run / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    console = Console(record=True, width=150)
+    console.print(arms_table(two))
+    assert "icm round 2" in console.export_text()
+
+
+def test_round_two_samples_from_the_round_one_policy(rounds_run, tiny_model_dir):
+    import torch
+
+    from icm.dpo.training import load_trained_model
+    from icm.models import load_model
+
+    run, (_, two, _) = rounds_run
+    start = run / "round-2" / "start"
+    candidates = read_records(run / "round-2" / "candidates.parquet")
+    sampled = {c["generator"] for c in candidates} - {"reference"}  # tiny_config adds the reference solutions
+    assert sampled == {str(start)} == {two["rounds"][1]["generator"]}
+    split = json.loads((run / "split.json").read_text())
+    assert {c["question_id"] for c in candidates} == set(split["train"])  # fresh candidates, training questions
+    merged = load_model(str(start), dtype="fp32", device="cpu")[0].state_dict()
+    trained = load_trained_model(str(run / "policy"), dtype="fp32", device="cpu")[0].state_dict()
+    base = load_model(tiny_model_dir, dtype="fp32", device="cpu")[0].state_dict()
+    assert merged.keys() == trained.keys()
+    assert all(torch.equal(merged[k], trained[k]) for k in merged)  # round 1's adapters merged in ...
+    assert not all(torch.equal(merged[k], base[k]) for k in merged)  # ... which changed the base policy
+
+
+def test_rerun_of_two_rounds_skips_every_stage(rounds_run):
+    run, (one, two, rerun) = rounds_run
+    round_two = [f"round-2/{s}" for s in ("merge", "generate", "label", "pairs", "dpo", "eval_after")]
+    assert list(two["timings"]) == list(one["timings"]) + round_two
+    assert set(two["skipped_this_run"]) == set(one["timings"])  # round 1 was finished: only round 2 ran
+    assert all(two["timings"][name] > 0 for name in round_two)
+    assert set(rerun["skipped_this_run"]) == set(two["timings"]) and rerun["timings"] == two["timings"]
+    assert rerun["rounds"] == two["rounds"]
+
+
+def test_self_improvement_round_two_is_labelled_by_the_improved_policy(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    questions = load_questions(None, task="arithmetic", limit=5, seed=0)
+    report = run_transfer(questions, tiny_model_dir, tiny_model_dir, run, tiny_config(rounds=2, rounds_from="base"),
+                          progress=False)
+    second = report["rounds"][1]
+    start = str(run / "round-2" / "start")
+    assert report["mode"] == "self-improvement" and second["labeller"] == second["generator"] == start
+    assert read_parquet_metadata(run / "round-2" / "labels.parquet")["model"] == start
+    assert second["pairs"] > 0  # rounds_from base: round 2's pairs train the base policy
+    assert json.loads((run / "round-2" / "policy" / "icm_dpo.json").read_text())["base_model"] == tiny_model_dir
+    assert second["trained_from"] == tiny_model_dir
+
+
+def test_rounds_are_validated(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="rounds"):
+        TransferConfig(rounds=0)
+    with pytest.raises(ValueError, match="icm"):
+        TransferConfig(rounds=2, arms=("gold",))
+    with pytest.raises(ValueError, match="generator"):
+        TransferConfig(rounds=2, generator="labeller")
+    with pytest.raises(ValueError, match="rounds_from"):
+        TransferConfig(rounds_from="last")
+    result = CliRunner().invoke(app, ["transfer", "--labeller", tiny_model_dir, "--policy", tiny_model_dir,
+                                      "--task", "arithmetic", "--output-dir", str(tmp_path), "--arms", "gold",
+                                      "--rounds", "2"])
+    assert result.exit_code == 2 and "icm" in result.output and not (tmp_path / "split.json").exists()
