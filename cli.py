@@ -593,6 +593,7 @@ def dpo(
                                       "--loss-type [default: 1 each]."),
     label_smoothing: float = option(DPOTrainingConfig, "label_smoothing", min=0, max=0.5),
     gradient_checkpointing: bool = option(DPOTrainingConfig, "gradient_checkpointing"),
+    share_prompt: bool = option(DPOTrainingConfig, "share_prompt"),
     save_steps: int = option(DPOTrainingConfig, "save_steps", min=0),
     seed: int = option(DPOTrainingConfig, "seed", **SEED),
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME", help="Upload the result "
@@ -612,8 +613,8 @@ def dpo(
                                    lora_target_modules=lora_target_modules, merge_lora=merge_lora,
                                    loss_type=loss_type, loss_weights=loss_weights_option(loss_weights),
                                    label_smoothing=label_smoothing, precision=precision,
-                                   gradient_checkpointing=gradient_checkpointing, save_steps=save_steps,
-                                   split=split, seed=seed)
+                                   gradient_checkpointing=gradient_checkpointing, share_prompt=share_prompt,
+                                   save_steps=save_steps, split=split, seed=seed)
         if push_to_hub:
             from icm.data.hub import check_repo_id
 

@@ -50,6 +50,8 @@ WRITTEN = (SUMMARY_FILE, "README.md", "adapter_config.json", "adapter_model.safe
            "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "chat_template.jinja", "training_args.bin", "recipe.yaml")
 """Files ``train_dpo`` (the Trainer, the card, the recipe) writes in the output directory: never an input."""
+TRL_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+"""The fields of TRL's fused LM head output that ``DPOTrainer`` reads (its metrics)."""
 KEY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
                "logps/rejected", "grad_norm", "learning_rate")
 
@@ -258,6 +260,13 @@ def build_trainer(
         callbacks=[RichProgress(f"dpo {Path(output_dir).name}")] if progress else None,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the loss; no raw dicts on stdout
+    if config.share_prompt:
+        from icm.dpo.shared_prompt import install_shared_prompt
+
+        install_shared_prompt(trainer.model.get_base_model() if config.lora else trainer.model, TRL_OUTPUTS +
+                              (("log_sum_sq_probs",) if trainer.use_weighting else ()))
+        if trainer.ref_model is not None:
+            install_shared_prompt(trainer.ref_model, ("log_probs",))
     kept = len(trainer.train_dataset)
     if kept == 0:
         raise InputError(source, f"every pair's prompt is at least max_length={config.max_length} tokens long "
