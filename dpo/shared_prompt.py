@@ -4,7 +4,8 @@ TRL's ``DPOTrainer`` scores a batch as ``[prompt + chosen; prompt + rejected]``:
 model twice (and, on CPU, every position through the LM head). ``install_shared_prompt`` replaces the fused
 forward TRL puts on the model (``fused_lm_head=True``) by one that
 
-1. runs the distinct prompts of the batch once (right-padded, with the cache on),
+1. runs the distinct prompts of the batch once (right-padded, with the cache on; the tokens all of them begin
+   with, such as a system prompt and an instruction, once for the batch),
 2. runs the answers' tokens after them, each row reusing its prompt's keys and values (gradients flow into the
    shared prompt pass), and
 3. projects only the hidden states that predict an answer token through the LM head.
@@ -80,16 +81,24 @@ def shared_prompt_outputs(model, input_ids: torch.Tensor, attention_mask: torch.
     device = input_ids.device
     n, width = input_ids.shape
     backbone = model.base_model
-    # 1. the distinct prompts, right-padded
+    # 1. the distinct prompts, right-padded; the tokens they all begin with (a system prompt, an instruction) once
     prompt_len = plan.prompt_len[plan.prompt_rows]
     p_max = int(prompt_len.max())
     positions = torch.arange(p_max, device=device)
     prompt_mask = (positions < prompt_len[:, None]).long()
     prompt_ids = input_ids[plan.prompt_rows, :p_max] * prompt_mask
-    prompt_out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask,
-                          position_ids=positions.expand(len(prompt_ids), -1),
-                          past_key_values=DynamicCache(config=model.config), use_cache=True)
-    hidden = [prompt_out.last_hidden_state[plan.prompt_of, plan.prompt_len - 1]]  # predicts each answer's 1st token
+    same = (prompt_ids == prompt_ids[:1]).all(dim=0).tolist() + [False]
+    common = min(same.index(False), int(prompt_len.min()) - 1) if len(prompt_ids) > 1 else 0
+    cache = DynamicCache(config=model.config)
+    if common > 0:
+        backbone(input_ids=prompt_ids[:1, :common], position_ids=positions[None, :common], past_key_values=cache,
+                 use_cache=True)
+        cache = _select(cache, torch.zeros(len(prompt_ids), dtype=torch.long, device=device), model.config)
+    prompt_out = backbone(input_ids=prompt_ids[:, common:], attention_mask=prompt_mask,
+                          position_ids=positions[common:].expand(len(prompt_ids), -1), past_key_values=cache,
+                          use_cache=True)
+    # the last prompt position predicts the first answer token
+    hidden = [prompt_out.last_hidden_state[plan.prompt_of, plan.prompt_len - 1 - common]]
     rows, cols = [torch.arange(n, device=device)], [plan.prompt_len - 1]
     # 2. the answer tokens but the last (whose successor is not scored), after their prompt's cache
     answer_len = plan.length - 1 - plan.prompt_len
@@ -99,9 +108,7 @@ def shared_prompt_outputs(model, input_ids: torch.Tensor, attention_mask: torch.
         answer_mask = steps < answer_len[:, None]
         gather = (plan.prompt_len[:, None] + steps).clamp(max=width - 1)
         answer_ids = input_ids.gather(1, gather) * answer_mask
-        cache = DynamicCache(config=model.config)
-        for i, layer in enumerate(prompt_out.past_key_values.layers):
-            cache.update(layer.keys[plan.prompt_of], layer.values[plan.prompt_of], i)
+        cache = _select(prompt_out.past_key_values, plan.prompt_of, model.config)
         answer_out = backbone(input_ids=answer_ids,
                               attention_mask=torch.cat([prompt_mask[plan.prompt_of], answer_mask.long()], dim=1),
                               position_ids=plan.prompt_len[:, None] + steps, past_key_values=cache, use_cache=True)
@@ -136,6 +143,16 @@ def shared_prompt_outputs(model, input_ids: torch.Tensor, attention_mask: torch.
             extra["is_top1"] = mask.new_zeros(mask.shape).index_put((rows, cols), logits.argmax(dim=-1) == targets)
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
     return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, **extra)
+
+
+def _select(cache, rows: torch.Tensor, config):
+    """A new cache holding the keys and values of ``cache``'s ``rows`` (repeats allowed; gradients flow back)."""
+    from transformers import DynamicCache
+
+    selected = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        selected.update(layer.keys[rows], layer.values[rows], i)
+    return selected
 
 
 def install_shared_prompt(model, outputs: tuple[str, ...]) -> bool:

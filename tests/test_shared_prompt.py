@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from icm.config import DPOTrainingConfig
+from icm.dpo import shared_prompt
 from icm.dpo.shared_prompt import plan_batch
 from icm.dpo.training import build_trainer
 
@@ -15,6 +16,8 @@ PAIRS = [
     {"prompt": "Is the sky green?", "chosen": "False", "rejected": "True"},
     {"prompt": "Paris is the capital of France. True or False?", "chosen": "True", "rejected": "False False"},
 ]
+
+SHARED_OUTPUTS = shared_prompt.shared_prompt_outputs
 
 
 def _trainer(tiny_model_dir, tmp_path, share: bool, lora: bool = True, **overrides):
@@ -29,7 +32,10 @@ def _batch(trainer):
 
 
 @pytest.mark.parametrize("lora", [True, False])
-def test_loss_metrics_and_gradients_match_trl(tiny_model_dir, tmp_path, lora):
+def test_loss_metrics_and_gradients_match_trl(tiny_model_dir, tmp_path, lora, monkeypatch):
+    calls = []
+    monkeypatch.setattr(shared_prompt, "shared_prompt_outputs",
+                        lambda *a, **k: calls.append(1) or SHARED_OUTPUTS(*a, **k))
     results = []
     for share in (False, True):
         trainer = _trainer(tiny_model_dir, tmp_path, share, lora=lora)
@@ -41,6 +47,7 @@ def test_loss_metrics_and_gradients_match_trl(tiny_model_dir, tmp_path, lora):
         metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
         results.append((loss.item(), grads, metrics))
     (loss_a, grads_a, metrics_a), (loss_b, grads_b, metrics_b) = results
+    assert len(calls) == 2  # the policy and the reference went through the shared forward, not TRL's
     assert loss_b == pytest.approx(loss_a, rel=1e-4)
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
