@@ -594,6 +594,7 @@ def dpo(
     label_smoothing: float = option(DPOTrainingConfig, "label_smoothing", min=0, max=0.5),
     gradient_checkpointing: bool = option(DPOTrainingConfig, "gradient_checkpointing"),
     share_prompt: bool = option(DPOTrainingConfig, "share_prompt"),
+    reuse_reference: bool = option(DPOTrainingConfig, "reuse_reference"),
     save_steps: int = option(DPOTrainingConfig, "save_steps", min=0),
     seed: int = option(DPOTrainingConfig, "seed", **SEED),
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME", help="Upload the result "
@@ -614,7 +615,7 @@ def dpo(
                                    loss_type=loss_type, loss_weights=loss_weights_option(loss_weights),
                                    label_smoothing=label_smoothing, precision=precision,
                                    gradient_checkpointing=gradient_checkpointing, share_prompt=share_prompt,
-                                   save_steps=save_steps, split=split, seed=seed)
+                                   reuse_reference=reuse_reference, save_steps=save_steps, split=split, seed=seed)
         if push_to_hub:
             from icm.data.hub import check_repo_id
 

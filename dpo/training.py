@@ -274,6 +274,10 @@ def build_trainer(
     if kept < len(pairs):
         log.warning("%d of %d pairs dropped: prompt longer than max_length=%s", len(pairs) - kept, len(pairs),
                     config.max_length)
+    if config.lora and config.reuse_reference and trainer.accelerator.num_processes == 1:
+        from icm.dpo.reference import attach_reference
+
+        attach_reference(trainer, (str(model_path), mixed_precision(config.precision)), 4 * config.batch_size)
     return trainer
 
 

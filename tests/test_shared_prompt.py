@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from icm.config import DPOTrainingConfig
-from icm.dpo import shared_prompt
+from icm.dpo import reference, shared_prompt
 from icm.dpo.shared_prompt import plan_batch
 from icm.dpo.training import build_trainer
 
@@ -20,11 +20,20 @@ PAIRS = [
 SHARED_OUTPUTS = shared_prompt.shared_prompt_outputs
 
 
-def _trainer(tiny_model_dir, tmp_path, share: bool, lora: bool = True, **overrides):
+@pytest.fixture(autouse=True)
+def _empty_reference_cache():
+    reference.clear_cache()
+    yield
+    reference.clear_cache()
+
+
+def _trainer(tiny_model_dir, tmp_path, share: bool, lora: bool = True, pairs=PAIRS, reuse: bool = False,
+             **overrides):
     config = DPOTrainingConfig(max_steps=2, batch_size=4, max_length=64, loss_type="sigmoid,sft",
                                loss_weights=(1.0, 1.0), save_steps=0, share_prompt=share, lora=lora,
-                               lora_dropout=0.0, precision="fp32", **overrides)
-    return build_trainer(PAIRS, tiny_model_dir, tmp_path / ("shared" if share else "trl"), config, progress=False)
+                               lora_dropout=0.0, precision="fp32", reuse_reference=reuse, **overrides)
+    out = tmp_path / f"{'shared' if share else 'trl'}-{'reuse' if reuse else 'inloop'}-{reference.cached_sequences()}"
+    return build_trainer(pairs, tiny_model_dir, out, config, progress=False)
 
 
 def _batch(trainer):
@@ -89,3 +98,21 @@ def test_training_with_the_shared_prompt_follows_trl(tiny_model_dir, tmp_path):
         losses.append([e["loss"] for e in trainer.state.log_history if "loss" in e])
     assert len(losses[0]) == 2
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+def test_reference_scores_once_before_training_and_reused_by_the_next_run(tiny_model_dir, tmp_path):
+    inloop = _trainer(tiny_model_dir, tmp_path, share=True)
+    expected = inloop.compute_loss(inloop.model, _batch(inloop)).item()
+    reused = _trainer(tiny_model_dir, tmp_path, share=True, reuse=True)
+    assert reused.precompute_ref_logps and reference.cached_sequences() == 2 * len(PAIRS)
+    assert reused.compute_loss(reused.model, _batch(reused)).item() == pytest.approx(expected, rel=1e-5)
+    # another arm: the same answers, chosen and rejected swapped for half the pairs; nothing new to score
+    swapped = [p if i % 2 else {**p, "chosen": p["rejected"], "rejected": p["chosen"]} for i, p in enumerate(PAIRS)]
+    again = _trainer(tiny_model_dir, tmp_path, share=True, reuse=True, pairs=swapped)
+    assert reference.cached_sequences() == 2 * len(PAIRS)
+    chosen = again.train_dataset["ref_chosen_logps"]
+    assert chosen[0] == reused.train_dataset["ref_rejected_logps"][0]
+    assert chosen[1] == reused.train_dataset["ref_chosen_logps"][1]
+    with torch.no_grad():  # the cached values are the reference's log-probs of these pairs
+        direct = again.compute_ref_log_probs(again.model, _batch(again))[0]
+    torch.testing.assert_close(direct, torch.tensor(chosen), rtol=1e-5, atol=1e-5)
