@@ -6,8 +6,8 @@ settings (the demo's: LoRA, ``sigmoid,sft`` 1,1, batch 8, 128 tokens, lr 5e-4), 
     git worktree add --detach ../icm-base bdb3854   # a baseline checkout to compare with
 
 Each side runs as its own process (``python -m icm dpo ...`` with the checkout as working directory), one at a time;
-rounds alternate the order. Reported per side: the process's wall time (per run: loading, tokenizing, training,
-saving), the training seconds per step (``icm_dpo.json``) and the final train loss; and their ratios to the
+rounds alternate the order. Reported per side: the process's wall and CPU time (per run: loading, tokenizing,
+training, saving), the training seconds per step (``icm_dpo.json``) and the final train loss; and their ratios to the
 baseline. The default pairs have the demo's shape: the built-in sentiment task's reviews, gold answer chosen.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,16 +44,25 @@ def demo_pairs(n: int) -> list[dict]:
     return pairs
 
 
+def timed(command: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float]:
+    """Run ``command`` to its end; its wall seconds and CPU seconds (user + system, its threads and children:
+    the work done, which other processes on a shared machine change less than the wall time)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=cwd, check=True, stdout=subprocess.DEVNULL, env=env)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def run_icm_dpo(checkout: Path, pairs: Path, model: str, steps: int, out: Path) -> dict:
     """``icm dpo`` of ``checkout`` in its own process; wall seconds, seconds per step and final train loss."""
     command = [sys.executable, "-m", "icm", "dpo", str(pairs), "--output-dir", str(out), "--model", model,
                "--max-steps", str(steps), *DEMO_ARGS]
-    start = time.perf_counter()
-    subprocess.run(command, cwd=checkout, check=True, stdout=subprocess.DEVNULL, env=os.environ | {"PYTHONPATH": ""})
-    wall = time.perf_counter() - start
+    wall, cpu = timed(command, checkout, os.environ | {"PYTHONPATH": ""})
     summary = json.loads((out / "icm_dpo.json").read_text())
     metrics = summary["metrics"]
-    return {"wall_seconds": wall, "seconds_per_step": summary["seconds_per_step"],
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "seconds_per_step": summary["seconds_per_step"],
             "train_loss": metrics["train_loss"], "final_loss": metrics.get("loss")}
 
 
@@ -60,10 +70,8 @@ def run_plain_trl(pairs: Path, model: str, steps: int, out: Path) -> dict:
     """The textbook TRL recipe with the same hyperparameters, in its own process."""
     command = [sys.executable, "-m", "bench.dpo_speed", "--plain-trl-run", str(out), "--pairs", str(pairs),
                "--model", model, "--steps", str(steps)]
-    start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    result = json.loads((out / "plain_trl.json").read_text())
-    return result | {"wall_seconds": time.perf_counter() - start}
+    wall, cpu = timed(command, ROOT)
+    return json.loads((out / "plain_trl.json").read_text()) | {"wall_seconds": wall, "cpu_seconds": cpu}
 
 
 def plain_trl(pairs_file: Path, model: str, steps: int, out: Path) -> None:
@@ -146,7 +154,7 @@ def main() -> None:
                 runs[name].append(sides[name](Path(tmp) / f"r{r}-{i}"))
                 print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in runs[name][-1].items()),
                       flush=True)
-    keys = ("wall_seconds", "seconds_per_step", "train_loss", "final_loss")
+    keys = ("wall_seconds", "cpu_seconds", "seconds_per_step", "train_loss", "final_loss")
     median = {name: {k: statistics.median(run[k] for run in values) for k in keys} for name, values in runs.items()}
     reference = "baseline" if "baseline" in median else "plain TRL" if "plain TRL" in median else None
     result = {"settings": {"model": args.model, "steps": args.steps, "rounds": args.rounds,
@@ -159,10 +167,12 @@ def main() -> None:
         ours = median["icm dpo"]
         result["speedup_vs_" + reference.replace(" ", "_")] = {
             "per_run": median[reference]["wall_seconds"] / ours["wall_seconds"],
+            "per_run_cpu": median[reference]["cpu_seconds"] / ours["cpu_seconds"],
             "per_step": median[reference]["seconds_per_step"] / ours["seconds_per_step"],
             "train_loss_ratio": ours["train_loss"] / median[reference]["train_loss"]}
     for name, values in median.items():
-        print(f"{name:>10}: {values['wall_seconds']:7.1f} s per run, {values['seconds_per_step']:6.3f} s/step, "
+        print(f"{name:>10}: {values['wall_seconds']:7.1f} s per run ({values['cpu_seconds']:.1f} CPU s), "
+              f"{values['seconds_per_step']:6.3f} s/step, "
               f"train loss {values['train_loss']:.4f}")
     for key, value in result.items():
         if key.startswith("speedup"):
