@@ -3,7 +3,9 @@
 The model spec is resolved to a local directory first (``icm.models.resolve_model``), so GGUF files and
 aliases train like any ``from_pretrained`` directory, and TRL reloads the reference model for full
 fine-tuning from that directory. With LoRA there is no second model: the reference is the base model
-with its adapters disabled.
+with its adapters disabled; its log-probs of the pairs are computed once before training and cached for later
+runs in the process (``dpo/reference.py``). Each pair's prompt goes through the model once for both answers
+(``dpo/shared_prompt.py``).
 """
 
 from __future__ import annotations
@@ -260,7 +262,8 @@ def build_trainer(
         callbacks=[RichProgress(f"dpo {Path(output_dir).name}")] if progress else None,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the loss; no raw dicts on stdout
-    if config.share_prompt:
+    if config.share_prompt and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        # (sharded models keep TRL's one forward per step: their layers gather weights at every call)
         from icm.dpo.shared_prompt import install_shared_prompt
 
         install_shared_prompt(trainer.model.get_base_model() if config.lora else trainer.model, TRL_OUTPUTS +

@@ -324,7 +324,7 @@ class DPOTrainingConfig:
                                            "slower).")
     share_prompt: bool = setting(True, "Run each pair's prompt through the model once for both answers (its keys and "
                                  "values reused) and the LM head only where an answer token is scored: the same "
-                                 "loss in about half the compute when answers are short.")
+                                 "loss in about half the compute when answers are short (not under FSDP or DeepSpeed).")
     reuse_reference: bool = setting(True, "LoRA: score every pair with the reference (adapters disabled) once before "
                                     "training and keep the scores for later runs in the process (icm transfer's "
                                     "arms share candidates) instead of a reference pass at every step.")
