@@ -55,11 +55,15 @@ def timed(command: list[str], cwd: Path, env: dict | None = None) -> tuple[float
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+THREADS: dict[str, str] = {}
+"""Environment of the timed processes: OMP_NUM_THREADS and MKL_NUM_THREADS with --threads."""
+
+
 def run_icm_dpo(checkout: Path, pairs: Path, model: str, steps: int, out: Path) -> dict:
     """``icm dpo`` of ``checkout`` in its own process; wall seconds, seconds per step and final train loss."""
     command = [sys.executable, "-m", "icm", "dpo", str(pairs), "--output-dir", str(out), "--model", model,
                "--max-steps", str(steps), *DEMO_ARGS]
-    wall, cpu = timed(command, checkout, os.environ | {"PYTHONPATH": ""})
+    wall, cpu = timed(command, checkout, os.environ | THREADS | {"PYTHONPATH": ""})
     summary = json.loads((out / "icm_dpo.json").read_text())
     metrics = summary["metrics"]
     return {"wall_seconds": wall, "cpu_seconds": cpu, "seconds_per_step": summary["seconds_per_step"],
@@ -70,7 +74,7 @@ def run_plain_trl(pairs: Path, model: str, steps: int, out: Path) -> dict:
     """The textbook TRL recipe with the same hyperparameters, in its own process."""
     command = [sys.executable, "-m", "bench.dpo_speed", "--plain-trl-run", str(out), "--pairs", str(pairs),
                "--model", model, "--steps", str(steps)]
-    wall, cpu = timed(command, ROOT)
+    wall, cpu = timed(command, ROOT, os.environ | THREADS)
     return json.loads((out / "plain_trl.json").read_text()) | {"wall_seconds": wall, "cpu_seconds": cpu}
 
 
@@ -127,6 +131,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--no-plain-trl", action="store_true", help="Skip the plain TRL side.")
+    parser.add_argument("--threads", type=int, default=None, help="Threads per timed process (1: its CPU seconds "
+                        "are the work done even on a crowded machine, where spinning threads inflate them).")
     parser.add_argument("--output", type=Path, default=None, help="Write the results as JSON here.")
     parser.add_argument("--plain-trl-run", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,6 +141,9 @@ def main() -> None:
         return
 
     from icm.models import resolve_model
+
+    if args.threads:
+        THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
     resolve_model(args.model)  # convert a GGUF once, outside the timings
     load_start = os.getloadavg()
@@ -160,7 +169,7 @@ def main() -> None:
     result = {"settings": {"model": args.model, "steps": args.steps, "rounds": args.rounds,
                            "pairs": str(args.pairs or f"{args.num_pairs} demo-shaped sentiment pairs"),
                            "baseline": str(args.baseline) if args.baseline else None,
-                           "icm_dpo_args": DEMO_ARGS, "cpu_threads": os.cpu_count(),
+                           "icm_dpo_args": DEMO_ARGS, "cpu_threads": os.cpu_count(), "threads": args.threads,
                            "load_average_start": load_start, "load_average_end": os.getloadavg()},
               "runs": runs, "median": median}
     if reference:

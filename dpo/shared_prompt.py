@@ -19,6 +19,7 @@ gradient checkpointing, scaled or soft-capped logits) use TRL's forward.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,7 @@ def shared_prompt_outputs(model, input_ids: torch.Tensor, attention_mask: torch.
     device = input_ids.device
     n, width = input_ids.shape
     backbone = model.base_model
+    cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
     # 1. the distinct prompts, right-padded; the tokens they all begin with (a system prompt, an instruction) once
     prompt_len = plan.prompt_len[plan.prompt_rows]
     p_max = int(prompt_len.max())
@@ -91,12 +93,12 @@ def shared_prompt_outputs(model, input_ids: torch.Tensor, attention_mask: torch.
     common = min(same.index(False), int(prompt_len.min()) - 1) if len(prompt_ids) > 1 else 0
     cache = DynamicCache(config=model.config)
     if common > 0:
-        backbone(input_ids=prompt_ids[:1, :common], position_ids=positions[None, :common], past_key_values=cache,
-                 use_cache=True)
+        backbone(input_ids=prompt_ids[:1, :common], position_ids=positions[None, :common], use_cache=True,
+                 **{cache_arg: cache})
         cache = _select(cache, torch.zeros(len(prompt_ids), dtype=torch.long, device=device), model.config)
     prompt_out = backbone(input_ids=prompt_ids[:, common:], attention_mask=prompt_mask,
-                          position_ids=positions[common:].expand(len(prompt_ids), -1), past_key_values=cache,
-                          use_cache=True)
+                          position_ids=positions[common:].expand(len(prompt_ids), -1), use_cache=True,
+                          **{cache_arg: cache})
     # the last prompt position predicts the first answer token
     hidden = [prompt_out.last_hidden_state[plan.prompt_of, plan.prompt_len - 1 - common]]
     rows, cols = [torch.arange(n, device=device)], [plan.prompt_len - 1]
@@ -108,10 +110,10 @@ def shared_prompt_outputs(model, input_ids: torch.Tensor, attention_mask: torch.
         answer_mask = steps < answer_len[:, None]
         gather = (plan.prompt_len[:, None] + steps).clamp(max=width - 1)
         answer_ids = input_ids.gather(1, gather) * answer_mask
-        cache = _select(prompt_out.past_key_values, plan.prompt_of, model.config)
+        cache = _select(cache, plan.prompt_of, model.config)  # the prompts' cache, one copy per row
         answer_out = backbone(input_ids=answer_ids,
                               attention_mask=torch.cat([prompt_mask[plan.prompt_of], answer_mask.long()], dim=1),
-                              position_ids=plan.prompt_len[:, None] + steps, past_key_values=cache, use_cache=True)
+                              position_ids=plan.prompt_len[:, None] + steps, use_cache=True, **{cache_arg: cache})
         r, j = answer_mask.nonzero(as_tuple=True)
         hidden.append(answer_out.last_hidden_state[r, j])
         rows.append(r)
@@ -123,7 +125,10 @@ def shared_prompt_outputs(model, input_ids: torch.Tensor, attention_mask: torch.
     rows, cols, targets = rows[keep], cols[keep], targets[keep]
     lm_head = model.get_output_embeddings()
     hidden_states = torch.cat(hidden)[keep].to(lm_head.weight.device)
-    logits = lm_head(hidden_states).float()
+    # in float32 outside autocast, as TRL's fused head accumulates: bf16 logits shift log-probs by ~0.1 nat
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        bias = None if lm_head.bias is None else lm_head.bias.float()
+        logits = F.linear(hidden_states.float(), lm_head.weight.float(), bias)
     log_softmax = F.log_softmax(logits, dim=-1)
     mask = labels[:, 1:] != -100
 
