@@ -120,6 +120,55 @@ def plain_trl(pairs_file: Path, model: str, steps: int, out: Path) -> None:
         "train_loss": statistics.fmean(loss for _, loss in losses)}))
 
 
+def step_costs(pairs_file: Path, model: str, repeats: int) -> dict:
+    """In this process, one thread, the same batch of 8 pairs: CPU seconds of a training step (loss and backward)
+    and of the reference pass with TRL's forward and with the shared-prompt one, and how far the reference
+    log-probs of each lie from TRL's in float32 (bf16: the spread autocast itself gives)."""
+    import torch
+
+    from icm.config import DPOTrainingConfig
+    from icm.dpo.shared_prompt import install_shared_prompt
+    from icm.dpo.training import TRL_OUTPUTS, build_trainer, load_pairs
+
+    torch.set_num_threads(1)
+    rows = load_pairs(pairs_file)[0]
+    result: dict = {}
+    exact = None
+    for precision in ("fp32", "bf16"):
+        config = DPOTrainingConfig(max_steps=1, batch_size=8, max_length=128, learning_rate=5e-4,
+                                   loss_type="sigmoid,sft", loss_weights=(1.0, 1.0), save_steps=0, precision=precision,
+                                   share_prompt=False, reuse_reference=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = build_trainer(rows, model, tmp, config, progress=False)
+        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(8)]))
+        trainer.model.train()
+        for side in ("TRL forward", "shared prompt"):
+            if side == "shared prompt":
+                install_shared_prompt(trainer.model.get_base_model(), TRL_OUTPUTS)
+            ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+            exact = ref if exact is None else exact
+            entry = {"ref_logps_max_abs_diff_vs_trl_fp32": (ref - exact).abs().max().item()}
+            if precision == "bf16":
+                start = time.process_time()
+                for _ in range(repeats):
+                    trainer.compute_ref_log_probs(trainer.model, batch)
+                entry["reference_cpu_seconds"] = (time.process_time() - start) / repeats
+                start = time.process_time()
+                for _ in range(repeats):
+                    with trainer.accelerator.autocast():
+                        loss = trainer.compute_loss(trainer.model, batch)
+                    loss.backward()
+                    trainer.model.zero_grad()
+                entry["policy_step_cpu_seconds"] = (time.process_time() - start) / repeats
+                entry["loss"] = loss.item()
+            result.setdefault(precision, {})[side] = entry
+        result["batch_shape"] = list(batch["input_ids"].shape)
+    costs = result["bf16"]
+    result["speedup"] = {k: costs["TRL forward"][k] / costs["shared prompt"][k]
+                         for k in ("reference_cpu_seconds", "policy_step_cpu_seconds")}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, default=None, help="Another checkout of icm (e.g. a git worktree "
@@ -134,6 +183,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="Threads per timed process (1: its CPU seconds "
                         "are the work done even on a crowded machine, where spinning threads inflate them).")
     parser.add_argument("--output", type=Path, default=None, help="Write the results as JSON here.")
+    parser.add_argument("--per-step", type=int, default=0, metavar="REPEATS", help="Instead: time one step and one "
+                        "reference pass on one batch, TRL's forward vs the shared prompt, in this process (CPU seconds "
+                        "of one thread, REPEATS times each).")
     parser.add_argument("--plain-trl-run", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_trl_run is not None:
@@ -142,6 +194,16 @@ def main() -> None:
 
     from icm.models import resolve_model
 
+    if args.per_step:
+        with tempfile.TemporaryDirectory() as tmp:
+            pairs = args.pairs or Path(tmp) / "pairs.jsonl"
+            if args.pairs is None:
+                pairs.write_text("".join(json.dumps(p) + "\n" for p in demo_pairs(args.num_pairs)))
+            result = step_costs(pairs, args.model, args.per_step)
+        print(json.dumps(result, indent=2))
+        if args.output:
+            args.output.write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.threads:
         THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
