@@ -642,6 +642,8 @@ def dpo(
     desirable_weight: float | None = option(DPOTrainingConfig, "desirable_weight", min=0),
     undesirable_weight: float = option(DPOTrainingConfig, "undesirable_weight", min=0),
     gradient_checkpointing: bool = option(DPOTrainingConfig, "gradient_checkpointing"),
+    share_prompt: bool = option(DPOTrainingConfig, "share_prompt"),
+    reuse_reference: bool = option(DPOTrainingConfig, "reuse_reference"),
     save_steps: int = option(DPOTrainingConfig, "save_steps", min=0),
     seed: int = option(DPOTrainingConfig, "seed", **SEED),
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME", help="Upload the result "
@@ -663,8 +665,8 @@ def dpo(
                                    label_smoothing=label_smoothing, auto_label_smoothing=auto_label_smoothing,
                                    desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
                                    precision=precision,
-                                   gradient_checkpointing=gradient_checkpointing, save_steps=save_steps,
-                                   split=split, seed=seed)
+                                   gradient_checkpointing=gradient_checkpointing, share_prompt=share_prompt,
+                                   reuse_reference=reuse_reference, save_steps=save_steps, split=split, seed=seed)
         if push_to_hub:
             from icm.data.hub import check_repo_id
 

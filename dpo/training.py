@@ -5,7 +5,9 @@
 The model spec is resolved to a local directory first (``icm.models.resolve_model``), so GGUF files and
 aliases train like any ``from_pretrained`` directory, and TRL reloads the reference model for full
 fine-tuning from that directory. With LoRA there is no second model: the reference is the base model
-with its adapters disabled.
+with its adapters disabled; its log-probs of the pairs are computed once before training and cached for later
+runs in the process (``dpo/reference.py``). Each pair's prompt goes through the model once for both answers
+(``dpo/shared_prompt.py``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ WRITTEN = (SUMMARY_FILE, "README.md", "adapter_config.json", "adapter_model.safe
            "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "chat_template.jinja", "training_args.bin", "recipe.yaml")
 """Files ``train_dpo`` (the Trainer, the card, the recipe) writes in the output directory: never an input."""
+TRL_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+"""The fields of TRL's fused LM head output that ``DPOTrainer`` reads (its metrics)."""
 KEY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
                "logps/rejected", "kl", "grad_norm", "learning_rate")
 
@@ -368,6 +372,14 @@ def build_trainer(
         else None,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the loss; no raw dicts on stdout
+    if config.share_prompt and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        # (sharded models keep TRL's one forward per step: their layers gather weights at every call)
+        from icm.dpo.shared_prompt import install_shared_prompt
+
+        install_shared_prompt(trainer.model.get_base_model() if config.lora else trainer.model, TRL_OUTPUTS +
+                              (("log_sum_sq_probs",) if trainer.use_weighting else ()))
+        if trainer.ref_model is not None:
+            install_shared_prompt(trainer.ref_model, ("log_probs",))
     kept = len(trainer.train_dataset)
     if kept == 0:
         raise InputError(source, f"every pair's prompt is at least max_length={config.max_length} tokens long "
@@ -375,6 +387,10 @@ def build_trainer(
     if kept < len(pairs):
         log.warning("%d of %d pairs dropped: prompt longer than max_length=%s", len(pairs) - kept, len(pairs),
                     config.max_length)
+    if config.lora and config.reuse_reference and trainer.accelerator.num_processes == 1:
+        from icm.dpo.reference import attach_reference
+
+        attach_reference(trainer, (str(model_path), mixed_precision(config.precision)), 4 * config.batch_size)
     return trainer
 
 

@@ -356,6 +356,12 @@ class DPOTrainingConfig:
                                "GPUs, fp32 otherwise), bf16, fp16 or fp32; master weights stay in float32.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass (less memory, "
                                            "slower).")
+    share_prompt: bool = setting(True, "Run each pair's prompt through the model once for both answers (its keys and "
+                                 "values reused) and the LM head only where an answer token is scored: the same "
+                                 "loss in about half the compute when answers are short (not under FSDP or DeepSpeed).")
+    reuse_reference: bool = setting(True, "LoRA: score every pair with the reference (adapters disabled) once before "
+                                    "training and keep the scores for later runs in the process (icm transfer's "
+                                    "arms share candidates) instead of a reference pass at every step.")
     chat_template: bool | None = setting(None, "Wrap string pairs as user/assistant turns so the tokenizer's chat "
                                          "template applies, as icm generate does [default: when the tokenizer has "
                                          "one, unless the pairs file records raw-prompt candidates].")
