@@ -372,8 +372,9 @@ def build_trainer(
         else None,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the loss; no raw dicts on stdout
-    if config.share_prompt and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        # (sharded models keep TRL's one forward per step: their layers gather weights at every call)
+    if config.share_prompt and not config.unpaired and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        # (KTO scores unpaired completions its own way;
+        # sharded models keep TRL's one forward per step: their layers gather weights at every call)
         from icm.dpo.shared_prompt import install_shared_prompt
 
         install_shared_prompt(trainer.model.get_base_model() if config.lora else trainer.model, TRL_OUTPUTS +
@@ -387,7 +388,7 @@ def build_trainer(
     if kept < len(pairs):
         log.warning("%d of %d pairs dropped: prompt longer than max_length=%s", len(pairs) - kept, len(pairs),
                     config.max_length)
-    if config.lora and config.reuse_reference and trainer.accelerator.num_processes == 1:
+    if config.lora and config.reuse_reference and not config.unpaired and trainer.accelerator.num_processes == 1:
         from icm.dpo.reference import attach_reference
 
         attach_reference(trainer, (str(model_path), mixed_precision(config.precision)), 4 * config.batch_size)
