@@ -277,12 +277,19 @@ def dataset_card(files: dict[str, Path], *, repo_id: str | None = None, license:
         ppq = summary.get("pairs_per_question") or {}
         if ppq.get("mean") is not None:
             counts["pairs per question (mean / min / max)"] = f"{ppq['mean']:.2f} / {ppq['min']} / {ppq['max']}"
-        counts |= {f"{s} split": f"{v['pairs']} pairs, {v['questions']} questions"
-                   for s, v in (summary.get("splits") or {}).items()}
+        counts |= {f"{s} split": (f"{v['pairs']} pairs" if "pairs" in v else f"{v.get('examples')} examples")
+                   + f", {v.get('questions')} questions" for s, v in (summary.get("splits") or {}).items()}
         lines += _table(counts) + [""]
         quality = summary.get("quality")
         lines += ["### Quality", ""]
-        if quality:
+        if quality and "examples_with_gold" in quality:  # unpaired (kto) examples
+            lines += ["Measured against gold labels, which were never used to build the examples:", ""] + _table({
+                "examples with gold": quality["examples_with_gold"],
+                "desirable really correct": _share(quality["desirable_correct"]),
+                "undesirable really wrong": _share(quality["undesirable_wrong"]),
+                "label correct": _share(quality["label_correct"]),
+            }) + [""]
+        elif quality:
             lines += ["Measured against gold labels, which were never used to build the pairs:", ""] + _table({
                 "pairs with gold": quality["pairs_with_gold"],
                 "chosen really correct": _share(quality["chosen_correct"]),
