@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -61,7 +58,7 @@ from icm.dpo.evaluation import evaluate_question_list, paired_bootstrap
 from icm.dpo.training import SUMMARY_FILE, load_trained_model, train_dpo
 from icm.generate import generate_file
 from icm.label import label_file
-from icm.models import load_tokenizer
+from icm.models import load_tokenizer, save_model_dir
 
 
 def split_questions(questions: list[Question], eval_size: float, seed: int,
@@ -170,15 +167,7 @@ def round_start(run_dir: Path, r: int, policy: str) -> str:
 def merge_policy(model: str, output: Path) -> None:
     """Save ``model`` (a LoRA adapter directory written by ``icm dpo``: merged into its base model, in float32)
     with its tokenizer as a full model directory ``output``, atomically (a temporary sibling, then renamed)."""
-    model_obj, tokenizer = load_trained_model(model, dtype="fp32", device="cpu")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
-        model_obj.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(*load_trained_model(model, dtype="fp32", device="cpu"), output)
 
 
 REDO = "delete it to run its stage again"

@@ -151,6 +151,13 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    save_model_dir(model, tokenizer, target)
+    return target
+
+
+def save_model_dir(model, tokenizer, target: Path) -> None:
+    """Save ``model`` and ``tokenizer`` as the model directory ``target``, atomically: written to a temporary
+    sibling, then renamed, so a half-saved directory is never loaded."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -159,7 +166,6 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def float_gguf(spec: str | Path) -> Path:
