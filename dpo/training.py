@@ -373,8 +373,8 @@ def build_trainer(
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the loss; no raw dicts on stdout
     if config.share_prompt and not config.unpaired and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        # (KTO scores unpaired completions its own way;
-        # sharded models keep TRL's one forward per step: their layers gather weights at every call)
+        # (KTO scores unpaired completions with its own forward; sharded models keep TRL's one forward per step:
+        # their layers gather weights at every call)
         from icm.dpo.shared_prompt import install_shared_prompt
 
         install_shared_prompt(trainer.model.get_base_model() if config.lora else trainer.model, TRL_OUTPUTS +
