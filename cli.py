@@ -260,7 +260,7 @@ ID_FIELD_HELP = "Column holding a question id [default: the row number]."
 INSTRUCTION_HELP = "Instruction before each question [default: the task's, else GenerationConfig's step-by-step one]."
 EXTRACTOR_HELP = field_help(GenerationConfig, "extractor") + " [default: the task's, else auto]."
 MAX_NEW_TOKENS_HELP = "Most tokens per answer [default: the task's, else 256]."
-TASK_HELP = "Built-in offline task instead of an input file: arithmetic or sentiment."
+TASK_HELP = "Built-in offline task instead of an input file: arithmetic, sentiment or capitals."
 
 
 @app.command(recipe=output_sibling("output"),

@@ -21,50 +21,14 @@ import random
 from pathlib import Path
 
 from icm.data.claims import answer_claims
-from icm.data.tasks import sentiment_questions
+from icm.data.tasks import capitals, sentiment_questions
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
-CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "United Kingdom": "London", "Ireland": "Dublin", "Netherlands": "Amsterdam", "Belgium": "Brussels",
-    "Austria": "Vienna", "Switzerland": "Bern", "Poland": "Warsaw", "Czech Republic": "Prague",
-    "Hungary": "Budapest", "Greece": "Athens", "Sweden": "Stockholm", "Norway": "Oslo", "Finland": "Helsinki",
-    "Denmark": "Copenhagen", "Russia": "Moscow", "Ukraine": "Kyiv", "Turkey": "Ankara", "Egypt": "Cairo",
-    "Kenya": "Nairobi", "Nigeria": "Abuja", "South Africa": "Pretoria", "Morocco": "Rabat",
-    "Ethiopia": "Addis Ababa", "Ghana": "Accra", "Algeria": "Algiers", "Tunisia": "Tunis", "Senegal": "Dakar",
-    "China": "Beijing", "Japan": "Tokyo", "South Korea": "Seoul", "India": "New Delhi", "Pakistan": "Islamabad",
-    "Bangladesh": "Dhaka", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Indonesia": "Jakarta",
-    "Philippines": "Manila", "Malaysia": "Kuala Lumpur", "Iran": "Tehran", "Iraq": "Baghdad",
-    "Saudi Arabia": "Riyadh", "Israel": "Jerusalem", "Afghanistan": "Kabul", "Nepal": "Kathmandu",
-    "Mongolia": "Ulaanbaatar", "United States": "Washington", "Canada": "Ottawa", "Mexico": "Mexico City",
-    "Cuba": "Havana", "Brazil": "Brasilia", "Argentina": "Buenos Aires", "Chile": "Santiago", "Peru": "Lima",
-    "Colombia": "Bogota", "Venezuela": "Caracas", "Australia": "Canberra", "New Zealand": "Wellington",
-    "Iceland": "Reykjavik", "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade",
-    "Croatia": "Zagreb", "Syria": "Damascus", "Lebanon": "Beirut", "Jordan": "Amman", "Qatar": "Doha",
-    "Cambodia": "Phnom Penh", "Sri Lanka": "Colombo", "Uruguay": "Montevideo", "Bolivia": "La Paz",
-    "Ecuador": "Quito", "Libya": "Tripoli", "Sudan": "Khartoum", "Uganda": "Kampala", "Zimbabwe": "Harare",
-}
+CAPITALS = capitals("common")
 # Less famous countries, so that 128 stand-alone claims need no country twice (a country asked twice, once
 # with its capital and once with another's, lets a labelling copy one claim's label onto the other).
-MORE_CAPITALS = {
-    "Albania": "Tirana", "Armenia": "Yerevan", "Azerbaijan": "Baku", "Belarus": "Minsk",
-    "Bosnia and Herzegovina": "Sarajevo", "Estonia": "Tallinn", "Georgia": "Tbilisi", "Latvia": "Riga",
-    "Lithuania": "Vilnius", "Malta": "Valletta", "Moldova": "Chisinau", "Montenegro": "Podgorica",
-    "North Macedonia": "Skopje", "Slovakia": "Bratislava", "Slovenia": "Ljubljana", "Cyprus": "Nicosia",
-    "Kazakhstan": "Astana", "Uzbekistan": "Tashkent", "Kyrgyzstan": "Bishkek", "Tajikistan": "Dushanbe",
-    "Turkmenistan": "Ashgabat", "Laos": "Vientiane", "Bhutan": "Thimphu", "Oman": "Muscat", "Yemen": "Sanaa",
-    "Bahrain": "Manama", "United Arab Emirates": "Abu Dhabi", "North Korea": "Pyongyang", "Paraguay": "Asuncion",
-    "Costa Rica": "San Jose", "Nicaragua": "Managua", "Honduras": "Tegucigalpa", "El Salvador": "San Salvador",
-    "Jamaica": "Kingston", "Haiti": "Port-au-Prince", "Dominican Republic": "Santo Domingo",
-    "Guyana": "Georgetown", "Suriname": "Paramaribo", "Angola": "Luanda", "Mozambique": "Maputo",
-    "Zambia": "Lusaka", "Malawi": "Lilongwe", "Rwanda": "Kigali", "Somalia": "Mogadishu", "Eritrea": "Asmara",
-    "Madagascar": "Antananarivo", "Namibia": "Windhoek", "Botswana": "Gaborone", "Mali": "Bamako",
-    "Niger": "Niamey", "Chad": "N'Djamena", "Cameroon": "Yaounde", "Gabon": "Libreville",
-    "Democratic Republic of the Congo": "Kinshasa", "Liberia": "Monrovia", "Sierra Leone": "Freetown",
-    "Guinea": "Conakry", "Burkina Faso": "Ouagadougou", "Mauritania": "Nouakchott", "Fiji": "Suva",
-    "Papua New Guinea": "Port Moresby",
-}
+MORE_CAPITALS = capitals("more")
 
 
 def _shuffled_reviews(rng: random.Random) -> list[tuple[str, str]]:

@@ -182,6 +182,29 @@ def sentiment_questions(n: int, seed: int = 0) -> list[Question]:
     return questions
 
 
+# ---- built-in offline task: capitals of countries, answered in free text ---------------------------------
+
+CAPITALS_FILE = Path(__file__).parent / "builtin" / "capitals.txt"  # facts, written for this project
+CAPITAL_QUESTION = "What is the capital of {country}?"
+
+
+def capitals(which: str = "all") -> dict[str, str]:
+    """Country -> capital of the built-in table: ``common`` (widely known), ``more`` (less famous) or ``all``."""
+    rows = [line.split("\t") for line in CAPITALS_FILE.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")]
+    return {country: capital for country, capital, kind in rows if which in ("all", kind)}
+
+
+def capital_questions(n: int, seed: int = 0) -> list[Question]:
+    """``n`` of the 141 countries (drawn at random with ``seed``), each asking for its capital. Answers are free
+    text; the task's extractor reads the first capital of the table that a completion names, so a sampled
+    answer naming another country's capital is a wrong candidate, and one naming none has no final answer."""
+    table = sorted(capitals().items())
+    random.Random(seed).shuffle(table)
+    return [Question(f"capital-{country.lower().replace(' ', '-')}", CAPITAL_QUESTION.format(country=country),
+                     normalize_answer(capital), capital) for country, capital in table[:n]]
+
+
 @dataclass(frozen=True)
 class Task:
     """A built-in offline task: where its questions come from and how answers are asked for and read.
@@ -210,6 +233,10 @@ TASKS: dict[str, Task] = {
     "sentiment": Task(sentiment_questions, "Answer with one word: positive or negative.", "positive|negative", 16,
                       license="cc-by-4.0", attribution=SENTIMENT_ATTRIBUTION,
                       prefix=SENTIMENT_QUESTION.split("{sentence}")[0]),
+    # several sampled answers per question with different final answers: the paper's GSM8K shape, on a concept
+    # Gemma3-270M has (country-capital claims: 89% with gold demonstrations, 50% zero-shot)
+    "capitals": Task(capital_questions, "Answer with the name of the city only.", "|".join(capitals().values()), 16,
+                     prefix=CAPITAL_QUESTION.split("{country}")[0]),
 }
 
 

@@ -35,6 +35,20 @@ def test_sentiment_task_loads_offline_with_its_references():
     assert get_task("sentiment").extractor == "positive|negative"
 
 
+def test_capitals_task_reads_the_capital_a_free_text_answer_names():
+    task = get_task("capitals")
+    questions = load_questions(task="capitals", limit=200, seed=1)
+    assert len(questions) == 141 and len({q.id for q in questions}) == 141
+    france = next(q for q in questions if q.question == "What is the capital of France?")
+    assert france.reference == "paris"
+    assert extract_answer("Answer:\nThe capital of France is Paris, a city on the Seine.", task.extractor) == "paris"
+    assert extract_answer("It is Lyon, I think.", task.extractor) == ""  # no capital of the table: no final answer
+    assert extract_answer("Not Berlin but Paris", task.extractor) == "berlin"  # the first one named
+    for q in questions:  # every reference is what the extractor reads from the bare capital
+        assert extract_answer(f"{q.solution}.", task.extractor) == q.reference
+    assert [q.id for q in load_questions(task="capitals", limit=5, seed=1)] == [q.id for q in questions[:5]]
+
+
 def test_closed_extractor_reads_the_first_allowed_answer_as_a_whole_word():
     assert closed_answers("Positive|negative") == OPTIONS and closed_answers("auto") is None
     assert extract_answer("Positive.", "positive|negative") == "positive"

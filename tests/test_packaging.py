@@ -19,7 +19,7 @@ def test_wheel_installs_one_package_that_user_modules_cannot_shadow(tmp_path: Pa
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"icm"}
     assert {"icm/cli.py", "icm/data/tasks.py", "icm/dpo/training.py", "icm/data/builtin/amazon_cells_labelled.txt",
-            "icm/__main__.py"} <= set(names)
+            "icm/data/builtin/capitals.txt", "icm/__main__.py"} <= set(names)
 
     # A clean venv that borrows this one's dependencies (a path line in a .pth, so none of this venv's own .pth
     # hooks run: the editable install of the checkout stays out of it).
