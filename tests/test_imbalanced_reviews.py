@@ -1,4 +1,5 @@
-"""bench/imbalanced_reviews.py: a questions file of the built-in reviews at a chosen positive share."""
+"""bench/imbalanced_reviews.py (a questions file of the built-in reviews at a chosen positive share) and the
+helpers of bench/share_estimate.py."""
 
 import json
 import subprocess
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 600), share=st.floats(0, 1), seed=st.integers(0, 3))
+@given(n=st.integers(1, 500), share=st.floats(0, 1), seed=st.integers(0, 3))  # 500 of each class
 def test_the_share_is_met_and_reviews_are_distinct(n, share, seed):
     rows = imbalanced_reviews(n, share, seed)
     assert len(rows) == n == len({r["id"] for r in rows})
@@ -36,3 +37,18 @@ def test_the_file_loads_as_questions_with_their_answers(tmp_path):
     questions = load_questions(str(out), id_field="id")
     assert len(questions) == 40 and sum(q.reference == "positive" for q in questions) == 30
     assert json.loads(out.read_text().splitlines()[0])["question"].startswith("Is the sentiment")
+
+
+def test_share_estimate_helpers_keep_the_wording_and_rank_at_a_share():
+    from bench.share_estimate import CONTENT_FREE, accuracy_at, content_free_rows
+
+    asked = "Is the sentiment positive or negative?\nReview: "
+    row = {"question": f'{asked}"Great phone."', "choice": "The answer is positive.", "consistency_id": "r1",
+           "label": True}
+    free = content_free_rows(row)
+    assert [r["question"] for r in free] == [f'{asked}"{t}"' for t in CONTENT_FREE]
+    assert all(r["choice"] == row["choice"] for r in free) and len({r["consistency_id"] for r in free}) == 3
+    gold = [True, False, True, False]
+    assert accuracy_at([0, 2, 1, 3], gold, 0.5) == 1.0
+    assert accuracy_at([0, 2, 1, 3], gold, 0.0) == 0.5
+    assert accuracy_at([1, 3, 0, 2], gold, 0.5) == 0.0
